@@ -1,1 +1,20 @@
+//! shardvol: encrypted, erasure-coded, self-healing block volumes served over NBD.
+//!
+//! The data path, top to bottom:
+//! - [`nbd`]: handshake, options, pipelined requests and replies;
+//! - [`volume`]: byte ranges → blocks and stripes; journal, destaging, locking, read-modify-write;
+//! - [`layout`]: geometry newtypes and placement (stripe → disks);
+//! - [`crypto`]: AES-256-XTS per block, shard-key derivation, per-block tags;
+//! - [`erasure`]: Reed-Solomon over ciphertext chunks;
+//! - [`disk`]: the `Disk` trait: io_uring, pread fallback, memory and fault-injecting disks.
+//!
+//! Beside it: [`kms`] (KEK, shares, wrapping) and [`meta`] (redb store, superblocks).
 
+pub mod crypto;
+pub mod disk;
+pub mod erasure;
+pub mod kms;
+pub mod layout;
+pub mod meta;
+pub mod nbd;
+pub mod volume;
