@@ -34,6 +34,7 @@ pub struct TagKey;
 impl TagKey {
     /// 32-byte keyed tag over `header` (position, epoch, generation…) and `ciphertext`.
     pub fn tag(&self, _header: &[u8], _ciphertext: &[u8]) -> [u8; 32] { todo!() }
+    pub fn verify(&self, _header: &[u8], _ciphertext: &[u8], _tag: &[u8; 32]) -> bool { todo!() }
 }
 
 /// What a shard key is derived for.

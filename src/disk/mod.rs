@@ -22,6 +22,7 @@ pub enum DiskError {
 pub struct IoBuf;
 impl IoBuf {
     pub fn zeroed(_len: usize) -> Self { todo!() }
+    pub fn from_slice(_b: &[u8]) -> Self { todo!() }
     pub fn len(&self) -> usize { todo!() }
     pub fn is_empty(&self) -> bool { self.len() == 0 }
 }
@@ -54,3 +55,5 @@ pub trait Disk: Send + Sync {
 }
 
 pub type DiskRef = Arc<dyn Disk>;
+
+pub fn read_at(_d: &dyn Disk, _offset: u64, _len: usize) -> Result<IoBuf, DiskError> { todo!() }

@@ -1,7 +1,48 @@
-//! Volumes: byte ranges → stripes; read, write, flush, trim, write_zeroes; locking; the journal.
-//! (Interface of the volume API; the engine is being written.)
+//! Volumes: byte ranges → blocks and stripes; the journal, destaging, locking and
+//! read-modify-write. docs/write-path.md explains the mechanism and its cost.
+//!
+//! What a [`Volume`] promises (DESIGN.md invariants 1–3):
+//! - a write is encrypted, tagged and appended to the journal (replicated on `m + 1` disks)
+//!   before it is acknowledged; [`BlockDevice::flush`] and FUA wait for the journal's fsync;
+//! - reads see the newest data: the journal index first, then the chunk slots on the disks;
+//!   blocks never written (or trimmed) read as zeros without touching a disk;
+//! - a background destager merges journaled blocks into stripes (full stripes without reading,
+//!   read-modify-write of the touched rows otherwise), fsyncs the disks, persists the allocation
+//!   bitmaps, then checkpoints the journal. Destaging is idempotent, so after a crash the journal
+//!   is replayed from its last checkpoint and destaged again: a crash can never leave parity
+//!   that disagrees with data (no write hole);
+//! - every block read from a disk is checked against its tag; a block that fails (or whose disk
+//!   fails) is rebuilt from the other chunks of its row and, where its disk still answers,
+//!   written back (self-healing read). A block that cannot be rebuilt is an error, never data.
+//!
+//! Concurrency: writes to one stripe are serialised by a stripe lock (held from journal
+//! reservation to index update, so sequence numbers follow the order of updates); reads of a
+//! stripe share the lock; different stripes proceed in parallel.
 
+pub mod format;
+mod io;
+pub mod journal;
 pub mod mem;
+mod destage;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use self::format::{BlockMeta, RecordHeader, RecordKind, RegionLayout, MAX_RECORD_BLOCKS, blocks_of, header_pages};
+use self::journal::{Journal, Reservation};
+use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, StripeDirty, Trims};
+use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
+use crate::disk::DiskRef;
+use crate::erasure::Codec;
+use crate::layout::placement::{Placement, PlacementDisk};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, DiskId, Lba, StripeId};
+use crate::meta::{MetaStore, VolumeRecord};
 
 /// Errors of the volume API. The NBD layer maps them to NBD error codes in one place.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +55,20 @@ pub enum VolumeError {
     Io(String),
     #[error("block {lba} cannot be read: {why}")]
     Unrecoverable { lba: u64, why: String },
+    #[error("volume configuration: {0}")]
+    Config(String),
+}
+
+impl From<journal::JournalError> for VolumeError {
+    fn from(e: journal::JournalError) -> Self {
+        VolumeError::Io(e.to_string())
+    }
+}
+
+impl From<CryptoError> for VolumeError {
+    fn from(e: CryptoError) -> Self {
+        VolumeError::Io(e.to_string())
+    }
 }
 
 /// One run of a block-status answer.
@@ -41,4 +96,632 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError>;
     /// Allocation status of `[offset, offset+len)` as consecutive extents covering it.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError>;
+}
+
+/// Which master key version and epoch new writes use. Shared by the volumes of a pool.
+#[derive(Debug)]
+pub struct WriteKey {
+    version: AtomicU64,
+    epoch: AtomicU64,
+}
+
+impl WriteKey {
+    pub fn new(version: u32, epoch: u32) -> Self {
+        Self { version: AtomicU64::new(version.into()), epoch: AtomicU64::new(epoch.into()) }
+    }
+    pub fn get(&self) -> (u32, u32) {
+        (self.version.load(Ordering::Relaxed) as u32, self.epoch.load(Ordering::Relaxed) as u32)
+    }
+    pub fn set(&self, version: u32, epoch: u32) {
+        self.version.store(version.into(), Ordering::Relaxed);
+        self.epoch.store(epoch.into(), Ordering::Relaxed);
+    }
+}
+
+/// Counters, read by `status` and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub blocks_written: AtomicU64,
+    pub blocks_read: AtomicU64,
+    pub blocks_reconstructed: AtomicU64,
+    pub blocks_repaired: AtomicU64,
+    pub stripes_destaged: AtomicU64,
+    pub full_stripe_destages: AtomicU64,
+    pub destage_errors: AtomicU64,
+}
+
+/// Journal space (fraction of capacity) above which the destager runs without waiting for
+/// its timer: leaves half the journal to absorb bursts while destaging catches up.
+const DESTAGE_HIGH_WATER: f64 = 0.5;
+/// Idle period after which the destager drains whatever is journaled: short enough that a
+/// quiet volume's journal empties within a second, long enough to merge bursts into stripes.
+const DESTAGE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a writer waits for journal space before giving up with an I/O error. The
+/// destager frees space within milliseconds unless the disks fail.
+const JOURNAL_FULL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything needed to open a volume.
+pub struct VolumeParts {
+    pub record: VolumeRecord,
+    /// Every disk of the pool by id.
+    pub disks: HashMap<DiskId, DiskRef>,
+    /// The pool's disk table, for placement.
+    pub table: Vec<PlacementDisk>,
+    pub keys: Arc<KeyRing>,
+    pub write_key: Arc<WriteKey>,
+    pub store: Arc<MetaStore>,
+}
+
+/// An open volume.
+pub struct Volume {
+    record: VolumeRecord,
+    layout: RegionLayout,
+    disks: HashMap<DiskId, DiskRef>,
+    placement: Placement,
+    codec: Codec,
+    keys: Arc<KeyRing>,
+    write_key: Arc<WriteKey>,
+    journal: Journal,
+    locks: LockTable,
+    dirty: Mutex<Dirty>,
+    alloc: Alloc,
+    store: Arc<MetaStore>,
+    destage_lock: Mutex<()>,
+    kick: Condvar,
+    kick_flag: Mutex<bool>,
+    stop: AtomicBool,
+    destager: Mutex<Option<JoinHandle<()>>>,
+    pub stats: Stats,
+}
+
+impl Volume {
+    /// The region layout of a volume record.
+    pub fn layout_of(record: &VolumeRecord) -> RegionLayout {
+        RegionLayout {
+            geometry: record.geometry,
+            region_offset: record.region_offset,
+            journal_size: record.journal_size,
+            stripes: record.geometry.stripes_for(record.size),
+        }
+    }
+
+    /// The journal disks of a volume: the first `m + 1` disks that placement gives a stripe
+    /// number no data stripe uses.
+    pub fn journal_disks(placement: &Placement, record: &VolumeRecord) -> Result<Vec<DiskId>, VolumeError> {
+        let width = record.geometry.width();
+        let mut d = placement.place(StripeId(u64::MAX), width).map_err(|e| VolumeError::Config(e.to_string()))?;
+        d.truncate(usize::from(record.geometry.m) + 1);
+        Ok(d)
+    }
+
+    fn placement_of(parts: &VolumeParts) -> Result<Placement, VolumeError> {
+        Placement::new(parts.record.placement_seed, parts.table.clone()).map_err(|e| VolumeError::Config(e.to_string()))
+    }
+
+    fn disk_refs(disks: &HashMap<DiskId, DiskRef>, ids: &[DiskId]) -> Result<Vec<DiskRef>, VolumeError> {
+        ids.iter()
+            .map(|id| disks.get(id).cloned().ok_or_else(|| VolumeError::Config(format!("disk {id} is not in the pool"))))
+            .collect()
+    }
+
+    /// Prepares the region of a new volume: an empty journal on its journal disks.
+    pub fn format(parts: &VolumeParts) -> Result<(), VolumeError> {
+        let layout = Self::layout_of(&parts.record);
+        if layout.log_end() - layout.log_start() < 4 << 20 {
+            return Err(VolumeError::Config("journal must be at least 4 MiB".into()));
+        }
+        let placement = Self::placement_of(parts)?;
+        let jd = Self::disk_refs(&parts.disks, &Self::journal_disks(&placement, &parts.record)?)?;
+        Journal::format(&layout, parts.record.id, &jd)?;
+        Ok(())
+    }
+
+    /// Opens a volume: replays its journal, destages what it finds, and starts the destager.
+    pub fn open(parts: VolumeParts) -> Result<Arc<Self>, VolumeError> {
+        let layout = Self::layout_of(&parts.record);
+        let placement = Self::placement_of(&parts)?;
+        let jd = Self::disk_refs(&parts.disks, &Self::journal_disks(&placement, &parts.record)?)?;
+        let (journal, replayed) = Journal::open(layout, parts.record.id, jd)?;
+        let codec = Codec::new(usize::from(layout.geometry.k), usize::from(layout.geometry.m))
+            .map_err(|e| VolumeError::Config(e.to_string()))?;
+        let bps = layout.geometry.blocks_per_stripe();
+        let home: HashMap<u64, Bits> = parts
+            .store
+            .alloc_load(parts.record.id)
+            .map_err(|e| VolumeError::Io(e.to_string()))?
+            .into_iter()
+            .map(|(s, words)| (s, Bits(words)))
+            .collect();
+        let vol = Arc::new(Self {
+            record: parts.record,
+            layout,
+            disks: parts.disks,
+            placement,
+            codec,
+            keys: parts.keys,
+            write_key: parts.write_key,
+            journal,
+            locks: LockTable::new(),
+            dirty: Mutex::new(Dirty::default()),
+            alloc: Alloc::new(bps, home),
+            store: parts.store,
+            destage_lock: Mutex::new(()),
+            kick: Condvar::new(),
+            kick_flag: Mutex::new(false),
+            stop: AtomicBool::new(false),
+            destager: Mutex::new(None),
+            stats: Stats::default(),
+        });
+        let n = replayed.len();
+        for r in &replayed {
+            vol.apply_replayed(r);
+        }
+        if n > 0 {
+            info!(volume = %vol.record.name, records = n, "journal replayed; destaging");
+            vol.destage_all()?;
+        }
+        let weak = Arc::downgrade(&vol);
+        let handle = std::thread::Builder::new()
+            .name(format!("destage-{}", vol.record.name))
+            .spawn(move || destage::run(weak))
+            .map_err(|e| VolumeError::Io(format!("cannot start destager: {e}")))?;
+        *vol.destager.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(vol)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+    pub fn record(&self) -> &VolumeRecord {
+        &self.record
+    }
+    pub fn layout(&self) -> &RegionLayout {
+        &self.layout
+    }
+    /// Blocks that hold data.
+    pub fn allocated_blocks(&self) -> u64 {
+        self.alloc.live_blocks()
+    }
+    /// Bytes of journal in use.
+    pub fn journal_used(&self) -> u64 {
+        self.journal.used()
+    }
+    /// Blocks whose newest copy is only in the journal.
+    pub fn journaled_blocks(&self) -> usize {
+        self.dirty().blocks()
+    }
+
+    /// Stops the destager, destages everything and checkpoints: a clean shutdown.
+    pub fn close(&self) -> Result<(), VolumeError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick_destager();
+        if let Some(h) = self.destager.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        self.destage_all()
+    }
+
+    fn dirty(&self) -> std::sync::MutexGuard<'_, Dirty> {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kick_destager(&self) {
+        *self.kick_flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.kick.notify_all();
+    }
+
+    /// Disks holding the chunks of a stripe, in chunk order.
+    fn stripe_disks(&self, stripe: StripeId) -> Result<Vec<DiskRef>, VolumeError> {
+        let ids = self
+            .placement
+            .place(stripe, self.layout.geometry.width())
+            .map_err(|e| VolumeError::Config(e.to_string()))?;
+        Self::disk_refs(&self.disks, &ids)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let size = self.record.size;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Splits `[offset, offset + len)` into per-stripe pieces: (stripe, byte offset, length).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(StripeId, u64, u64)> {
+        let stripe_bytes = self.layout.geometry.blocks_per_stripe() * BLOCK_SIZE_U64;
+        let mut out = Vec::new();
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let s = at / stripe_bytes;
+            let next = ((s + 1) * stripe_bytes).min(end);
+            out.push((StripeId(s), at, next - at));
+            at = next;
+        }
+        out
+    }
+
+    // ---- crypto of one block ----
+
+    fn shard_id(&self, pos: BlockPos, version: u32, epoch: u32) -> ShardKeyId {
+        ShardKeyId { version, volume: self.record.id, stripe: pos.stripe, chunk: pos.chunk, epoch }
+    }
+
+    /// Encrypts a plaintext block in place and returns its metadata (tag included).
+    fn seal(&self, lba: Lba, generation: u64, buf: &mut [u8]) -> Result<BlockMeta, VolumeError> {
+        let (version, epoch) = self.write_key.get();
+        let pos = self.layout.geometry.locate(lba);
+        self.keys.shard_cipher(self.shard_id(pos, version, epoch))?.encrypt(lba.0, buf)?;
+        let mut meta = BlockMeta { generation, version, epoch, lba: lba.0, flags: 0, tag: [0; 32] };
+        meta.tag = self.keys.tag_key(version, self.record.id)?.tag(&meta.header(), buf);
+        Ok(meta)
+    }
+
+    /// Whether `meta` + `ciphertext` is an intact copy of `lba`.
+    fn verify(&self, lba: Lba, meta: &BlockMeta, ciphertext: &[u8]) -> bool {
+        if meta.lba != lba.0 || meta.generation == 0 {
+            return false;
+        }
+        match self.keys.tag_key(meta.version, self.record.id) {
+            Ok(k) => k.verify(&meta.header(), ciphertext, &meta.tag),
+            Err(_) => false,
+        }
+    }
+
+    /// Decrypts a verified block in place.
+    fn unseal(&self, lba: Lba, meta: &BlockMeta, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let pos = self.layout.geometry.locate(lba);
+        self.keys.shard_cipher(self.shard_id(pos, meta.version, meta.epoch))?.decrypt(lba.0, buf)?;
+        Ok(())
+    }
+
+    // ---- journal append ----
+
+    /// Appends one record under the stripe lock that `lock` takes, applying `build` to fill
+    /// it once its sequence number is known. Retries (without the lock) while the journal is
+    /// full.
+    fn append<F>(&self, stripe: StripeId, payload_blocks: usize, mut build: F) -> Result<(), VolumeError>
+    where
+        F: FnMut(&Reservation) -> Result<(Vec<u8>, RecordApply), VolumeError>,
+    {
+        let len = ((header_pages(payload_blocks) + payload_blocks) * BLOCK_SIZE) as u64;
+        let deadline = std::time::Instant::now() + JOURNAL_FULL_TIMEOUT;
+        loop {
+            let guard = self.locks.write(stripe);
+            let Some(r) = self.journal.reserve(len)? else {
+                drop(guard);
+                self.kick_destager();
+                if std::time::Instant::now() > deadline {
+                    return Err(VolumeError::Io("journal full: destaging is not making progress".into()));
+                }
+                self.journal.wait_for_space(Duration::from_millis(20));
+                continue;
+            };
+            let result = build(&r).and_then(|(record, apply)| {
+                self.journal.write(&r, &record)?;
+                self.apply(stripe, &r, apply);
+                Ok(())
+            });
+            self.journal.complete(&r);
+            drop(guard);
+            if self.journal.used() as f64 > self.journal.capacity() as f64 * DESTAGE_HIGH_WATER {
+                self.kick_destager();
+            }
+            return result;
+        }
+    }
+
+    /// Applies a written record to the index and the live bitmap (stripe lock held).
+    fn apply(&self, stripe: StripeId, r: &Reservation, apply: RecordApply) {
+        let bps = self.layout.geometry.blocks_per_stripe();
+        let first_lba = stripe.0 * bps;
+        match apply {
+            RecordApply::Write(entries) => {
+                let mut dirty = self.dirty();
+                let sd = dirty.stripes.entry(stripe.0).or_default();
+                let mut lo = u64::MAX;
+                let mut hi = 0;
+                let hp = header_pages(entries.len());
+                for (i, meta) in entries.into_iter().enumerate() {
+                    let offset = r.position + ((hp + i) * BLOCK_SIZE) as u64;
+                    if let Some(t) = sd.trims.as_mut() {
+                        t.bits.set(meta.lba - first_lba, false);
+                    }
+                    lo = lo.min(meta.lba - first_lba);
+                    hi = hi.max(meta.lba - first_lba + 1);
+                    sd.blocks.insert(meta.lba, JEntry { seq: r.seq, offset, meta });
+                }
+                drop(dirty);
+                if lo < hi {
+                    // Entries of one record are consecutive blocks.
+                    self.alloc.set_live(stripe, lo, hi, true);
+                }
+            }
+            RecordApply::Trim { from, to } => {
+                let mut dirty = self.dirty();
+                let sd = dirty.stripes.entry(stripe.0).or_default();
+                let t = sd.trims.get_or_insert_with(|| Trims { bits: Bits::new(bps), seq: 0 });
+                t.seq = r.seq;
+                for i in from..to {
+                    t.bits.set(i, true);
+                    sd.blocks.remove(&(first_lba + i));
+                }
+                drop(dirty);
+                self.alloc.set_live(stripe, from, to, false);
+            }
+        }
+    }
+
+    /// Re-applies a record found by journal replay.
+    fn apply_replayed(&self, r: &journal::Replayed) {
+        let h = &r.header;
+        let bps = self.layout.geometry.blocks_per_stripe();
+        let res = |pos| Reservation { seq: h.seq, position: pos, len: h.record_len(), wrap: None };
+        match h.kind {
+            RecordKind::Write => {
+                let Some(first) = h.entries.first() else { return };
+                let stripe = StripeId(first.lba / bps);
+                self.apply(stripe, &res(r.position), RecordApply::Write(h.entries.clone()));
+            }
+            RecordKind::Trim => {
+                let stripe = StripeId(h.trim_lba / bps);
+                let from = h.trim_lba % bps;
+                self.apply(stripe, &res(r.position), RecordApply::Trim { from, to: from + h.trim_count });
+            }
+            RecordKind::Wrap => {}
+        }
+    }
+
+    // ---- the volume API ----
+
+    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        for (stripe, at, len) in self.pieces(offset, data.len() as u64) {
+            let (first, count) = blocks_of(at, len);
+            let mut done = 0u64;
+            while done < count {
+                let n = (count - done).min(MAX_RECORD_BLOCKS as u64);
+                let lba0 = first.0 + done;
+                self.append(stripe, n as usize, |r| {
+                    let hp = header_pages(n as usize);
+                    let mut record = vec![0u8; (hp + n as usize) * BLOCK_SIZE];
+                    let mut entries = Vec::with_capacity(n as usize);
+                    for i in 0..n {
+                        let lba = Lba(lba0 + i);
+                        let block_start = lba.0 * BLOCK_SIZE_U64;
+                        let page = &mut record[(hp + i as usize) * BLOCK_SIZE..][..BLOCK_SIZE];
+                        // The part of this block that the write covers.
+                        let from = offset.max(block_start);
+                        let to = (offset + data.len() as u64).min(block_start + BLOCK_SIZE_U64);
+                        if to - from < BLOCK_SIZE_U64 {
+                            self.read_block_locked(lba, page)?;
+                        }
+                        page[(from - block_start) as usize..(to - block_start) as usize]
+                            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                        entries.push(self.seal(lba, r.seq, page)?);
+                    }
+                    let payload_crc = crc32c::crc32c(&record[hp * BLOCK_SIZE..]);
+                    let header = RecordHeader {
+                        seq: r.seq,
+                        volume: self.record.id,
+                        kind: RecordKind::Write,
+                        trim_lba: 0,
+                        trim_count: 0,
+                        payload_crc,
+                        entries: entries.clone(),
+                    };
+                    record[..hp * BLOCK_SIZE].copy_from_slice(&header.encode());
+                    Ok((record, RecordApply::Write(entries)))
+                })?;
+                done += n;
+            }
+            self.stats.blocks_written.fetch_add(count, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads the current plaintext of one block while its stripe lock is held.
+    fn read_block_locked(&self, lba: Lba, out: &mut [u8]) -> Result<(), VolumeError> {
+        let pos = self.layout.geometry.locate(lba);
+        let mut bufs = self.read_stripe_blocks(pos.stripe, lba, 1)?;
+        out.copy_from_slice(&bufs.pop().unwrap_or_else(|| vec![0; BLOCK_SIZE]));
+        Ok(())
+    }
+
+    /// Plaintext of `count` consecutive blocks from `first`, all in `stripe` (lock held).
+    fn read_stripe_blocks(&self, stripe: StripeId, first: Lba, count: u64) -> Result<Vec<Vec<u8>>, VolumeError> {
+        let g = self.layout.geometry;
+        let first_in_stripe = stripe.0 * g.blocks_per_stripe();
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); count as usize];
+        let mut from_journal = Vec::new();
+        let mut from_home = Vec::new();
+        {
+            let dirty = self.dirty();
+            let sd = dirty.stripes.get(&stripe.0);
+            let live = self.alloc.live_bits(stripe);
+            for i in 0..count {
+                let lba = Lba(first.0 + i);
+                if let Some(e) = sd.and_then(|s| s.blocks.get(&lba.0)) {
+                    from_journal.push((i as usize, lba, *e));
+                } else if live.get(lba.0 - first_in_stripe) {
+                    from_home.push((i as usize, lba));
+                } else {
+                    out[i as usize] = vec![0; BLOCK_SIZE];
+                }
+            }
+        }
+        if !from_journal.is_empty() {
+            let offsets: Vec<u64> = from_journal.iter().map(|(_, _, e)| e.offset).collect();
+            let pages = self.journal.read_pages(&offsets)?;
+            for ((i, lba, e), mut page) in from_journal.into_iter().zip(pages) {
+                if !self.verify(lba, &e.meta, &page) {
+                    return Err(VolumeError::Unrecoverable { lba: lba.0, why: "journal copy fails its tag".into() });
+                }
+                self.unseal(lba, &e.meta, &mut page)?;
+                out[i] = page.to_vec();
+            }
+        }
+        if !from_home.is_empty() {
+            let lbas: Vec<Lba> = from_home.iter().map(|(_, l)| *l).collect();
+            let blocks = self.read_home(stripe, &lbas)?;
+            for ((i, _), b) in from_home.into_iter().zip(blocks) {
+                out[i] = b;
+            }
+        }
+        self.stats.blocks_read.fetch_add(count, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn trim_blocks(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        // Partial blocks at either end are zeroed by writing; whole blocks are trimmed.
+        let end = offset + len;
+        let first_whole = offset.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
+        let last_whole = end / BLOCK_SIZE_U64 * BLOCK_SIZE_U64;
+        if first_whole >= last_whole {
+            return self.write_blocks(offset, &vec![0u8; len as usize]);
+        }
+        if offset < first_whole {
+            self.write_blocks(offset, &vec![0u8; (first_whole - offset) as usize])?;
+        }
+        if last_whole < end {
+            self.write_blocks(last_whole, &vec![0u8; (end - last_whole) as usize])?;
+        }
+        let bps = self.layout.geometry.blocks_per_stripe();
+        for (stripe, at, plen) in self.pieces(first_whole, last_whole - first_whole) {
+            let (first, count) = blocks_of(at, plen);
+            let from = first.0 - stripe.0 * bps;
+            self.append(stripe, 0, |r| {
+                let header = RecordHeader {
+                    seq: r.seq,
+                    volume: self.record.id,
+                    kind: RecordKind::Trim,
+                    trim_lba: first.0,
+                    trim_count: count,
+                    payload_crc: crc32c::crc32c(&[]),
+                    entries: vec![],
+                };
+                Ok((header.encode(), RecordApply::Trim { from, to: from + count }))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// What a journal record changes in memory once written.
+enum RecordApply {
+    /// Metadata of consecutive blocks, in payload order.
+    Write(Vec<BlockMeta>),
+    /// Blocks `[from, to)` of the stripe (indexes within the stripe) read as zeros.
+    Trim { from: u64, to: u64 },
+}
+
+impl BlockDevice for Volume {
+    fn size(&self) -> u64 {
+        self.record.size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let base = offset;
+        for (stripe, at, len) in self.pieces(offset, buf.len() as u64) {
+            let (first, count) = blocks_of(at, len);
+            let blocks = {
+                let _g = self.locks.read(stripe);
+                self.read_stripe_blocks(stripe, first, count)?
+            };
+            for (i, b) in blocks.iter().enumerate() {
+                let block_start = (first.0 + i as u64) * BLOCK_SIZE_U64;
+                let from = at.max(block_start);
+                let to = (at + len).min(block_start + BLOCK_SIZE_U64);
+                buf[(from - base) as usize..(to - base) as usize]
+                    .copy_from_slice(&b[(from - block_start) as usize..(to - block_start) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_blocks(offset, data)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), VolumeError> {
+        self.journal.flush()?;
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.trim_blocks(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if no_hole {
+            // Allocated zeros: write them, at most 1 MiB at a time.
+            let chunk = 1 << 20;
+            let zeros = vec![0u8; chunk];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(chunk as u64);
+                self.write_blocks(at, &zeros[..n as usize])?;
+                at += n;
+            }
+        } else {
+            self.trim_blocks(offset, len)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let bps = self.layout.geometry.blocks_per_stripe();
+        for (stripe, at, plen) in self.pieces(offset, len) {
+            let bits = self.alloc.live_bits(stripe);
+            let mut pos = at;
+            while pos < at + plen {
+                let lba = pos / BLOCK_SIZE_U64;
+                let hole = !bits.get(lba % bps);
+                let next = ((lba + 1) * BLOCK_SIZE_U64).min(at + plen);
+                match out.last_mut() {
+                    Some(e) if e.hole == hole => e.len += next - pos,
+                    _ => out.push(Extent { len: next - pos, hole }),
+                }
+                pos = next;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick.notify_all();
+        if !self.dirty().stripes.is_empty() {
+            warn!(volume = %self.record.name, "volume dropped with journaled blocks; the journal replays them at the next open");
+        }
+    }
+}
+
+/// Whether a dirty-stripe snapshot is empty.
+fn snapshot_empty(s: &StripeDirty) -> bool {
+    s.blocks.is_empty() && s.trims.as_ref().is_none_or(|t| t.bits.is_empty())
 }

@@ -1,0 +1,347 @@
+//! The destager: moves journaled blocks into their chunk slots and checkpoints the journal.
+//!
+//! One round ([`Volume::destage_once`]):
+//! 1. flush the journal; `target` = the newest durable record. Every record ≤ `target` is
+//!    complete and applied to the index, so its stripe is dirty now;
+//! 2. for each dirty stripe, under its write lock: snapshot its journal entries and trims (all
+//!    of them — an entry may have replaced an older one that is ≤ `target`; the newest must
+//!    reach the disks, so it is made durable first if it is not yet); write the touched rows
+//!    and their parity (no reads when the whole stripe is covered);
+//! 3. fsync every disk, persist the home allocation bitmaps, checkpoint the journal at
+//!    `target`, drop the destaged index entries (unless a newer write replaced them), free
+//!    the journal space.
+//!
+//! Only durable records are destaged, so a crash in step 2 or 3 is repaired by replaying the
+//! journal from the previous checkpoint: the same rows are rewritten with the same data and
+//! parity (idempotent). That is why a torn stripe update can never outlive a crash.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::format::META_SIZE;
+use super::state::{Bits, JEntry, StripeDirty};
+use super::{DESTAGE_INTERVAL, Volume, VolumeError, snapshot_empty};
+use crate::disk::{IoBuf, IoOp};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, StripeId};
+
+/// Pause after a failed round before the next, so a failing disk is not hammered.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// Body of the destager thread. Exits when the volume is closed or dropped.
+pub(super) fn run(weak: Weak<Volume>) {
+    loop {
+        let Some(vol) = weak.upgrade() else { return };
+        if vol.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut flag = vol.kick_flag.lock().unwrap_or_else(|p| p.into_inner());
+            if !*flag {
+                flag = vol.kick.wait_timeout(flag, DESTAGE_INTERVAL).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            *flag = false;
+        }
+        if vol.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = vol.destage_once() {
+            vol.stats.destage_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(volume = %vol.record.name, error = %e, "destaging failed; the journal keeps the data and destaging retries");
+            drop(vol);
+            std::thread::sleep(RETRY_AFTER_ERROR);
+        }
+    }
+}
+
+/// New content of one block of a stripe: a journaled block or zeros (trimmed).
+#[derive(Clone, Copy)]
+enum New {
+    Journal(JEntry),
+    Zero,
+}
+
+impl Volume {
+    /// Destages until the journal holds nothing: used at open (after replay) and at close.
+    pub(super) fn destage_all(&self) -> Result<(), VolumeError> {
+        for _ in 0..1000 {
+            self.destage_once()?;
+            if self.dirty().stripes.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(VolumeError::Io("destaging does not converge".into()))
+    }
+
+    /// One destaging round; returns whether it destaged anything.
+    pub(super) fn destage_once(&self) -> Result<bool, VolumeError> {
+        let _one = self.destage_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let target = self.journal.flush()?;
+        let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
+        if stripes.is_empty() && target <= self.journal.checkpoint_seq() {
+            return Ok(false);
+        }
+        let bps = self.layout.geometry.blocks_per_stripe();
+        let mut done: Vec<(u64, StripeDirty)> = Vec::new();
+        let mut home_updates = Vec::new();
+        for s in stripes {
+            let stripe = StripeId(s);
+            let _g = self.locks.write(stripe);
+            let Some(snap) = self.dirty().stripes.get(&s).cloned() else { continue };
+            if snapshot_empty(&snap) {
+                continue;
+            }
+            let newest = snap.blocks.values().map(|e| e.seq).chain(snap.trims.as_ref().map(|t| t.seq)).max().unwrap_or(0);
+            if newest > target {
+                self.journal.flush_to(newest)?;
+            }
+            self.destage_stripe(stripe, &snap)?;
+            let mut home = self.alloc.home();
+            let bits = home.entry(s).or_insert_with(|| Bits::new(bps));
+            for lba in snap.blocks.keys() {
+                bits.set(lba - s * bps, true);
+            }
+            if let Some(t) = &snap.trims {
+                for i in (0..bps).filter(|i| t.bits.get(*i)) {
+                    bits.set(i, false);
+                }
+            }
+            home_updates.push((s, (!bits.is_empty()).then(|| bits.0.clone())));
+            if bits.is_empty() {
+                home.remove(&s);
+            }
+            done.push((s, snap));
+        }
+        let pending: Vec<_> = self.disks.values().map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync]))).collect();
+        for (name, p) in pending {
+            p.wait().map_err(|e| VolumeError::Io(format!("sync of {name} after destaging: {e}")))?;
+        }
+        if !home_updates.is_empty() {
+            self.store.alloc_commit(self.record.id, &home_updates).map_err(|e| VolumeError::Io(e.to_string()))?;
+        }
+        self.journal.checkpoint(target)?;
+        let n = done.len();
+        for (s, snap) in done {
+            let _g = self.locks.write(StripeId(s));
+            let mut dirty = self.dirty();
+            let Some(sd) = dirty.stripes.get_mut(&s) else { continue };
+            for (lba, e) in &snap.blocks {
+                if sd.blocks.get(lba).is_some_and(|x| x.seq == e.seq) {
+                    sd.blocks.remove(lba);
+                }
+            }
+            if let (Some(t), Some(cur)) = (&snap.trims, &sd.trims) {
+                if cur.seq == t.seq {
+                    sd.trims = None;
+                }
+            }
+            if snapshot_empty(sd) {
+                dirty.stripes.remove(&s);
+            }
+        }
+        self.journal.release();
+        self.stats.stripes_destaged.fetch_add(n as u64, Ordering::Relaxed);
+        debug!(volume = %self.record.name, stripes = n, checkpoint = target, "destaged");
+        Ok(n > 0)
+    }
+
+    /// Writes the snapshot of one stripe into its chunk slots (stripe write lock held).
+    fn destage_stripe(&self, stripe: StripeId, snap: &StripeDirty) -> Result<(), VolumeError> {
+        let g = self.layout.geometry;
+        let (k, width) = (usize::from(g.k), g.width());
+        let bpc = g.blocks_per_chunk();
+        let bps = g.blocks_per_stripe();
+        let first_lba = stripe.0 * bps;
+        let disks = self.stripe_disks(stripe)?;
+
+        // (chunk, row) → new content.
+        let mut new: BTreeMap<(usize, u64), New> = BTreeMap::new();
+        for (lba, e) in &snap.blocks {
+            let i = lba - first_lba;
+            new.insert(((i / bpc) as usize, i % bpc), New::Journal(*e));
+        }
+        if let Some(t) = &snap.trims {
+            for i in (0..bps).filter(|i| t.bits.get(*i)) {
+                new.entry(((i / bpc) as usize, i % bpc)).or_insert(New::Zero);
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let full = new.len() as u64 == bps;
+        if full && snap.blocks.is_empty() {
+            // Whole stripe trimmed: free every chunk slot (zeros are a valid stripe).
+            let slot = self.layout.slot_offset(stripe);
+            let pending: Vec<_> = disks.iter().map(|d| d.submit(vec![IoOp::Discard { offset: slot, len: self.layout.slot_size() }])).collect();
+            for p in pending {
+                p.wait().map_err(|e| VolumeError::Io(e.to_string()))?;
+            }
+            return Ok(());
+        }
+        let rows: BTreeSet<u64> = new.keys().map(|(_, r)| *r).collect();
+        let (rmin, rmax) = (*rows.first().unwrap_or(&0), *rows.last().unwrap_or(&0));
+        let nrows = (rmax - rmin + 1) as usize;
+        let (page_a, _) = self.layout.meta_location(stripe, rmin);
+        let (page_b, _) = self.layout.meta_location(stripe, rmax);
+        let pages_len = (page_b - page_a + BLOCK_SIZE_U64) as usize;
+        // Byte position of row r's entry inside the metadata pages buffer.
+        let meta_at = |r: u64| {
+            let (p, at) = self.layout.meta_location(stripe, r);
+            (p - page_a) as usize + at
+        };
+
+        // Read phase: current rows of the data chunks and metadata pages of every chunk.
+        let mut data: Vec<Vec<u8>> = vec![vec![0u8; nrows * BLOCK_SIZE]; k];
+        let mut pages: Vec<Vec<u8>> = vec![vec![0u8; pages_len]; width];
+        if !full {
+            let pending: Vec<_> = disks
+                .iter()
+                .enumerate()
+                .map(|(c, d)| {
+                    let mut ops = vec![IoOp::Read { offset: page_a, buf: IoBuf::zeroed(pages_len) }];
+                    if c < k {
+                        ops.push(IoOp::Read { offset: self.layout.block_offset(stripe, rmin), buf: IoBuf::zeroed(nrows * BLOCK_SIZE) });
+                    }
+                    d.submit(ops)
+                })
+                .collect();
+            for (c, p) in pending.into_iter().enumerate() {
+                match p.wait() {
+                    Ok(ops) => {
+                        for (i, op) in ops.into_iter().enumerate() {
+                            if let IoOp::Read { buf, .. } = op {
+                                if i == 0 { pages[c].copy_from_slice(&buf) } else { data[c].copy_from_slice(&buf) }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Writing around a chunk that cannot be read would leave it holding an
+                        // older block with a valid tag. Keep the data in the journal instead.
+                        return Err(VolumeError::Io(format!("stripe {stripe}: chunk {c} on {} unreadable: {e}", disks[c].name())));
+                    }
+                }
+            }
+        }
+        let mut metas: Vec<Vec<u8>> = (0..k)
+            .map(|c| {
+                let mut m = vec![0u8; nrows * META_SIZE];
+                for r in rmin..=rmax {
+                    let i = (r - rmin) as usize;
+                    m[i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&pages[c][meta_at(r)..meta_at(r) + META_SIZE]);
+                }
+                m
+            })
+            .collect();
+
+        // Overlay the new content.
+        let journaled: Vec<((usize, u64), JEntry)> =
+            new.iter().filter_map(|(key, n)| if let New::Journal(e) = n { Some((*key, *e)) } else { None }).collect();
+        let offsets: Vec<u64> = journaled.iter().map(|(_, e)| e.offset).collect();
+        let journal_pages = if offsets.is_empty() { Vec::new() } else { self.journal.read_pages(&offsets)? };
+        for (((c, r), e), page) in journaled.iter().zip(journal_pages) {
+            if !self.verify(crate::layout::Lba(e.meta.lba), &e.meta, &page) {
+                return Err(VolumeError::Io(format!("journal copy of block {} fails its tag", e.meta.lba)));
+            }
+            let i = (r - rmin) as usize;
+            data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&page);
+            metas[*c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&e.meta.encode());
+        }
+        for ((c, r), n) in &new {
+            if matches!(n, New::Zero) {
+                let i = (r - rmin) as usize;
+                data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                metas[*c][i * META_SIZE..(i + 1) * META_SIZE].fill(0);
+            }
+        }
+
+        // Check the blocks kept from the disks; rebuild the rows where one is bad, so parity is
+        // never computed over rotten data.
+        let mut repaired: BTreeSet<(usize, u64)> = BTreeSet::new();
+        if !full {
+            for r in rmin..=rmax {
+                let i = (r - rmin) as usize;
+                let bad: Vec<usize> = (0..k)
+                    .filter(|c| !new.contains_key(&(*c, r)))
+                    .filter(|&c| {
+                        let mut shard = data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].to_vec();
+                        shard.extend_from_slice(&metas[c][i * META_SIZE..(i + 1) * META_SIZE]);
+                        !self.shard_ok(stripe, c, r, &shard)
+                    })
+                    .collect();
+                if bad.is_empty() {
+                    continue;
+                }
+                let row = self.read_row(stripe, r, &disks, &bad).map_err(VolumeError::Io)?;
+                for c in bad {
+                    data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
+                    metas[c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
+                    repaired.insert((c, r));
+                }
+                self.stats.blocks_repaired.fetch_add(row.rebuilt.len() as u64, Ordering::Relaxed);
+            }
+        }
+
+        // Parity over the rows' data and metadata (position-local, so the range alone suffices).
+        let m = width - k;
+        let mut pdata = vec![vec![0u8; nrows * BLOCK_SIZE]; m];
+        let mut pmeta = vec![vec![0u8; nrows * META_SIZE]; m];
+        {
+            let d: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
+            let mut p: Vec<&mut [u8]> = pdata.iter_mut().map(|v| v.as_mut_slice()).collect();
+            self.codec.encode(&d, &mut p).map_err(|e| VolumeError::Io(e.to_string()))?;
+            let d: Vec<&[u8]> = metas.iter().map(|v| v.as_slice()).collect();
+            let mut p: Vec<&mut [u8]> = pmeta.iter_mut().map(|v| v.as_mut_slice()).collect();
+            self.codec.encode(&d, &mut p).map_err(|e| VolumeError::Io(e.to_string()))?;
+        }
+
+        // Write phase.
+        let mut pending = Vec::with_capacity(width);
+        for (c, d) in disks.iter().enumerate() {
+            let mut ops = Vec::new();
+            let meta_rows: &[u8] = if c < k { &metas[c] } else { &pmeta[c - k] };
+            let page = &mut pages[c];
+            for r in rmin..=rmax {
+                let i = (r - rmin) as usize;
+                page[meta_at(r)..meta_at(r) + META_SIZE].copy_from_slice(&meta_rows[i * META_SIZE..(i + 1) * META_SIZE]);
+            }
+            if c < k {
+                // Runs of rows with new or repaired data; trimmed rows become holes.
+                let mut r = rmin;
+                while r <= rmax {
+                    let kind = |r: u64| match new.get(&(c, r)) {
+                        Some(New::Journal(_)) => 1,
+                        Some(New::Zero) => 2,
+                        None if repaired.contains(&(c, r)) => 1,
+                        None => 0,
+                    };
+                    let kd = kind(r);
+                    let start = r;
+                    while r <= rmax && kind(r) == kd {
+                        r += 1;
+                    }
+                    let (a, b) = ((start - rmin) as usize, (r - rmin) as usize);
+                    let offset = self.layout.block_offset(stripe, start);
+                    match kd {
+                        1 => ops.push(IoOp::Write { offset, buf: IoBuf::from_slice(&data[c][a * BLOCK_SIZE..b * BLOCK_SIZE]) }),
+                        2 => ops.push(IoOp::Discard { offset, len: ((b - a) * BLOCK_SIZE) as u64 }),
+                        _ => {}
+                    }
+                }
+            } else {
+                ops.push(IoOp::Write { offset: self.layout.block_offset(stripe, rmin), buf: IoBuf::from_slice(&pdata[c - k]) });
+            }
+            ops.push(IoOp::Write { offset: page_a, buf: IoBuf::from_slice(page) });
+            pending.push((d.name().to_string(), d.submit(ops)));
+        }
+        for (name, p) in pending {
+            p.wait().map_err(|e| VolumeError::Io(format!("destaging stripe {stripe} to {name}: {e}")))?;
+        }
+        if full {
+            self.stats.full_stripe_destages.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! Reading chunk slots: verified reads, reconstruction of a row from the other chunks of its
+//! stripe, and write-back of repaired blocks.
+//!
+//! A *row* is the set of blocks at one block index of every chunk of a stripe: `k` data
+//! blocks and `m` parity blocks that Reed-Solomon ties together (position locality). Each
+//! shard of a row is the 4096-byte block followed by its 64-byte metadata entry, so a lost
+//! block's metadata (generation, key version, epoch, tag) is rebuilt with its data.
+
+use std::sync::atomic::Ordering;
+
+use tracing::{debug, warn};
+
+use super::format::{BlockMeta, META_SIZE};
+use super::{Volume, VolumeError};
+use crate::disk::{DiskRef, IoBuf, IoOp};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, Lba, StripeId};
+
+/// Bytes of one row shard: a block and its metadata entry (a multiple of 64, as the codec needs).
+pub(super) const SHARD: usize = BLOCK_SIZE + META_SIZE;
+
+/// A row of a stripe as read (and, where needed, rebuilt) from the disks.
+pub(super) struct Row {
+    /// `k + m` shards of [`SHARD`] bytes, in chunk order.
+    pub shards: Vec<Vec<u8>>,
+    /// Chunks whose copy on disk was bad and was rebuilt here.
+    pub rebuilt: Vec<usize>,
+}
+
+impl Volume {
+    /// Reads, verifies and decrypts allocated blocks of one stripe from their chunk slots
+    /// (stripe lock held). Blocks that fail are rebuilt from their row and written back.
+    pub(super) fn read_home(&self, stripe: StripeId, lbas: &[Lba]) -> Result<Vec<Vec<u8>>, VolumeError> {
+        let g = self.layout.geometry;
+        let disks = self.stripe_disks(stripe)?;
+        // One contiguous run of blocks (and the metadata pages covering it) per chunk.
+        let mut runs: Vec<Option<(u64, u64)>> = vec![None; g.width()];
+        let pos: Vec<BlockPos> = lbas.iter().map(|l| g.locate(*l)).collect();
+        for p in &pos {
+            let r = &mut runs[usize::from(p.chunk.0)];
+            *r = Some(match *r {
+                None => (p.block_in_chunk, p.block_in_chunk),
+                Some((a, b)) => (a.min(p.block_in_chunk), b.max(p.block_in_chunk)),
+            });
+        }
+        let mut pending = Vec::new();
+        for (c, run) in runs.iter().enumerate() {
+            let Some((a, b)) = *run else { continue };
+            let (meta_a, _) = self.layout.meta_location(stripe, a);
+            let (meta_b, _) = self.layout.meta_location(stripe, b);
+            let ops = vec![
+                IoOp::Read { offset: self.layout.block_offset(stripe, a), buf: IoBuf::zeroed(((b - a + 1) * BLOCK_SIZE_U64) as usize) },
+                IoOp::Read { offset: meta_a, buf: IoBuf::zeroed((meta_b - meta_a + BLOCK_SIZE_U64) as usize) },
+            ];
+            pending.push((c, a, meta_a, disks[c].submit(ops)));
+        }
+        let mut got: Vec<Option<(u64, u64, IoBuf, IoBuf)>> = (0..g.width()).map(|_| None).collect();
+        for (c, a, meta_a, p) in pending {
+            match p.wait() {
+                Ok(ops) => {
+                    let mut bufs = ops.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None });
+                    if let (Some(data), Some(meta)) = (bufs.next(), bufs.next()) {
+                        got[c] = Some((a, meta_a, data, meta));
+                    }
+                }
+                Err(e) => debug!(error = %e, "chunk read failed; rebuilding from the row"),
+            }
+        }
+        let mut out = Vec::with_capacity(lbas.len());
+        for (lba, p) in lbas.iter().zip(&pos) {
+            let c = usize::from(p.chunk.0);
+            let mut block = None;
+            let mut disk_answered = false;
+            if let Some((a, meta_a, data, meta)) = &got[c] {
+                disk_answered = true;
+                let i = ((p.block_in_chunk - a) * BLOCK_SIZE_U64) as usize;
+                let (page, at) = self.layout.meta_location(stripe, p.block_in_chunk);
+                let mo = (page - meta_a) as usize + at;
+                let m = BlockMeta::decode(&meta[mo..mo + META_SIZE]);
+                let ct = &data[i..i + BLOCK_SIZE];
+                if self.verify(*lba, &m, ct) {
+                    let mut b = ct.to_vec();
+                    self.unseal(*lba, &m, &mut b)?;
+                    block = Some(b);
+                }
+            }
+            let b = match block {
+                Some(b) => b,
+                None => self.rebuild_block(stripe, *p, *lba, &disks, disk_answered)?,
+            };
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds one block from its row, writes it back when its disk still answers, and
+    /// returns its plaintext.
+    fn rebuild_block(&self, stripe: StripeId, p: BlockPos, lba: Lba, disks: &[DiskRef], disk_answered: bool) -> Result<Vec<u8>, VolumeError> {
+        let row = self.read_row(stripe, p.block_in_chunk, disks, &[usize::from(p.chunk.0)]).map_err(|why| VolumeError::Unrecoverable { lba: lba.0, why })?;
+        let c = usize::from(p.chunk.0);
+        let shard = &row.shards[c];
+        let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
+        if !self.verify(lba, &meta, &shard[..BLOCK_SIZE]) {
+            return Err(VolumeError::Unrecoverable { lba: lba.0, why: "no combination of the surviving chunks rebuilds a block that passes its tag".into() });
+        }
+        self.stats.blocks_reconstructed.fetch_add(1, Ordering::Relaxed);
+        if disk_answered {
+            match self.write_back(stripe, p.chunk, p.block_in_chunk, &disks[c], shard) {
+                Ok(()) => {
+                    self.stats.blocks_repaired.fetch_add(1, Ordering::Relaxed);
+                    warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), "block failed its check; rebuilt from parity and repaired");
+                }
+                Err(e) => warn!(volume = %self.record.name, lba = lba.0, error = %e, "block rebuilt from parity; repair write failed"),
+            }
+        }
+        let mut b = shard[..BLOCK_SIZE].to_vec();
+        self.unseal(lba, &meta, &mut b)?;
+        Ok(b)
+    }
+
+    /// Writes a rebuilt shard (block + metadata entry) back to its chunk slot.
+    fn write_back(&self, stripe: StripeId, _chunk: ChunkIndex, row: u64, disk: &DiskRef, shard: &[u8]) -> Result<(), VolumeError> {
+        let (page_off, at) = self.layout.meta_location(stripe, row);
+        let mut page = crate::disk::read_at(disk.as_ref(), page_off, BLOCK_SIZE).map_err(|e| VolumeError::Io(e.to_string()))?;
+        page[at..at + META_SIZE].copy_from_slice(&shard[BLOCK_SIZE..]);
+        let ops = vec![
+            IoOp::Write { offset: self.layout.block_offset(stripe, row), buf: IoBuf::from_slice(&shard[..BLOCK_SIZE]) },
+            IoOp::Write { offset: page_off, buf: page },
+        ];
+        disk.submit(ops).wait().map_err(|e| VolumeError::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Whether a data shard read from chunk `c` of a row is an intact copy: either a block
+    /// that was never written (all zero) or one whose tag verifies for its position.
+    pub(super) fn shard_ok(&self, stripe: StripeId, c: usize, row: u64, shard: &[u8]) -> bool {
+        let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
+        if meta.is_empty() {
+            return shard[..BLOCK_SIZE].iter().all(|b| *b == 0);
+        }
+        let lba = self.layout.geometry.lba_of(BlockPos { stripe, chunk: ChunkIndex(c as u16), block_in_chunk: row });
+        self.verify(lba, &meta, &shard[..BLOCK_SIZE])
+    }
+
+    /// Reads one row from every chunk and rebuilds the shards that are missing, fail their
+    /// check, or are listed in `distrust` (known bad: e.g. a block that just failed its tag,
+    /// which may now look like a never-written block). Parity shards carry no tag of their own:
+    /// if a rebuild does not verify, it is retried without each parity shard in turn (a rotten
+    /// parity block is found that way).
+    pub(super) fn read_row(&self, stripe: StripeId, row: u64, disks: &[DiskRef], distrust: &[usize]) -> Result<Row, String> {
+        let g = self.layout.geometry;
+        let (k, width) = (usize::from(g.k), g.width());
+        let (page_off, at) = self.layout.meta_location(stripe, row);
+        let pending: Vec<_> = disks
+            .iter()
+            .map(|d| {
+                d.submit(vec![
+                    IoOp::Read { offset: self.layout.block_offset(stripe, row), buf: IoBuf::zeroed(BLOCK_SIZE) },
+                    IoOp::Read { offset: page_off, buf: IoBuf::zeroed(BLOCK_SIZE) },
+                ])
+            })
+            .collect();
+        let mut shards = vec![vec![0u8; SHARD]; width];
+        let mut present = vec![false; width];
+        for (c, p) in pending.into_iter().enumerate() {
+            let Ok(ops) = p.wait() else { continue };
+            let mut bufs = ops.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None });
+            let (Some(data), Some(page)) = (bufs.next(), bufs.next()) else { continue };
+            shards[c][..BLOCK_SIZE].copy_from_slice(&data);
+            shards[c][BLOCK_SIZE..].copy_from_slice(&page[at..at + META_SIZE]);
+            present[c] = !distrust.contains(&c) && (c >= k || self.shard_ok(stripe, c, row, &shards[c]));
+        }
+        self.rebuild_row(stripe, row, shards, present)
+    }
+
+    /// Rebuilds the shards of a row not marked present; see [`Volume::read_row`].
+    pub(super) fn rebuild_row(&self, stripe: StripeId, row: u64, shards: Vec<Vec<u8>>, present: Vec<bool>) -> Result<Row, String> {
+        let g = self.layout.geometry;
+        let (k, width) = (usize::from(g.k), g.width());
+        let missing: Vec<usize> = (0..width).filter(|c| !present[*c]).collect();
+        if missing.is_empty() {
+            return Ok(Row { shards, rebuilt: vec![] });
+        }
+        let have = width - missing.len();
+        if have < k {
+            return Err(format!("only {have} of the {width} chunks of stripe {stripe} row {row} are intact; {k} are needed"));
+        }
+        // Try all present shards first, then without one parity shard, then without two...
+        let parities: Vec<usize> = (k..width).filter(|c| present[*c]).collect();
+        let spare = have - k;
+        for drop_count in 0..=spare.min(parities.len()) {
+            for dropped in combinations(&parities, drop_count) {
+                let mut use_ = present.clone();
+                for d in &dropped {
+                    use_[*d] = false;
+                }
+                let mut attempt = shards.clone();
+                let mut refs: Vec<&mut [u8]> = attempt.iter_mut().map(|s| s.as_mut_slice()).collect();
+                if self.codec.reconstruct(&mut refs, &use_).is_err() {
+                    continue;
+                }
+                let data_ok = (0..k).filter(|c| !present[*c]).all(|c| self.shard_ok(stripe, c, row, &attempt[c]));
+                if data_ok {
+                    let mut rebuilt = missing.clone();
+                    rebuilt.extend(dropped);
+                    return Ok(Row { shards: attempt, rebuilt });
+                }
+            }
+        }
+        Err(format!("stripe {stripe} row {row}: no combination of the surviving chunks rebuilds blocks that pass their tags"))
+    }
+}
+
+/// All subsets of `items` of size `n`, in lexicographic order (`items` is at most `m` long).
+fn combinations(items: &[usize], n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for (i, &x) in items.iter().enumerate() {
+        for mut rest in combinations(&items[i + 1..], n - 1) {
+            rest.insert(0, x);
+            out.push(rest);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::combinations;
+
+    #[test]
+    fn combinations_enumerates_subsets() {
+        assert_eq!(combinations(&[4, 5], 0), vec![Vec::<usize>::new()]);
+        assert_eq!(combinations(&[4, 5], 1), vec![vec![4], vec![5]]);
+        assert_eq!(combinations(&[4, 5, 6], 2), vec![vec![4, 5], vec![4, 6], vec![5, 6]]);
+    }
+}

@@ -1,0 +1,433 @@
+//! The write journal: a circular log replicated on the `m + 1` journal disks of a volume.
+//!
+//! Contract:
+//! - [`Journal::reserve`] hands out consecutive sequence numbers and log space; the caller
+//!   must then [`Journal::write`] exactly that record (or the journal fails: see below).
+//!   Reservation never blocks; when the log is full it returns `None` and the caller waits
+//!   with [`Journal::wait_for_space`] after releasing its locks, so the destager can run.
+//! - [`Journal::flush`] returns when every record reserved before the call is durable on every
+//!   replica that accepted it. It first waits for all those records to complete, so the log has
+//!   no hole before a flushed record: replay, which stops at the first invalid record, can
+//!   never drop a flushed record behind an unflushed one that a crash tore.
+//! - [`Journal::checkpoint`] records, durably and on every replica, that records up to a
+//!   sequence number are destaged; [`Journal::release`] then frees their space.
+//! - A record is written to every replica; it counts as written when at least one replica
+//!   took it (losing the others is what the `m + 1` copies are for). If no replica takes it,
+//!   the journal stops accepting writes: a hole in the log would hide later records.
+//!
+//! Records are validated on replay by magic, sequence number, volume id and two crc32c
+//! checksums (header and payload); tags are checked later, when blocks are read or destaged.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::format::{Checkpoint, RecordHeader, RecordKind, RegionLayout};
+use crate::disk::{DiskRef, IoBuf, IoOp};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64};
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal failed: {0}")]
+    Failed(String),
+    #[error("journal of volume {volume}: no readable checkpoint on any journal disk")]
+    NoCheckpoint { volume: u64 },
+}
+
+/// A reserved place in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub seq: u64,
+    /// Offset of the record's first header page.
+    pub position: u64,
+    /// Bytes of the record.
+    pub len: u64,
+    /// A wrap marker to write first, at the end of the log, with this sequence number.
+    pub wrap: Option<(u64, u64)>,
+}
+
+/// One record found by replay.
+#[derive(Debug)]
+pub struct Replayed {
+    pub header: RecordHeader,
+    /// Offset of the record's first header page.
+    pub position: u64,
+}
+
+impl Replayed {
+    /// Offset of payload page `i`.
+    pub fn payload_offset(&self, i: usize) -> u64 {
+        self.position + ((self.header.pages() + i) * BLOCK_SIZE) as u64
+    }
+}
+
+struct State {
+    next_seq: u64,
+    /// Where the next record goes.
+    tail: u64,
+    /// Bytes in use (records after the checkpoint, wrap waste included).
+    used: u64,
+    /// Records still in use: (seq, bytes including wrap waste before it, offset after it).
+    live: VecDeque<(u64, u64, u64)>,
+    in_flight: BTreeSet<u64>,
+    /// Every record with seq ≤ this has completed.
+    completed_through: u64,
+    /// Every record with seq ≤ this is durable.
+    durable_through: u64,
+    checkpoint_seq: u64,
+    checkpoint_slot: u64,
+    failed: Option<String>,
+}
+
+pub struct Journal {
+    layout: RegionLayout,
+    volume: u64,
+    disks: Vec<DiskRef>,
+    state: Mutex<State>,
+    changed: Condvar,
+    sync_lock: Mutex<()>,
+}
+
+impl Journal {
+    /// Writes an empty checkpoint on every journal disk of a new volume.
+    pub fn format(layout: &RegionLayout, volume: u64, disks: &[DiskRef]) -> Result<(), JournalError> {
+        let cp = Checkpoint { seq: 0, position: layout.log_start(), volume };
+        for d in disks {
+            let mut ops = Vec::new();
+            for slot in 0..2u64 {
+                let bytes = if slot == 0 { cp.encode() } else { vec![0u8; BLOCK_SIZE] };
+                ops.push(IoOp::Write { offset: layout.region_offset + slot * BLOCK_SIZE_U64, buf: IoBuf::from_slice(&bytes) });
+            }
+            d.submit(ops).wait().map_err(|e| JournalError::Failed(e.to_string()))?;
+            d.submit(vec![IoOp::Sync]).wait().map_err(|e| JournalError::Failed(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the journal and reads every valid record after the newest checkpoint.
+    /// The caller applies them, destages them and checkpoints; until then they stay live.
+    pub fn open(layout: RegionLayout, volume: u64, disks: Vec<DiskRef>) -> Result<(Self, Vec<Replayed>), JournalError> {
+        let mut best: Option<(Checkpoint, u64)> = None;
+        for d in &disks {
+            for slot in 0..2u64 {
+                let off = layout.region_offset + slot * BLOCK_SIZE_U64;
+                let Ok(page) = read(d, off, BLOCK_SIZE) else { continue };
+                if let Some(cp) = Checkpoint::decode(&page) {
+                    if cp.volume == volume && best.is_none_or(|(b, _)| cp.seq > b.seq) {
+                        best = Some((cp, slot));
+                    }
+                }
+            }
+        }
+        let (cp, slot) = best.ok_or(JournalError::NoCheckpoint { volume })?;
+        let capacity = layout.log_end() - layout.log_start();
+        let mut records = Vec::new();
+        let mut live = VecDeque::new();
+        let mut pos = cp.position;
+        let mut expect = cp.seq + 1;
+        let mut used = 0u64;
+        while used < capacity {
+            let Some((header, len)) = read_record(&layout, volume, &disks, pos, expect) else { break };
+            if header.kind == RecordKind::Wrap {
+                let waste = layout.log_end() - pos;
+                used += waste;
+                live.push_back((expect, waste, layout.log_start()));
+                pos = layout.log_start();
+            } else {
+                used += len;
+                let end = normalize(&layout, pos + len);
+                live.push_back((expect, len, end));
+                records.push(Replayed { header, position: pos });
+                pos = end;
+            }
+            expect += 1;
+        }
+        debug!(volume, checkpoint = cp.seq, records = records.len(), "journal replayed");
+        let last = expect - 1;
+        let journal = Self {
+            layout,
+            volume,
+            disks,
+            state: Mutex::new(State {
+                next_seq: expect,
+                tail: pos,
+                used,
+                live,
+                in_flight: BTreeSet::new(),
+                completed_through: last,
+                durable_through: cp.seq,
+                checkpoint_seq: cp.seq,
+                checkpoint_slot: slot,
+                failed: None,
+            }),
+            changed: Condvar::new(),
+            sync_lock: Mutex::new(()),
+        };
+        Ok((journal, records))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of the log area.
+    pub fn capacity(&self) -> u64 {
+        self.layout.log_end() - self.layout.log_start()
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> u64 {
+        self.lock().used
+    }
+
+    /// Reserves a record of `len` bytes. `None` when the log has no room now.
+    pub fn reserve(&self, len: u64) -> Result<Option<Reservation>, JournalError> {
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(JournalError::Failed(f.clone()));
+        }
+        let waste = if st.tail + len > self.layout.log_end() { self.layout.log_end() - st.tail } else { 0 };
+        if st.used + waste + len > self.capacity() {
+            return Ok(None);
+        }
+        let mut wrap = None;
+        if waste > 0 {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            wrap = Some((seq, st.tail));
+            st.in_flight.insert(seq);
+            st.live.push_back((seq, waste, self.layout.log_start()));
+            st.used += waste;
+            st.tail = self.layout.log_start();
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let position = st.tail;
+        let end = normalize(&self.layout, position + len);
+        st.tail = end;
+        st.used += len;
+        st.in_flight.insert(seq);
+        st.live.push_back((seq, len, end));
+        Ok(Some(Reservation { seq, position, len, wrap }))
+    }
+
+    /// Waits (bounded) until space may have been freed or the journal changed.
+    pub fn wait_for_space(&self, timeout: Duration) {
+        let st = self.lock();
+        let _unused = self.changed.wait_timeout(st, timeout);
+    }
+
+    /// Writes a reserved record (`record` = header pages then payload pages) to every replica.
+    pub fn write(&self, r: &Reservation, record: &[u8]) -> Result<(), JournalError> {
+        debug_assert_eq!(record.len() as u64, r.len);
+        let mut pending = Vec::with_capacity(self.disks.len());
+        for d in &self.disks {
+            let mut ops = Vec::with_capacity(2);
+            if let Some((seq, at)) = r.wrap {
+                let h = RecordHeader { seq, volume: self.volume, kind: RecordKind::Wrap, trim_lba: 0, trim_count: 0, payload_crc: crc32c::crc32c(&[]), entries: vec![] };
+                ops.push(IoOp::Write { offset: at, buf: IoBuf::from_slice(&h.encode()) });
+            }
+            ops.push(IoOp::Write { offset: r.position, buf: IoBuf::from_slice(record) });
+            pending.push((d.name().to_string(), d.submit(ops)));
+        }
+        let mut ok = 0;
+        let mut last_err = String::new();
+        for (name, p) in pending {
+            match p.wait() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    warn!(disk = %name, error = %e, "journal write failed on one replica");
+                    last_err = e.to_string();
+                }
+            }
+        }
+        if ok == 0 {
+            let msg = format!("record {} reached no journal disk (last error: {last_err})", r.seq);
+            self.lock().failed = Some(msg.clone());
+            self.changed.notify_all();
+            return Err(JournalError::Failed(msg));
+        }
+        Ok(())
+    }
+
+    /// Marks a reserved record complete: written (or failed) and applied to the index. Flush
+    /// and destaging wait for every earlier record to be complete.
+    pub fn complete(&self, r: &Reservation) {
+        let mut st = self.lock();
+        if let Some((seq, _)) = r.wrap {
+            st.in_flight.remove(&seq);
+        }
+        st.in_flight.remove(&r.seq);
+        st.completed_through = st.in_flight.first().map_or(st.next_seq - 1, |s| s - 1);
+        self.changed.notify_all();
+    }
+
+    /// Reads payload pages, in one batch from the first replica, page by page from the others
+    /// if that fails.
+    pub fn read_pages(&self, offsets: &[u64]) -> Result<Vec<IoBuf>, JournalError> {
+        if let Some(d) = self.disks.first() {
+            let ops = offsets.iter().map(|&offset| IoOp::Read { offset, buf: IoBuf::zeroed(BLOCK_SIZE) }).collect();
+            if let Ok(done) = d.submit(ops).wait() {
+                let bufs: Vec<IoBuf> = done.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None }).collect();
+                if bufs.len() == offsets.len() {
+                    return Ok(bufs);
+                }
+            }
+        }
+        offsets.iter().map(|&o| self.read_page(o)).collect()
+    }
+
+    /// Makes every record reserved before this call durable. Returns the sequence number
+    /// through which the log is durable.
+    pub fn flush(&self) -> Result<u64, JournalError> {
+        let target = self.lock().next_seq - 1;
+        self.flush_to(target)?;
+        Ok(target)
+    }
+
+    /// Makes every record up to `target` durable.
+    pub fn flush_to(&self, target: u64) -> Result<(), JournalError> {
+        let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = self.lock();
+            loop {
+                if let Some(f) = &st.failed {
+                    return Err(JournalError::Failed(f.clone()));
+                }
+                if st.durable_through >= target {
+                    return Ok(());
+                }
+                if st.completed_through >= target {
+                    break;
+                }
+                st = self.changed.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        }
+        sync_all(&self.disks).map_err(JournalError::Failed)?;
+        let mut st = self.lock();
+        st.durable_through = st.durable_through.max(target);
+        Ok(())
+    }
+
+    /// Durably records that every record up to `seq` is destaged, on every replica.
+    pub fn checkpoint(&self, seq: u64) -> Result<(), JournalError> {
+        let (position, slot) = {
+            let st = self.lock();
+            if seq <= st.checkpoint_seq {
+                return Ok(());
+            }
+            let position = st.live.iter().find(|(s, _, _)| *s == seq).map_or(st.tail, |(_, _, end)| *end);
+            (position, 1 - st.checkpoint_slot)
+        };
+        let cp = Checkpoint { seq, position, volume: self.volume };
+        let bytes = cp.encode();
+        let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
+        let pending: Vec<_> = self.disks.iter().map(|d| d.submit(vec![IoOp::Write { offset, buf: IoBuf::from_slice(&bytes) }])).collect();
+        let ok = pending.into_iter().filter_map(|p| p.wait().ok()).count();
+        if ok == 0 {
+            return Err(JournalError::Failed("checkpoint reached no journal disk".into()));
+        }
+        sync_all(&self.disks).map_err(JournalError::Failed)?;
+        let mut st = self.lock();
+        st.checkpoint_seq = seq;
+        st.checkpoint_slot = slot;
+        Ok(())
+    }
+
+    /// Frees the space of records up to the last checkpoint. Call after the index no longer
+    /// points into them.
+    pub fn release(&self) {
+        let mut st = self.lock();
+        let cp = st.checkpoint_seq;
+        while let Some(&(seq, len, _)) = st.live.front() {
+            if seq > cp {
+                break;
+            }
+            st.used -= len;
+            st.live.pop_front();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Sequence number of the newest checkpoint.
+    pub fn checkpoint_seq(&self) -> u64 {
+        self.lock().checkpoint_seq
+    }
+
+    /// Reads one payload page from the first replica that returns it.
+    pub fn read_page(&self, offset: u64) -> Result<IoBuf, JournalError> {
+        let mut last = String::from("no journal disk");
+        for d in &self.disks {
+            match read(d, offset, BLOCK_SIZE) {
+                Ok(b) => return Ok(b),
+                Err(e) => last = e,
+            }
+        }
+        Err(JournalError::Failed(last))
+    }
+}
+
+fn normalize(layout: &RegionLayout, pos: u64) -> u64 {
+    if pos >= layout.log_end() { layout.log_start() } else { pos }
+}
+
+fn read(d: &DiskRef, offset: u64, len: usize) -> Result<IoBuf, String> {
+    let ops = d.submit(vec![IoOp::Read { offset, buf: IoBuf::zeroed(len) }]).wait().map_err(|e| e.to_string())?;
+    match ops.into_iter().next() {
+        Some(IoOp::Read { buf, .. }) => Ok(buf),
+        _ => Err("read returned no buffer".into()),
+    }
+}
+
+fn sync_all(disks: &[DiskRef]) -> Result<(), String> {
+    let pending: Vec<_> = disks.iter().map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync]))).collect();
+    let mut ok = 0;
+    let mut last = String::new();
+    for (name, p) in pending {
+        match p.wait() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                warn!(disk = %name, error = %e, "journal sync failed on one replica");
+                last = e.to_string();
+            }
+        }
+    }
+    if ok == 0 { Err(format!("sync reached no journal disk: {last}")) } else { Ok(()) }
+}
+
+/// Reads and validates the record at `pos` with sequence `expect` from the first replica that
+/// has a valid copy. Returns the header and the record length.
+fn read_record(layout: &RegionLayout, volume: u64, disks: &[DiskRef], pos: u64, expect: u64) -> Option<(RecordHeader, u64)> {
+    for d in disks {
+        if let Some(r) = read_record_from(layout, volume, d, pos, expect) {
+            return Some(r);
+        }
+    }
+    None
+}
+
+fn read_record_from(layout: &RegionLayout, volume: u64, d: &DiskRef, pos: u64, expect: u64) -> Option<(RecordHeader, u64)> {
+    let first = read(d, pos, BLOCK_SIZE).ok()?;
+    let pages = RecordHeader::peek_pages(&first)?;
+    if pos + (pages * BLOCK_SIZE) as u64 > layout.log_end() {
+        return None;
+    }
+    let head = if pages == 1 { first } else { read(d, pos, pages * BLOCK_SIZE).ok()? };
+    let header = RecordHeader::decode(&head).ok()?;
+    if header.seq != expect || header.volume != volume {
+        return None;
+    }
+    let len = header.record_len();
+    if pos + len > layout.log_end() {
+        return None;
+    }
+    let n = header.entries.len();
+    let crc = if n == 0 { crc32c::crc32c(&[]) } else { crc32c::crc32c(&read(d, pos + (pages * BLOCK_SIZE) as u64, n * BLOCK_SIZE).ok()?) };
+    if crc != header.payload_crc {
+        return None;
+    }
+    Some((header, len))
+}
