@@ -8,7 +8,8 @@
 //! - [`erasure`]: Reed-Solomon over ciphertext chunks;
 //! - [`disk`]: the `Disk` trait: io_uring, pread fallback, memory and fault-injecting disks.
 //!
-//! Beside it: [`kms`] (KEK, shares, wrapping) and [`meta`] (redb store, superblocks).
+//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
+//! (creating, opening and describing a pool of disks and volumes).
 
 pub mod crypto;
 pub mod disk;
@@ -17,4 +18,5 @@ pub mod kms;
 pub mod layout;
 pub mod meta;
 pub mod nbd;
+pub mod pool;
 pub mod volume;

@@ -57,3 +57,7 @@ pub trait Disk: Send + Sync {
 pub type DiskRef = Arc<dyn Disk>;
 
 pub fn read_at(_d: &dyn Disk, _offset: u64, _len: usize) -> Result<IoBuf, DiskError> { todo!() }
+
+#[derive(Default)]
+pub struct DiskOptions;
+pub fn open_disk(_p: &std::path::Path, _o: &DiskOptions) -> Result<DiskRef, DiskError> { todo!() }
