@@ -51,8 +51,10 @@ pub(super) fn run(weak: Weak<Volume>) {
         if let Err(e) = vol.destage_once() {
             vol.stats.destage_errors.fetch_add(1, Ordering::Relaxed);
             warn!(volume = %vol.record.name, error = %e, "destaging failed; the journal keeps the data and destaging retries");
-            drop(vol);
-            std::thread::sleep(RETRY_AFTER_ERROR);
+            let flag = vol.kick_flag.lock().unwrap_or_else(|p| p.into_inner());
+            if !vol.stop.load(Ordering::SeqCst) {
+                let _unused = vol.kick.wait_timeout(flag, RETRY_AFTER_ERROR);
+            }
         }
     }
 }

@@ -291,13 +291,25 @@ impl Volume {
         self.dirty().blocks()
     }
 
-    /// Stops the destager, destages everything and checkpoints: a clean shutdown.
-    pub fn close(&self) -> Result<(), VolumeError> {
+    /// Runs one destaging round now (the background destager also runs by itself). Returns
+    /// whether anything was destaged.
+    pub fn destage(&self) -> Result<bool, VolumeError> {
+        self.destage_once()
+    }
+
+    /// Stops the destager without destaging or flushing anything: the state a power cut
+    /// leaves behind. The journal is replayed at the next open. Crash tests use it.
+    pub fn halt(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kick_destager();
         if let Some(h) = self.destager.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
+    }
+
+    /// Stops the destager, destages everything and checkpoints: a clean shutdown.
+    pub fn close(&self) -> Result<(), VolumeError> {
+        self.halt();
         self.destage_all()
     }
 
