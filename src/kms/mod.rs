@@ -119,7 +119,8 @@ impl fmt::Debug for Kek {
 /// One Shamir share of a pool's KEK, as written in a share file.
 ///
 /// `index` is the share's x coordinate (1..=count); the secret is the share's y values, one byte
-/// per KEK byte. Wiped on drop; `Debug` prints no secret bytes.
+/// per KEK byte. Wiped on drop (every clone too); `Debug` prints no secret bytes.
+#[derive(Clone)]
 pub struct Share {
     pub pool_id: [u8; 16],
     pub split_id: [u8; 16],

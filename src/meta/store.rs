@@ -138,7 +138,14 @@ impl MetaStore {
     /// no shardvol format-version entry, or has a format version this build does not read.
     pub fn open(path: &Path) -> Result<Self, MetaError> {
         match fs::metadata(path) {
-            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_file() && m.len() > 0 => {}
+            // redb would initialise an empty file as a new database: refuse instead.
+            Ok(m) if m.is_file() => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: "is empty: not a shardvol metadata store".into(),
+                });
+            }
             Ok(_) => {
                 return Err(MetaError::Store {
                     path: path.to_path_buf(),
