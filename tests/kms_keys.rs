@@ -370,3 +370,16 @@ fn debug_output_has_no_key_material() {
     let msg = combine(&given, OTHER_POOL, shares[0].split_id, 2).unwrap_err().to_string();
     assert!(!msg.contains(&hex(shares[0].secret())), "{msg}");
 }
+
+/// The example share file in docs/keys.md is a valid file (its checksum included).
+#[test]
+fn share_file_example_in_the_docs_parses() {
+    let doc = include_str!("../docs/keys.md");
+    let start = doc.find("```text\nshardvol-share v1").expect("example in docs/keys.md") + "```text\n".len();
+    let len = doc[start..].find("```").unwrap();
+    let share = parse_share_file(&doc[start..start + len], Path::new("docs/keys.md")).unwrap();
+    assert_eq!((share.index, share.threshold, share.count), (2, 3, 5));
+    assert_eq!(hex(&share.pool_id), "5c1e0f3a9b7d42e88a61f0c2d4b39e17");
+    // Written back, it is the same text.
+    assert_eq!(encode_share_file(&share).as_str(), &doc[start..start + len]);
+}
