@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use shardvol::crypto::MasterKey;
 use shardvol::kms::{
-    Kek, KmsError, LoadedShare, Share, WRAPPED_LEN, combine, encode_share_file,
-    load_share_file, parse_share_file, split, unwrap_master, wrap_master, write_share_files,
+    Kek, KmsError, LoadedShare, Share, WRAPPED_LEN, combine, encode_share_file, load_share_file,
+    parse_share_file, split, unwrap_master, wrap_master, write_share_files,
 };
 
 const POOL: [u8; 16] = [0x11; 16];
@@ -21,7 +21,10 @@ fn master() -> MasterKey {
 }
 
 fn loaded(source: &str, share: &Share) -> LoadedShare {
-    LoadedShare { source: source.to_string(), share: share.clone() }
+    LoadedShare {
+        source: source.to_string(),
+        share: share.clone(),
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -88,7 +91,12 @@ fn split_parameters_are_checked() {
         let err = split(&kek, POOL, n, t).unwrap_err();
         assert!(matches!(err, KmsError::Share(_)), "{n} of {t}: {err}");
     }
-    assert!(split(&kek, POOL, 2, 1).unwrap_err().to_string().contains("full copy"));
+    assert!(
+        split(&kek, POOL, 2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("full copy")
+    );
     for (n, t) in [(1, 1), (2, 2), (5, 3), (255, 2), (255, 255)] {
         let shares = split(&kek, POOL, n, t).unwrap();
         assert_eq!(shares.len(), usize::from(n));
@@ -114,10 +122,21 @@ fn share_files_round_trip_and_are_private() {
     let shares = split(&kek, POOL, 5, 3).unwrap();
     let files = write_share_files(&dir, &shares).unwrap();
 
-    assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     for (s, f) in shares.iter().zip(&files) {
-        assert_eq!(f.file_name().unwrap().to_str().unwrap(), format!("share-{}.txt", s.index));
-        assert_eq!(fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+        assert_eq!(
+            f.file_name().unwrap().to_str().unwrap(),
+            format!("share-{}.txt", s.index)
+        );
+        assert_eq!(
+            fs::metadata(f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
         let text = fs::read_to_string(f).unwrap();
         assert!(text.starts_with("shardvol-share v1\n"), "{text}");
         assert!(text.contains(&format!("pool: {}\n", hex(&POOL))));
@@ -126,13 +145,24 @@ fn share_files_round_trip_and_are_private() {
         let back = load_share_file(f).unwrap();
         assert_eq!(back.source, f.display().to_string());
         assert_eq!(
-            (back.share.pool_id, back.share.split_id, back.share.index, back.share.threshold, back.share.count),
+            (
+                back.share.pool_id,
+                back.share.split_id,
+                back.share.index,
+                back.share.threshold,
+                back.share.count
+            ),
             (s.pool_id, s.split_id, s.index, s.threshold, s.count)
         );
         assert_eq!(back.share.secret(), s.secret());
     }
     let given = load_all(&[&files[4], &files[0], &files[2]]);
-    assert_eq!(combine(&given, POOL, shares[0].split_id, 3).unwrap().expose(), kek.expose());
+    assert_eq!(
+        combine(&given, POOL, shares[0].split_id, 3)
+            .unwrap()
+            .expose(),
+        kek.expose()
+    );
 }
 
 #[test]
@@ -144,7 +174,10 @@ fn share_files_are_never_overwritten() {
     let err = write_share_files(tmp.path(), &other).unwrap_err();
     assert!(matches!(err, KmsError::ShareFile { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&files[0].display().to_string()) && msg.contains("already exists"), "{msg}");
+    assert!(
+        msg.contains(&files[0].display().to_string()) && msg.contains("already exists"),
+        "{msg}"
+    );
     assert_eq!(fs::read(&files[1]).unwrap(), before);
 }
 
@@ -162,7 +195,13 @@ fn share_file_tolerates_crlf_and_comments() {
 /// Replaces the value of `field` in a share file's text.
 fn edit_field(text: &str, field: &str, value: &str) -> String {
     text.lines()
-        .map(|l| if l.starts_with(&format!("{field}:")) { format!("{field}: {value}") } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(&format!("{field}:")) {
+                format!("{field}: {value}")
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -182,45 +221,112 @@ fn corrupt_share_files_are_refused_with_the_file_named() {
     let flipped = String::from_utf8(flipped).unwrap();
 
     let cases: Vec<(&str, String, &str)> = vec![
-        ("secret", edit_field(&text, "secret", &flipped), "checksum mismatch (corrupted or edited)"),
-        ("index", edit_field(&text, "index", "4"), "checksum mismatch (corrupted or edited)"),
-        ("threshold", edit_field(&text, "threshold", "2"), "checksum mismatch (corrupted or edited)"),
-        ("checksum", edit_field(&text, "checksum", "0011223344556677"), "checksum mismatch"),
-        ("missing", text.lines().filter(|l| !l.starts_with("count:")).collect::<Vec<_>>().join("\n"), "\"count\" is missing"),
+        (
+            "secret",
+            edit_field(&text, "secret", &flipped),
+            "checksum mismatch (corrupted or edited)",
+        ),
+        (
+            "index",
+            edit_field(&text, "index", "4"),
+            "checksum mismatch (corrupted or edited)",
+        ),
+        (
+            "threshold",
+            edit_field(&text, "threshold", "2"),
+            "checksum mismatch (corrupted or edited)",
+        ),
+        (
+            "checksum",
+            edit_field(&text, "checksum", "0011223344556677"),
+            "checksum mismatch",
+        ),
+        (
+            "missing",
+            text.lines()
+                .filter(|l| !l.starts_with("count:"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            "\"count\" is missing",
+        ),
         ("repeated", text.clone() + "index: 2\n", "appears twice"),
         ("unknown", text.clone() + "colour: blue\n", "unknown field"),
-        ("short secret", edit_field(&text, "secret", &secret_hex[..40]), "expected 64 hex digits"),
-        ("bad hex", edit_field(&text, "secret", &format!("zz{}", &secret_hex[2..])), "not a hex digit"),
-        ("version", text.replacen("shardvol-share v1", "shardvol-share v9", 1), "not supported"),
-        ("garbage", "hello world\n".into(), "not a shardvol share file"),
+        (
+            "short secret",
+            edit_field(&text, "secret", &secret_hex[..40]),
+            "expected 64 hex digits",
+        ),
+        (
+            "bad hex",
+            edit_field(&text, "secret", &format!("zz{}", &secret_hex[2..])),
+            "not a hex digit",
+        ),
+        (
+            "version",
+            text.replacen("shardvol-share v1", "shardvol-share v9", 1),
+            "not supported",
+        ),
+        (
+            "garbage",
+            "hello world\n".into(),
+            "not a shardvol share file",
+        ),
         ("empty", String::new(), "not a shardvol share file"),
-        ("truncated", text[..text.find("checksum:").unwrap()].to_string(), "\"checksum\" is missing"),
+        (
+            "truncated",
+            text[..text.find("checksum:").unwrap()].to_string(),
+            "\"checksum\" is missing",
+        ),
         // Cut anywhere: some format error, naming the file (checked below).
         ("cut", text[..text.len() / 2].to_string(), ""),
     ];
     for (name, body, want) in cases {
-        let path = tmp.path().join(format!("case-{}.txt", name.replace(' ', "-")));
+        let path = tmp
+            .path()
+            .join(format!("case-{}.txt", name.replace(' ', "-")));
         fs::write(&path, &body).unwrap();
         let err = load_share_file(&path).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with(&format!("share file {}: ", path.display())), "{name}: {msg}");
+        assert!(
+            msg.starts_with(&format!("share file {}: ", path.display())),
+            "{name}: {msg}"
+        );
         assert!(msg.contains(want), "{name}: {msg}");
-        assert!(!msg.contains(secret_hex) && !msg.contains(&secret_hex[2..]), "{name}: secret in {msg}");
+        assert!(
+            !msg.contains(secret_hex) && !msg.contains(&secret_hex[2..]),
+            "{name}: secret in {msg}"
+        );
     }
 
     for cut in 0..text.len() - 1 {
-        assert!(parse_share_file(&text[..cut], Path::new("cut")).is_err(), "prefix of {cut} bytes accepted");
+        assert!(
+            parse_share_file(&text[..cut], Path::new("cut")).is_err(),
+            "prefix of {cut} bytes accepted"
+        );
     }
 
     let binary = tmp.path().join("binary");
     fs::write(&binary, [0xffu8, 0xfe, 0, 1]).unwrap();
-    assert!(load_share_file(&binary).unwrap_err().to_string().contains("not a text file"));
+    assert!(
+        load_share_file(&binary)
+            .unwrap_err()
+            .to_string()
+            .contains("not a text file")
+    );
     let big = tmp.path().join("big");
     fs::write(&big, vec![b'a'; 10_000]).unwrap();
-    assert!(load_share_file(&big).unwrap_err().to_string().contains("larger than"));
+    assert!(
+        load_share_file(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("larger than")
+    );
     let missing = tmp.path().join("nope.txt");
     let msg = load_share_file(&missing).unwrap_err().to_string();
-    assert!(msg.contains(&missing.display().to_string()) && msg.contains("cannot open"), "{msg}");
+    assert!(
+        msg.contains(&missing.display().to_string()) && msg.contains("cannot open"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -232,13 +338,22 @@ fn duplicate_shares_are_refused_naming_both_files() {
 
     let given = load_all(&[&files[0], &files[1], &copy]);
     let err = combine(&given, POOL, split_id, 3).unwrap_err();
-    assert!(matches!(err, KmsError::DuplicateShare { index: 2, .. }), "{err}");
+    assert!(
+        matches!(err, KmsError::DuplicateShare { index: 2, .. }),
+        "{err}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains(&files[1].display().to_string()) && msg.contains(&copy.display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&files[1].display().to_string()) && msg.contains(&copy.display().to_string()),
+        "{msg}"
+    );
 
     let given = load_all(&[&files[0], &files[3], &files[0]]);
     let msg = combine(&given, POOL, split_id, 3).unwrap_err().to_string();
-    assert!(msg.contains(&format!("{} was given twice", files[0].display())), "{msg}");
+    assert!(
+        msg.contains(&format!("{} was given twice", files[0].display())),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -252,8 +367,14 @@ fn share_of_another_pool_is_refused_naming_the_file() {
     let err = combine(&given, POOL, split_id, 3).unwrap_err();
     assert!(matches!(err, KmsError::ForeignPool { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&foreign_files[3].display().to_string()) && msg.contains("another pool"), "{msg}");
-    assert!(msg.contains(&hex(&OTHER_POOL)) && msg.contains(&hex(&POOL)), "{msg}");
+    assert!(
+        msg.contains(&foreign_files[3].display().to_string()) && msg.contains("another pool"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&hex(&OTHER_POOL)) && msg.contains(&hex(&POOL)),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -269,7 +390,10 @@ fn share_of_an_older_split_is_refused_naming_the_file() {
     let err = combine(&given, POOL, new[0].split_id, 3).unwrap_err();
     assert!(matches!(err, KmsError::OtherSplit { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&old_files[2].display().to_string()) && msg.contains("another split"), "{msg}");
+    assert!(
+        msg.contains(&old_files[2].display().to_string()) && msg.contains("another split"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -278,7 +402,17 @@ fn share_with_another_threshold_is_refused() {
     let shares = split(&kek, POOL, 5, 3).unwrap();
     let given: Vec<LoadedShare> = shares.iter().take(3).map(|s| loaded("x", s)).collect();
     let err = combine(&given, POOL, shares[0].split_id, 2).unwrap_err();
-    assert!(matches!(err, KmsError::ThresholdMismatch { found: 3, expected: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            KmsError::ThresholdMismatch {
+                found: 3,
+                expected: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 /// A share whose secret was changed and whose checksum was recomputed passes every check that
@@ -293,24 +427,43 @@ fn forged_share_with_recomputed_checksum_gives_wrong_kek() {
     let genuine = load_share_file(&files[2]).unwrap().share;
     let mut secret = *genuine.secret();
     secret[7] ^= 0x5a;
-    let forged = Share::from_parts(genuine.pool_id, genuine.split_id, genuine.index, genuine.threshold, genuine.count, secret);
+    let forged = Share::from_parts(
+        genuine.pool_id,
+        genuine.split_id,
+        genuine.index,
+        genuine.threshold,
+        genuine.count,
+        secret,
+    );
     let forged_path = tmp.path().join("share-3-forged.txt");
     fs::write(&forged_path, encode_share_file(&forged).as_bytes()).unwrap();
 
     let given = load_all(&[&files[0], &files[1], &forged_path]);
-    let combined = combine(&given, POOL, split_id, 3).expect("a forged share is not detectable by combine");
+    let combined =
+        combine(&given, POOL, split_id, 3).expect("a forged share is not detectable by combine");
     assert_ne!(combined.expose(), kek.expose());
-    assert!(matches!(unwrap_master(&combined, &wrapped, POOL, 1), Err(KmsError::WrongKek)));
+    assert!(matches!(
+        unwrap_master(&combined, &wrapped, POOL, 1),
+        Err(KmsError::WrongKek)
+    ));
 
     // More shares than needed, one of them forged: still refused, never a wrong master key.
     let given = load_all(&[&files[0], &files[1], &forged_path, &files[3]]);
     let combined = combine(&given, POOL, split_id, 3).unwrap();
-    assert!(matches!(unwrap_master(&combined, &wrapped, POOL, 1), Err(KmsError::WrongKek)));
+    assert!(matches!(
+        unwrap_master(&combined, &wrapped, POOL, 1),
+        Err(KmsError::WrongKek)
+    ));
 
     // The genuine shares still unlock.
     let given = load_all(&[&files[0], &files[1], &files[2]]);
     let combined = combine(&given, POOL, split_id, 3).unwrap();
-    assert_eq!(unwrap_master(&combined, &wrapped, POOL, 1).unwrap().expose(), mk.expose());
+    assert_eq!(
+        unwrap_master(&combined, &wrapped, POOL, 1)
+            .unwrap()
+            .expose(),
+        mk.expose()
+    );
 }
 
 #[test]
@@ -321,9 +474,15 @@ fn wrap_unwrap_round_trip() {
     let w2 = wrap_master(&kek, &mk, POOL, 7);
     assert_eq!(w1.len(), WRAPPED_LEN);
     assert_ne!(w1, w2, "every wrap draws a fresh nonce");
-    assert!(!w1.windows(32).any(|w| w == mk.expose()), "the key appears in the clear");
+    assert!(
+        !w1.windows(32).any(|w| w == mk.expose()),
+        "the key appears in the clear"
+    );
     for w in [&w1, &w2] {
-        assert_eq!(unwrap_master(&kek, w, POOL, 7).unwrap().expose(), mk.expose());
+        assert_eq!(
+            unwrap_master(&kek, w, POOL, 7).unwrap().expose(),
+            mk.expose()
+        );
     }
 }
 
@@ -340,10 +499,24 @@ fn unwrap_refuses_wrong_kek_pool_version_and_any_modified_byte() {
     for i in 0..w.len() {
         let mut bad = w.clone();
         bad[i] ^= 0x01;
-        assert!(wrong(unwrap_master(&kek, &bad, POOL, 3)), "byte {i} flipped");
+        assert!(
+            wrong(unwrap_master(&kek, &bad, POOL, 3)),
+            "byte {i} flipped"
+        );
     }
-    let Err(err) = unwrap_master(&kek, &w[..w.len() - 1], POOL, 3) else { panic!("short input unwrapped") };
-    assert!(matches!(err, KmsError::BadWrappedKey { len: 59, expected: 60 }), "{err}");
+    let Err(err) = unwrap_master(&kek, &w[..w.len() - 1], POOL, 3) else {
+        panic!("short input unwrapped")
+    };
+    assert!(
+        matches!(
+            err,
+            KmsError::BadWrappedKey {
+                len: 59,
+                expected: 60
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(
         KmsError::WrongKek.to_string(),
         "the shares given do not unlock this pool (the key they combine to does not open the master key)"
@@ -362,12 +535,17 @@ fn debug_output_has_no_key_material() {
         let shown = format!("{s:?} {s:#?} {ls:?}");
         assert!(!shown.contains(&hex(s.secret())), "{shown}");
         assert!(!shown.contains(&format!("{:?}", s.secret())), "{shown}");
-        assert!(shown.contains("redacted") && shown.contains(&hex(&POOL)), "{shown}");
+        assert!(
+            shown.contains("redacted") && shown.contains(&hex(&POOL)),
+            "{shown}"
+        );
         assert!(!shown.contains(&hex(&kek.expose()[..4])), "{shown}");
     }
     // The errors that describe shares carry ids and file names, never secrets.
     let given: Vec<LoadedShare> = shares.iter().take(1).map(|s| loaded("f", s)).collect();
-    let msg = combine(&given, OTHER_POOL, shares[0].split_id, 2).unwrap_err().to_string();
+    let msg = combine(&given, OTHER_POOL, shares[0].split_id, 2)
+        .unwrap_err()
+        .to_string();
     assert!(!msg.contains(&hex(shares[0].secret())), "{msg}");
 }
 
@@ -375,7 +553,10 @@ fn debug_output_has_no_key_material() {
 #[test]
 fn share_file_example_in_the_docs_parses() {
     let doc = include_str!("../docs/keys.md");
-    let start = doc.find("```text\nshardvol-share v1").expect("example in docs/keys.md") + "```text\n".len();
+    let start = doc
+        .find("```text\nshardvol-share v1")
+        .expect("example in docs/keys.md")
+        + "```text\n".len();
     let len = doc[start..].find("```").unwrap();
     let share = parse_share_file(&doc[start..start + len], Path::new("docs/keys.md")).unwrap();
     assert_eq!((share.index, share.threshold, share.count), (2, 3, 5));

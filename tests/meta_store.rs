@@ -10,7 +10,13 @@ use shardvol::meta::{
 };
 
 fn pool() -> PoolRecord {
-    PoolRecord { pool_id: [1; 16], split_id: [2; 16], share_count: 5, threshold: 3, created_unix: 10 }
+    PoolRecord {
+        pool_id: [1; 16],
+        split_id: [2; 16],
+        share_count: 5,
+        threshold: 3,
+        created_unix: 10,
+    }
 }
 
 fn disk(id: u32) -> DiskRecord {
@@ -37,14 +43,22 @@ fn volume(id: u64, name: &str) -> VolumeRecord {
 }
 
 fn key(version: u32, state: KeyState) -> KeyRecord {
-    KeyRecord { version, wrapped: vec![version as u8; 60], state, created_unix: 20 + u64::from(version) }
+    KeyRecord {
+        version,
+        wrapped: vec![version as u8; 60],
+        state,
+        created_unix: 20 + u64::from(version),
+    }
 }
 
 /// The error's message, which must name the store path.
 fn store_msg(err: MetaError, path: &Path) -> String {
     let msg = err.to_string();
     assert!(matches!(err, MetaError::Store { .. }), "{msg}");
-    assert!(msg.contains(&path.display().to_string()), "path not named: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "path not named: {msg}"
+    );
     msg
 }
 
@@ -82,11 +96,17 @@ fn records_round_trip_and_persist() {
     assert_eq!(disks[1].state, DiskState::Failed);
     assert_eq!(s.disk(DiskId(3)).unwrap(), Some(disk(3)));
     assert_eq!(s.disk(DiskId(9)).unwrap(), None);
-    assert_eq!(s.volumes().unwrap(), vec![volume(1, "db"), volume(2, "web")]);
+    assert_eq!(
+        s.volumes().unwrap(),
+        vec![volume(1, "db"), volume(2, "web")]
+    );
     assert_eq!(s.volume(2).unwrap(), Some(volume(2, "web")));
     assert_eq!(s.volume_by_name("db").unwrap(), Some(volume(1, "db")));
     assert_eq!(s.volume_by_name("nope").unwrap(), None);
-    assert_eq!(s.keys().unwrap(), vec![key(1, KeyState::Retired), key(2, KeyState::Active)]);
+    assert_eq!(
+        s.keys().unwrap(),
+        vec![key(1, KeyState::Retired), key(2, KeyState::Active)]
+    );
     assert_eq!(s.key(2).unwrap(), Some(key(2, KeyState::Active)));
 }
 
@@ -106,7 +126,10 @@ fn volume_names_are_unique() {
     let s = MetaStore::create(&path).unwrap();
     s.put_volume(&volume(1, "db")).unwrap();
     let msg = store_msg(s.put_volume(&volume(2, "db")).unwrap_err(), &path);
-    assert!(msg.contains("\"db\"") && msg.contains("already used by volume 1"), "{msg}");
+    assert!(
+        msg.contains("\"db\"") && msg.contains("already used by volume 1"),
+        "{msg}"
+    );
     assert_eq!(s.volumes().unwrap(), vec![volume(1, "db")]);
 
     // Updating a volume under its own name is fine; renaming frees the old name.
@@ -129,14 +152,25 @@ fn allocation_bitmaps_commit_load_and_delete() {
         s.put_volume(&volume(1, "a")).unwrap();
         s.put_volume(&volume(2, "b")).unwrap();
         assert!(s.alloc_load(1).unwrap().is_empty());
-        s.alloc_commit(1, &[(0, Some(vec![1, 2])), (7, Some(vec![u64::MAX])), (u64::MAX, Some(vec![5]))])
-            .unwrap();
+        s.alloc_commit(
+            1,
+            &[
+                (0, Some(vec![1, 2])),
+                (7, Some(vec![u64::MAX])),
+                (u64::MAX, Some(vec![5])),
+            ],
+        )
+        .unwrap();
         s.alloc_commit(2, &[(0, Some(vec![9]))]).unwrap();
         // Replace one, delete one, delete one that does not exist: one transaction.
-        s.alloc_commit(1, &[(0, Some(vec![3, 4, 5])), (7, None), (8, None)]).unwrap();
+        s.alloc_commit(1, &[(0, Some(vec![3, 4, 5])), (7, None), (8, None)])
+            .unwrap();
     }
     let s = MetaStore::open(&path).unwrap();
-    assert_eq!(s.alloc_load(1).unwrap(), vec![(0, vec![3, 4, 5]), (u64::MAX, vec![5])]);
+    assert_eq!(
+        s.alloc_load(1).unwrap(),
+        vec![(0, vec![3, 4, 5]), (u64::MAX, vec![5])]
+    );
     assert_eq!(s.alloc_load(2).unwrap(), vec![(0, vec![9])]);
     assert!(s.alloc_load(3).unwrap().is_empty());
 
@@ -172,7 +206,11 @@ fn open_refuses_missing_empty_and_directory_paths() {
     let empty = tmp.path().join("empty.redb");
     fs::write(&empty, b"").unwrap();
     assert!(open_err(&empty).contains("is empty"));
-    assert_eq!(fs::metadata(&empty).unwrap().len(), 0, "open must not initialise");
+    assert_eq!(
+        fs::metadata(&empty).unwrap().len(),
+        0,
+        "open must not initialise"
+    );
 
     assert!(open_err(tmp.path()).contains("not a regular file"));
 }
@@ -187,7 +225,11 @@ fn open_refuses_random_bytes_without_panicking() {
         fs::write(&path, &bytes).unwrap();
         let msg = open_err(&path);
         assert!(msg.contains("not a shardvol metadata store"), "{msg}");
-        assert_eq!(fs::read(&path).unwrap(), bytes, "open modified a foreign file");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            bytes,
+            "open modified a foreign file"
+        );
     }
 }
 
@@ -203,7 +245,10 @@ fn open_refuses_a_redb_file_of_another_program() {
         txn.commit().unwrap();
     }
     let msg = open_err(&path);
-    assert!(msg.contains("not a shardvol metadata store (no format version entry)"), "{msg}");
+    assert!(
+        msg.contains("not a shardvol metadata store (no format version entry)"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -215,7 +260,10 @@ fn open_refuses_a_newer_store_format() {
         let db = redb::Database::open(&path).unwrap();
         let t: redb::TableDefinition<&str, u32> = redb::TableDefinition::new("shardvol");
         let txn = db.begin_write().unwrap();
-        txn.open_table(t).unwrap().insert("format_version", &2).unwrap();
+        txn.open_table(t)
+            .unwrap()
+            .insert("format_version", &2)
+            .unwrap();
         txn.commit().unwrap();
     }
     let msg = open_err(&path);

@@ -28,7 +28,11 @@ fn sample(seq: u64) -> Superblock {
                 path: PathBuf::from(format!("/dev/disk/by-id/ata-disk{i}")),
                 domain: format!("rack{}", i % 3),
                 size: 4 << 40,
-                state: if i == 4 { DiskState::Rebuilding } else { DiskState::Ok },
+                state: if i == 4 {
+                    DiskState::Rebuilding
+                } else {
+                    DiskState::Ok
+                },
             })
             .collect(),
         volumes: vec![VolumeRecord {
@@ -86,7 +90,9 @@ fn slot_round_trip_and_header_table() {
 fn every_single_byte_corruption_is_detected() {
     let sb = sample(8);
     let slot = encode_slot(&sb).unwrap();
-    let body_positions = (SLOT_HEADER_LEN..slot.len()).step_by(7).chain([slot.len() - 1]);
+    let body_positions = (SLOT_HEADER_LEN..slot.len())
+        .step_by(7)
+        .chain([slot.len() - 1]);
     for pos in (0..SLOT_HEADER_LEN).chain(body_positions) {
         for mask in [0x01u8, 0x80, 0xff, 0x5a] {
             let mut bad = slot.clone();
@@ -95,7 +101,12 @@ fn every_single_byte_corruption_is_detected() {
             let expected_kind = match pos {
                 0..8 => matches!(err, SlotError::BadMagic),
                 // A damaged header-length field may point outside the bounds or at other bytes.
-                12..16 => matches!(err, SlotError::HeaderChecksum | SlotError::BadHeaderLen(_) | SlotError::Truncated { .. }),
+                12..16 => matches!(
+                    err,
+                    SlotError::HeaderChecksum
+                        | SlotError::BadHeaderLen(_)
+                        | SlotError::Truncated { .. }
+                ),
                 8..36 => err == SlotError::HeaderChecksum,
                 _ => err == SlotError::BodyChecksum,
             };
@@ -129,7 +140,12 @@ fn version_and_layout_fields_are_checked() {
     let mut newer = slot.clone();
     set_header_u32(&mut newer, 8, SUPERBLOCK_FORMAT_VERSION + 1);
     assert_eq!(decode_slot(&newer).unwrap_err(), SlotError::NewerVersion(2));
-    assert!(decode_slot(&newer).unwrap_err().to_string().contains("newer"));
+    assert!(
+        decode_slot(&newer)
+            .unwrap_err()
+            .to_string()
+            .contains("newer")
+    );
 
     let mut zero = slot.clone();
     set_header_u32(&mut zero, 8, 0);
@@ -137,31 +153,48 @@ fn version_and_layout_fields_are_checked() {
 
     let mut huge_body = slot.clone();
     set_header_u32(&mut huge_body, 24, u32::MAX);
-    assert!(matches!(decode_slot(&huge_body).unwrap_err(), SlotError::BodyTooLarge { .. }));
+    assert!(matches!(
+        decode_slot(&huge_body).unwrap_err(),
+        SlotError::BodyTooLarge { .. }
+    ));
 
     let mut huge_header = slot.clone();
     huge_header[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(decode_slot(&huge_header).unwrap_err(), SlotError::BadHeaderLen(u32::MAX));
+    assert_eq!(
+        decode_slot(&huge_header).unwrap_err(),
+        SlotError::BadHeaderLen(u32::MAX)
+    );
 
     // Header seq rewritten with a valid header checksum: disagrees with the body.
     let mut seq = slot.clone();
     seq[16..24].copy_from_slice(&6u64.to_le_bytes());
     set_header_u32(&mut seq, 24, le32(&slot, 24));
-    assert_eq!(decode_slot(&seq).unwrap_err(), SlotError::SeqMismatch { header: 6, body: 5 });
+    assert_eq!(
+        decode_slot(&seq).unwrap_err(),
+        SlotError::SeqMismatch { header: 6, body: 5 }
+    );
 
     // A body with valid checksums that is not a superblock.
     let mut not_json = slot[..SLOT_HEADER_LEN].to_vec();
     not_json.extend_from_slice(b"{\"hello\":1}");
     set_header_u32(&mut not_json, 24, 11);
     set_header_u32(&mut not_json, 28, crc32c::crc32c(b"{\"hello\":1}"));
-    assert!(matches!(decode_slot(&not_json).unwrap_err(), SlotError::BadBody(_)));
+    assert!(matches!(
+        decode_slot(&not_json).unwrap_err(),
+        SlotError::BadBody(_)
+    ));
 }
 
 #[test]
 fn oversized_superblock_is_refused_by_the_encoder() {
     let mut sb = sample(1);
     let disk = sb.disks[0].clone();
-    sb.disks = (0..20_000u32).map(|i| DiskRecord { id: DiskId(i), ..disk.clone() }).collect();
+    sb.disks = (0..20_000u32)
+        .map(|i| DiskRecord {
+            id: DiskId(i),
+            ..disk.clone()
+        })
+        .collect();
     match encode_slot(&sb) {
         Err(SlotError::BodyTooLarge { len, max }) => assert!(len > max && max == MAX_BODY_LEN),
         other => panic!("expected BodyTooLarge, got {other:?}"),
@@ -257,7 +290,10 @@ fn a_newer_format_in_either_slot_refuses_the_disk() {
     let b = SLOT_OFFSETS[1] as usize;
     set_header_u32(&mut area.0[b..b + SLOT_HEADER_LEN], 8, 9);
     let err = area.read().unwrap_err();
-    assert!(err.contains("slot B") && err.contains("format version 9 is newer"), "{err}");
+    assert!(
+        err.contains("slot B") && err.contains("format version 9 is newer"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -18,7 +18,11 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 pub(crate) fn decode_array<const N: usize>(s: &str) -> Result<[u8; N], String> {
     let digits = s.as_bytes();
     if digits.len() != 2 * N {
-        return Err(format!("expected {} hex digits, found {}", 2 * N, digits.len()));
+        return Err(format!(
+            "expected {} hex digits, found {}",
+            2 * N,
+            digits.len()
+        ));
     }
     let mut out = [0u8; N];
     for (i, pair) in digits.chunks_exact(2).enumerate() {

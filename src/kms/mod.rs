@@ -55,19 +55,35 @@ pub enum KmsError {
     TooFewShares { given: usize, needed: u8 },
     /// Two inputs carry the same share index (or are the same file given twice).
     #[error("{}", duplicate_message(first, second, *index))]
-    DuplicateShare { first: String, second: String, index: u8 },
+    DuplicateShare {
+        first: String,
+        second: String,
+        index: u8,
+    },
     /// A share of another pool.
     #[error("{file}: share of another pool ({found}); this pool is {expected}")]
-    ForeignPool { file: String, found: String, expected: String },
+    ForeignPool {
+        file: String,
+        found: String,
+        expected: String,
+    },
     /// A share of this pool but from another split of its KEK (an older one, usually).
     #[error(
         "{file}: share from another split of this pool's key (split {found}; the current split is \
          {expected}): shares from different splits cannot be combined"
     )]
-    OtherSplit { file: String, found: String, expected: String },
+    OtherSplit {
+        file: String,
+        found: String,
+        expected: String,
+    },
     /// A share of the current split whose threshold differs from the pool's.
     #[error("{file}: share says threshold {found}, this pool needs {expected}")]
-    ThresholdMismatch { file: String, found: u8, expected: u8 },
+    ThresholdMismatch {
+        file: String,
+        found: u8,
+        expected: u8,
+    },
     #[error(
         "the shares given do not unlock this pool (the key they combine to does not open the master key)"
     )]
@@ -76,7 +92,10 @@ pub enum KmsError {
     #[error("wrapped master key is {len} bytes, expected {expected}")]
     BadWrappedKey { len: usize, expected: usize },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn duplicate_message(first: &str, second: &str, index: u8) -> String {
@@ -141,7 +160,14 @@ impl Share {
         count: u8,
         secret: [u8; KEK_LEN],
     ) -> Self {
-        Share { pool_id, split_id, index, threshold, count, secret }
+        Share {
+            pool_id,
+            split_id,
+            index,
+            threshold,
+            count,
+            secret,
+        }
     }
     /// The share's secret bytes; never log or print them.
     pub fn secret(&self) -> &[u8; KEK_LEN] {

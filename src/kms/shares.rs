@@ -54,17 +54,27 @@ pub fn validate_split_params(count: u8, threshold: u8) -> Result<(), KmsError> {
 
 /// Splits `kek` into `count` shares, any `threshold` of which recover it. Every call draws a new
 /// random split id, so the shares of two splits never combine.
-pub fn split(kek: &Kek, pool_id: [u8; 16], count: u8, threshold: u8) -> Result<Vec<Share>, KmsError> {
+pub fn split(
+    kek: &Kek,
+    pool_id: [u8; 16],
+    count: u8,
+    threshold: u8,
+) -> Result<Vec<Share>, KmsError> {
     validate_split_params(count, threshold)?;
     let mut split_id = [0u8; 16];
     rand::fill(&mut split_id[..]);
     let mut shares = Vec::with_capacity(usize::from(count));
-    for point in Sharks(threshold).dealer(kek.expose()).take(usize::from(count)) {
+    for point in Sharks(threshold)
+        .dealer(kek.expose())
+        .take(usize::from(count))
+    {
         // blahaj's byte form of a share is x ‖ y; x runs 1, 2, … and is the share index.
         let bytes = Zeroizing::new(Vec::from(&point));
         let mut secret = [0u8; KEK_LEN];
         secret.copy_from_slice(&bytes[1..]);
-        shares.push(Share::from_parts(pool_id, split_id, bytes[0], threshold, count, secret));
+        shares.push(Share::from_parts(
+            pool_id, split_id, bytes[0], threshold, count, secret,
+        ));
         secret.zeroize();
     }
     Ok(shares)
@@ -85,7 +95,9 @@ pub fn combine(
     threshold: u8,
 ) -> Result<Kek, KmsError> {
     if threshold == 0 {
-        return Err(KmsError::Share("the pool's threshold is 0 (damaged pool record)".into()));
+        return Err(KmsError::Share(
+            "the pool's threshold is 0 (damaged pool record)".into(),
+        ));
     }
     for ls in shares {
         let s = &ls.share;
@@ -112,7 +124,10 @@ pub fn combine(
         }
     }
     for (i, later) in shares.iter().enumerate() {
-        if let Some(earlier) = shares[..i].iter().find(|e| e.share.index == later.share.index) {
+        if let Some(earlier) = shares[..i]
+            .iter()
+            .find(|e| e.share.index == later.share.index)
+        {
             return Err(KmsError::DuplicateShare {
                 first: earlier.source.clone(),
                 second: later.source.clone(),
@@ -121,7 +136,10 @@ pub fn combine(
         }
     }
     if shares.len() < usize::from(threshold) {
-        return Err(KmsError::TooFewShares { given: shares.len(), needed: threshold });
+        return Err(KmsError::TooFewShares {
+            given: shares.len(),
+            needed: threshold,
+        });
     }
 
     let mut points = Vec::with_capacity(shares.len());
@@ -196,11 +214,16 @@ pub fn encode_share_file(s: &Share) -> Zeroizing<String> {
 
 /// Parses the text of a share file; `source` (usually the path) names it in every error.
 ///
-/// Accepts LF or CRLF line ends, blank lines and `#` comment lines anywhere after the first line,
+/// Accepts LF or CRLF line ends, a leading byte-order mark, blank lines and `#` comment lines anywhere after the first line,
 /// fields in any order, hex in either case. Refuses a missing, repeated or unknown field, a value
 /// out of range, and a checksum that does not match the fields.
 pub fn parse_share_file(text: &str, source: &Path) -> Result<Share, KmsError> {
-    let err = |msg: String| KmsError::ShareFile { path: source.to_path_buf(), msg };
+    let err = |msg: String| KmsError::ShareFile {
+        path: source.to_path_buf(),
+        msg,
+    };
+    // A byte-order mark, as some editors add, is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().map(str::trim);
     match lines.next() {
         Some(SHARE_FILE_VERSION_LINE) => {}
@@ -217,7 +240,15 @@ pub fn parse_share_file(text: &str, source: &Path) -> Result<Share, KmsError> {
         }
     }
 
-    const FIELDS: [&str; 7] = ["pool", "split", "index", "threshold", "count", "secret", "checksum"];
+    const FIELDS: [&str; 7] = [
+        "pool",
+        "split",
+        "index",
+        "threshold",
+        "count",
+        "secret",
+        "checksum",
+    ];
     let mut values: [Option<&str>; 7] = [None; 7];
     for (n, line) in lines.enumerate() {
         if line.is_empty() || line.starts_with('#') {
@@ -236,15 +267,21 @@ pub fn parse_share_file(text: &str, source: &Path) -> Result<Share, KmsError> {
         }
         values[slot] = Some(value.trim());
     }
-    let field = |i: usize| values[i].ok_or_else(|| err(format!("field {:?} is missing", FIELDS[i])));
+    let field =
+        |i: usize| values[i].ok_or_else(|| err(format!("field {:?} is missing", FIELDS[i])));
     let number = |i: usize| -> Result<u8, KmsError> {
         field(i)?.parse::<u8>().map_err(|_| {
-            err(format!("field {:?} must be a number from 0 to 255", FIELDS[i]))
+            err(format!(
+                "field {:?} must be a number from 0 to 255",
+                FIELDS[i]
+            ))
         })
     };
 
-    let pool_id = hex::decode_array::<16>(field(0)?).map_err(|e| err(format!("field \"pool\": {e}")))?;
-    let split_id = hex::decode_array::<16>(field(1)?).map_err(|e| err(format!("field \"split\": {e}")))?;
+    let pool_id =
+        hex::decode_array::<16>(field(0)?).map_err(|e| err(format!("field \"pool\": {e}")))?;
+    let split_id =
+        hex::decode_array::<16>(field(1)?).map_err(|e| err(format!("field \"split\": {e}")))?;
     let index = number(2)?;
     let threshold = number(3)?;
     let count = number(4)?;
@@ -267,7 +304,10 @@ pub fn parse_share_file(text: &str, source: &Path) -> Result<Share, KmsError> {
 
 /// Reads and checks one share file. Every error names the file.
 pub fn load_share_file(path: &Path) -> Result<LoadedShare, KmsError> {
-    let err = |msg: String| KmsError::ShareFile { path: path.to_path_buf(), msg };
+    let err = |msg: String| KmsError::ShareFile {
+        path: path.to_path_buf(),
+        msg,
+    };
     let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let mut raw = Zeroizing::new(Vec::new());
     file.take(SHARE_FILE_MAX_LEN + 1)
@@ -280,7 +320,10 @@ pub fn load_share_file(path: &Path) -> Result<LoadedShare, KmsError> {
     }
     let text = std::str::from_utf8(&raw).map_err(|_| err("not a text file".into()))?;
     let share = parse_share_file(text, path)?;
-    Ok(LoadedShare { source: path.display().to_string(), share })
+    Ok(LoadedShare {
+        source: path.display().to_string(),
+        share,
+    })
 }
 
 /// Writes one file per share, `share-<index>.txt` in `dir`, mode 0600, and returns their paths.
@@ -292,7 +335,10 @@ pub fn load_share_file(path: &Path) -> Result<LoadedShare, KmsError> {
 pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<PathBuf>, KmsError> {
     for (i, s) in shares.iter().enumerate() {
         if shares[..i].iter().any(|e| e.index == s.index) {
-            return Err(KmsError::Share(format!("two shares with index {} to write", s.index)));
+            return Err(KmsError::Share(format!(
+                "two shares with index {} to write",
+                s.index
+            )));
         }
     }
     match fs::metadata(dir) {
@@ -300,7 +346,10 @@ pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<PathBuf>, K
         Ok(_) => {
             return Err(KmsError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(ErrorKind::AlreadyExists, "exists and is not a directory"),
+                source: std::io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    "exists and is not a directory",
+                ),
             });
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -308,16 +357,29 @@ pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<PathBuf>, K
                 .recursive(true)
                 .mode(SHARE_DIR_MODE)
                 .create(dir)
-                .map_err(|source| KmsError::Io { path: dir.to_path_buf(), source })?;
+                .map_err(|source| KmsError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
         }
-        Err(source) => return Err(KmsError::Io { path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(KmsError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
     }
 
-    let paths: Vec<PathBuf> = shares.iter().map(|s| dir.join(share_file_name(s.index))).collect();
-    let exists = |path: &Path| KmsError::ShareFile {
+    let paths: Vec<PathBuf> = shares
+        .iter()
+        .map(|s| dir.join(share_file_name(s.index)))
+        .collect();
+    let exists = |path: &Path| {
+        KmsError::ShareFile {
         path: path.to_path_buf(),
         msg: "already exists; refusing to overwrite a share (move it away or choose another directory)"
             .into(),
+    }
     };
     for path in &paths {
         if fs::symlink_metadata(path).is_ok() {
@@ -325,20 +387,33 @@ pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<PathBuf>, K
         }
     }
     for (s, path) in shares.iter().zip(&paths) {
-        let io = |source: std::io::Error| KmsError::Io { path: path.clone(), source };
+        let io = |source: std::io::Error| KmsError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(SHARE_FILE_MODE)
             .open(path)
-            .map_err(|e| if e.kind() == ErrorKind::AlreadyExists { exists(path) } else { io(e) })?;
+            .map_err(|e| {
+                if e.kind() == ErrorKind::AlreadyExists {
+                    exists(path)
+                } else {
+                    io(e)
+                }
+            })?;
         // The umask can only clear bits of the mode; set it exactly in case it cleared 0600's.
-        f.set_permissions(fs::Permissions::from_mode(SHARE_FILE_MODE)).map_err(io)?;
+        f.set_permissions(fs::Permissions::from_mode(SHARE_FILE_MODE))
+            .map_err(io)?;
         f.write_all(encode_share_file(s).as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| KmsError::Io { path: dir.to_path_buf(), source })?;
+        .map_err(|source| KmsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     Ok(paths)
 }

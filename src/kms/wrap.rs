@@ -1,7 +1,7 @@
 //! Wrapping of master keys by the KEK: AES-256-GCM, byte layout in `docs/keys.md`.
 
-use aes_gcm::aead::{Aead, KeyInit, Nonce, Payload};
 use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Nonce, Payload};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{Kek, KmsError};
@@ -39,7 +39,13 @@ pub fn wrap_master(kek: &Kek, key: &MasterKey, pool_id: [u8; 16], version: u32) 
     rand::fill(&mut nonce[..]);
     let aad = aad(pool_id, version);
     let sealed = cipher(kek)
-        .encrypt(&Nonce::<Aes256Gcm>::from(nonce), Payload { msg: key.expose(), aad: &aad })
+        .encrypt(
+            &Nonce::<Aes256Gcm>::from(nonce),
+            Payload {
+                msg: key.expose(),
+                aad: &aad,
+            },
+        )
         // AES-GCM fails only for messages or AAD over 2^36 bytes; these are 32 and 48.
         .expect("AES-GCM encryption of a 32-byte key cannot fail");
     let mut out = Vec::with_capacity(WRAPPED_LEN);
@@ -58,7 +64,10 @@ pub fn unwrap_master(
     version: u32,
 ) -> Result<MasterKey, KmsError> {
     if wrapped.len() != WRAPPED_LEN {
-        return Err(KmsError::BadWrappedKey { len: wrapped.len(), expected: WRAPPED_LEN });
+        return Err(KmsError::BadWrappedKey {
+            len: wrapped.len(),
+            expected: WRAPPED_LEN,
+        });
     }
     let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
     let mut nonce_arr = [0u8; NONCE_LEN];
@@ -66,7 +75,13 @@ pub fn unwrap_master(
     let aad = aad(pool_id, version);
     let plain = Zeroizing::new(
         cipher(kek)
-            .decrypt(&Nonce::<Aes256Gcm>::from(nonce_arr), Payload { msg: sealed, aad: &aad })
+            .decrypt(
+                &Nonce::<Aes256Gcm>::from(nonce_arr),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| KmsError::WrongKek)?,
     );
     let mut k = [0u8; KEY_LEN];

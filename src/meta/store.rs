@@ -42,7 +42,10 @@ pub struct MetaStore {
 }
 
 fn store_err(path: &Path, what: &str, e: impl Display) -> MetaError {
-    MetaError::Store { path: path.to_path_buf(), msg: format!("{what}: {e}") }
+    MetaError::Store {
+        path: path.to_path_buf(),
+        msg: format!("{what}: {e}"),
+    }
 }
 
 fn open_err(path: &Path, e: DatabaseError) -> MetaError {
@@ -55,7 +58,11 @@ fn open_err(path: &Path, e: DatabaseError) -> MetaError {
             path: path.to_path_buf(),
             msg: format!("is in redb file format {v}, which this build does not read"),
         },
-        e => store_err(path, "cannot open (not a shardvol metadata store, or damaged)", e),
+        e => store_err(
+            path,
+            "cannot open (not a shardvol metadata store, or damaged)",
+            e,
+        ),
     }
 }
 
@@ -117,18 +124,31 @@ impl MetaStore {
         let db = Self::builder()
             .create_with_backend(backend)
             .map_err(|e| store_err(path, "cannot create", e))?;
-        let store = MetaStore { db, path: path.to_path_buf() };
+        let store = MetaStore {
+            db,
+            path: path.to_path_buf(),
+        };
         let what = "cannot initialise";
-        let txn = store.db.begin_write().map_err(|e| store_err(path, what, e))?;
+        let txn = store
+            .db
+            .begin_write()
+            .map_err(|e| store_err(path, what, e))?;
         {
-            let mut t = txn.open_table(FORMAT).map_err(|e| store_err(path, what, e))?;
-            t.insert(FORMAT_KEY, STORE_FORMAT_VERSION).map_err(|e| store_err(path, what, e))?;
+            let mut t = txn
+                .open_table(FORMAT)
+                .map_err(|e| store_err(path, what, e))?;
+            t.insert(FORMAT_KEY, STORE_FORMAT_VERSION)
+                .map_err(|e| store_err(path, what, e))?;
             txn.open_table(POOL).map_err(|e| store_err(path, what, e))?;
-            txn.open_table(DISKS).map_err(|e| store_err(path, what, e))?;
-            txn.open_table(VOLUMES).map_err(|e| store_err(path, what, e))?;
-            txn.open_table(VOLUME_NAMES).map_err(|e| store_err(path, what, e))?;
+            txn.open_table(DISKS)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(VOLUMES)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(VOLUME_NAMES)
+                .map_err(|e| store_err(path, what, e))?;
             txn.open_table(KEYS).map_err(|e| store_err(path, what, e))?;
-            txn.open_table(ALLOC).map_err(|e| store_err(path, what, e))?;
+            txn.open_table(ALLOC)
+                .map_err(|e| store_err(path, what, e))?;
         }
         txn.commit().map_err(|e| store_err(path, what, e))?;
         Ok(store)
@@ -161,13 +181,22 @@ impl MetaStore {
             Err(e) => return Err(store_err(path, "cannot open", e)),
         }
         let db = Self::builder().open(path).map_err(|e| open_err(path, e))?;
-        let store = MetaStore { db, path: path.to_path_buf() };
+        let store = MetaStore {
+            db,
+            path: path.to_path_buf(),
+        };
         let not_ours = "not a shardvol metadata store (no format version entry)";
-        let txn = store.db.begin_read().map_err(|e| store_err(path, "cannot read", e))?;
+        let txn = store
+            .db
+            .begin_read()
+            .map_err(|e| store_err(path, "cannot read", e))?;
         let table = match txn.open_table(FORMAT) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => {
-                return Err(MetaError::Store { path: path.to_path_buf(), msg: not_ours.into() });
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: not_ours.into(),
+                });
             }
             Err(e) => return Err(store_err(path, not_ours, e)),
         };
@@ -191,7 +220,12 @@ impl MetaStore {
                     msg: format!("invalid format version {v}"),
                 });
             }
-            None => return Err(MetaError::Store { path: path.to_path_buf(), msg: not_ours.into() }),
+            None => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: not_ours.into(),
+                });
+            }
         }
         drop(table);
         drop(txn);
@@ -216,7 +250,11 @@ impl MetaStore {
     }
 
     /// Reads every row of a JSON-valued table, in key order.
-    fn read_all<K, T>(&self, def: TableDefinition<K, &[u8]>, what: &str) -> Result<Vec<T>, MetaError>
+    fn read_all<K, T>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<T>, MetaError>
     where
         K: redb::Key + 'static,
         T: DeserializeOwned,
@@ -273,7 +311,12 @@ impl MetaStore {
     /// The pool record; an error if it was never written.
     pub fn pool(&self) -> Result<PoolRecord, MetaError> {
         self.read_one(POOL, POOL_KEY, "the pool record")?
-            .ok_or_else(|| self.err("no pool record", "the store was created but the pool never initialised"))
+            .ok_or_else(|| {
+                self.err(
+                    "no pool record",
+                    "the store was created but the pool never initialised",
+                )
+            })
     }
 
     /// Writes (or replaces) the pool record.
@@ -314,8 +357,13 @@ impl MetaStore {
         let ctx = format!("cannot look up volume {name:?}");
         let id = {
             let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
-            let names = txn.open_table(VOLUME_NAMES).map_err(|e| self.err(&ctx, e))?;
-            names.get(name).map_err(|e| self.err(&ctx, e))?.map(|g| g.value())
+            let names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
+            names
+                .get(name)
+                .map_err(|e| self.err(&ctx, e))?
+                .map(|g| g.value())
         };
         match id {
             Some(id) => self.volume(id),
@@ -330,21 +378,34 @@ impl MetaStore {
         let value = self.encode_json(&ctx, v)?;
         let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
         {
-            let mut names = txn.open_table(VOLUME_NAMES).map_err(|e| self.err(&ctx, e))?;
+            let mut names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
             let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
-            let holder = names.get(v.name.as_str()).map_err(|e| self.err(&ctx, e))?.map(|g| g.value());
+            let holder = names
+                .get(v.name.as_str())
+                .map_err(|e| self.err(&ctx, e))?
+                .map(|g| g.value());
             if let Some(other) = holder.filter(|&id| id != v.id) {
-                return Err(self.err(&ctx, format_args!("the name is already used by volume {other}")));
+                return Err(self.err(
+                    &ctx,
+                    format_args!("the name is already used by volume {other}"),
+                ));
             }
             let old: Option<VolumeRecord> = match vols.get(v.id).map_err(|e| self.err(&ctx, e))? {
                 Some(g) => Some(self.decode_json(&format!("volume {}", v.id), g.value())?),
                 None => None,
             };
             if let Some(old) = old.filter(|o| o.name != v.name) {
-                names.remove(old.name.as_str()).map_err(|e| self.err(&ctx, e))?;
+                names
+                    .remove(old.name.as_str())
+                    .map_err(|e| self.err(&ctx, e))?;
             }
-            names.insert(v.name.as_str(), v.id).map_err(|e| self.err(&ctx, e))?;
-            vols.insert(v.id, value.as_slice()).map_err(|e| self.err(&ctx, e))?;
+            names
+                .insert(v.name.as_str(), v.id)
+                .map_err(|e| self.err(&ctx, e))?;
+            vols.insert(v.id, value.as_slice())
+                .map_err(|e| self.err(&ctx, e))?;
         }
         txn.commit().map_err(|e| self.err(&ctx, e))
     }
@@ -355,7 +416,9 @@ impl MetaStore {
         let ctx = format!("cannot remove volume {id}");
         let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
         let existed = {
-            let mut names = txn.open_table(VOLUME_NAMES).map_err(|e| self.err(&ctx, e))?;
+            let mut names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
             let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
             let mut alloc = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
             let old: Option<VolumeRecord> = match vols.remove(id).map_err(|e| self.err(&ctx, e))? {
@@ -363,7 +426,9 @@ impl MetaStore {
                 None => None,
             };
             if let Some(old) = &old {
-                names.remove(old.name.as_str()).map_err(|e| self.err(&ctx, e))?;
+                names
+                    .remove(old.name.as_str())
+                    .map_err(|e| self.err(&ctx, e))?;
             }
             alloc
                 .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
@@ -397,13 +462,18 @@ impl MetaStore {
         let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
         let table = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
         let mut out = Vec::new();
-        for row in table.range((volume, 0u64)..=(volume, u64::MAX)).map_err(|e| self.err(&ctx, e))? {
+        for row in table
+            .range((volume, 0u64)..=(volume, u64::MAX))
+            .map_err(|e| self.err(&ctx, e))?
+        {
             let (k, v) = row.map_err(|e| self.err(&ctx, e))?;
             let (_, stripe) = k.value();
             let words = decode_words(v.value()).ok_or_else(|| {
                 self.err(
                     &ctx,
-                    format_args!("the entry of stripe {stripe} is damaged (length not a multiple of 8)"),
+                    format_args!(
+                        "the entry of stripe {stripe} is damaged (length not a multiple of 8)"
+                    ),
                 )
             })?;
             out.push((stripe, words));
@@ -412,7 +482,11 @@ impl MetaStore {
     }
 
     /// Durably applies bitmap updates in one transaction (`None` deletes the stripe's entry).
-    pub fn alloc_commit(&self, volume: u64, updates: &[(u64, Option<Vec<u64>>)]) -> Result<(), MetaError> {
+    pub fn alloc_commit(
+        &self,
+        volume: u64,
+        updates: &[(u64, Option<Vec<u64>>)],
+    ) -> Result<(), MetaError> {
         let ctx = format!("cannot commit allocation bitmaps of volume {volume}");
         let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
         {
@@ -425,7 +499,9 @@ impl MetaStore {
                             .map_err(|e| self.err(&ctx, e))?;
                     }
                     None => {
-                        table.remove((volume, *stripe)).map_err(|e| self.err(&ctx, e))?;
+                        table
+                            .remove((volume, *stripe))
+                            .map_err(|e| self.err(&ctx, e))?;
                     }
                 }
             }

@@ -43,7 +43,11 @@ pub enum SlotError {
     #[error("bad magic: not a shardvol superblock")]
     BadMagic,
     #[error("truncated: {len} bytes, the {part} needs {need}")]
-    Truncated { part: &'static str, len: usize, need: usize },
+    Truncated {
+        part: &'static str,
+        len: usize,
+        need: usize,
+    },
     #[error("invalid header length {0}")]
     BadHeaderLen(u32),
     #[error("header checksum mismatch")]
@@ -81,7 +85,10 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 pub fn encode_slot(sb: &Superblock) -> Result<Vec<u8>, SlotError> {
     let body = serde_json::to_vec(sb).map_err(|e| SlotError::BadBody(e.to_string()))?;
     if body.len() > MAX_BODY_LEN {
-        return Err(SlotError::BodyTooLarge { len: body.len(), max: MAX_BODY_LEN });
+        return Err(SlotError::BodyTooLarge {
+            len: body.len(),
+            max: MAX_BODY_LEN,
+        });
     }
     let mut out = Vec::with_capacity(SLOT_HEADER_LEN + body.len());
     out.extend_from_slice(&SUPERBLOCK_MAGIC);
@@ -103,7 +110,11 @@ pub fn encode_slot(sb: &Superblock) -> Result<Vec<u8>, SlotError> {
 /// checksum, body syntax, and that the header's seq matches the body's. The header checksum is
 /// checked before the version, so a damaged version field reads as damage, not as a newer format.
 pub fn decode_slot(b: &[u8]) -> Result<Superblock, SlotError> {
-    let truncated = |part, need| SlotError::Truncated { part, len: b.len(), need };
+    let truncated = |part, need| SlotError::Truncated {
+        part,
+        len: b.len(),
+        need,
+    };
     if b.len() < SUPERBLOCK_MAGIC.len() {
         return Err(truncated("magic", SUPERBLOCK_MAGIC.len()));
     }
@@ -138,7 +149,10 @@ pub fn decode_slot(b: &[u8]) -> Result<Superblock, SlotError> {
     let seq = u64_at(b, OFF_SEQ);
     let body_len = u32_at(b, OFF_BODY_LEN) as usize;
     if body_len > MAX_BODY_LEN {
-        return Err(SlotError::BodyTooLarge { len: body_len, max: MAX_BODY_LEN });
+        return Err(SlotError::BodyTooLarge {
+            len: body_len,
+            max: MAX_BODY_LEN,
+        });
     }
     let end = SLOT_HEADER_LEN + body_len;
     if b.len() < end {
@@ -151,7 +165,10 @@ pub fn decode_slot(b: &[u8]) -> Result<Superblock, SlotError> {
     let sb: Superblock =
         serde_json::from_slice(body).map_err(|e| SlotError::BadBody(e.to_string()))?;
     if sb.seq != seq {
-        return Err(SlotError::SeqMismatch { header: seq, body: sb.seq });
+        return Err(SlotError::SeqMismatch {
+            header: seq,
+            body: sb.seq,
+        });
     }
     Ok(sb)
 }
@@ -171,7 +188,10 @@ pub fn choose_slot(slot_a: &[u8], slot_b: &[u8]) -> Result<(usize, Superblock), 
     let decoded = [decode_slot(slot_a), decode_slot(slot_b)];
     for (i, d) in decoded.iter().enumerate() {
         if let Err(e @ SlotError::NewerVersion(_)) = d {
-            return Err(format!("slot {} at offset {}: {e}", SLOT_NAMES[i], SLOT_OFFSETS[i]));
+            return Err(format!(
+                "slot {} at offset {}: {e}",
+                SLOT_NAMES[i], SLOT_OFFSETS[i]
+            ));
         }
     }
     let [a, b] = decoded;
@@ -195,7 +215,10 @@ pub fn choose_slot(slot_a: &[u8], slot_b: &[u8]) -> Result<(usize, Superblock), 
 }
 
 fn sb_err(disk: &dyn Disk, msg: String) -> MetaError {
-    MetaError::Superblock { disk: disk.name().to_string(), msg }
+    MetaError::Superblock {
+        disk: disk.name().to_string(),
+        msg,
+    }
 }
 
 fn check_disk_size(disk: &dyn Disk) -> Result<(), MetaError> {
@@ -236,8 +259,16 @@ pub fn read_superblock(disk: &dyn Disk) -> Result<Superblock, MetaError> {
         return Err(sb_err(disk, "the disk returned no read buffer".into()));
     };
     if buf.len() != SUPERBLOCK_AREA as usize {
-        return Err(sb_err(disk, format!("the disk returned {} bytes, asked {SUPERBLOCK_AREA}", buf.len())));
+        return Err(sb_err(
+            disk,
+            format!(
+                "the disk returned {} bytes, asked {SUPERBLOCK_AREA}",
+                buf.len()
+            ),
+        ));
     }
     let (a, b) = buf.split_at(SLOT_SIZE as usize);
-    choose_slot(a, b).map(|(_, sb)| sb).map_err(|msg| sb_err(disk, msg))
+    choose_slot(a, b)
+        .map(|(_, sb)| sb)
+        .map_err(|msg| sb_err(disk, msg))
 }
