@@ -1,11 +1,39 @@
-//! Metadata: the redb store of a pool and the on-disk superblock. (Interface; implementation to come.)
+//! Metadata: the redb store of a pool ([`MetaStore`]) and the on-disk superblock
+//! ([`write_superblock`] / [`read_superblock`]).
+//!
+//! The store is the pool's working metadata: pool record, disk table, volumes, wrapped master
+//! keys, allocation bitmaps. Every write is one durable redb transaction (redb's default
+//! durability: fsynced before `commit` returns). The store refuses to create over an existing
+//! file, and refuses to open a file that is missing, is not a redb database, or has no shardvol
+//! format-version entry; a damaged file gives an error naming the path, never a panic (redb's
+//! integrity check runs on every open).
+//!
+//! Every disk carries a superblock, two slots in the first [`SUPERBLOCK_AREA`] bytes, so that the
+//! disks plus `t` shares recover the pool if the store is lost. The slots are written alternately
+//! (slot `seq % 2`), so a torn write damages only the slot being written and the other one still
+//! holds the previous superblock. Byte tables and the rules are in `docs/formats-superblock.md`.
+//!
+//! Value encodings: records are serde_json (small, inspectable, tolerant of added fields);
+//! allocation bitmaps, the only large and numerous values, are little-endian `u64` words.
 
-use std::path::{Path, PathBuf};
+#![forbid(unsafe_code)]
+
+mod store;
+mod superblock;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::disk::{Disk, DiskError};
+use crate::disk::DiskError;
 use crate::layout::{DiskId, Geometry};
+
+pub use store::{MetaStore, STORE_FORMAT_VERSION};
+pub use superblock::{
+    MAX_BODY_LEN, SLOT_HEADER_LEN, SLOT_OFFSETS, SLOT_SIZE, SUPERBLOCK_FORMAT_VERSION,
+    SUPERBLOCK_MAGIC, SlotError, choose_slot, decode_slot, encode_slot, read_superblock,
+    slot_for_seq, write_superblock,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -27,7 +55,11 @@ pub struct PoolRecord {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskState { Ok, Failed, Rebuilding }
+pub enum DiskState {
+    Ok,
+    Failed,
+    Rebuilding,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -54,11 +86,17 @@ pub struct VolumeRecord {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KeyState { Active, Retired, Archived, Destroyed }
+pub enum KeyState {
+    Active,
+    Retired,
+    Archived,
+    Destroyed,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub version: u32,
+    /// The master key wrapped by the KEK (`kms::wrap_master`): ciphertext only.
     pub wrapped: Vec<u8>,
     pub state: KeyState,
     pub created_unix: u64,
@@ -67,6 +105,7 @@ pub struct KeyRecord {
 /// Everything a disk carries to make the pool recoverable without the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Superblock {
+    /// Increases by one at every superblock update of the pool; picks the slot and the newest copy.
     pub seq: u64,
     pub disk_id: DiskId,
     pub pool: PoolRecord,
@@ -75,27 +114,7 @@ pub struct Superblock {
     pub keys: Vec<KeyRecord>,
 }
 
-/// Bytes reserved at the start of every disk for superblocks.
+/// Bytes reserved at the start of every disk for superblocks: two slots of 512 KiB, room for a
+/// disk table and volume list of thousands of entries; 1 MiB also keeps the data area aligned
+/// for any device.
 pub const SUPERBLOCK_AREA: u64 = 1 << 20;
-
-pub fn write_superblock(_disk: &dyn Disk, _sb: &Superblock) -> Result<(), MetaError> { todo!() }
-pub fn read_superblock(_disk: &dyn Disk) -> Result<Superblock, MetaError> { todo!() }
-
-/// The pool's redb database.
-pub struct MetaStore;
-impl MetaStore {
-    pub fn create(_path: &Path) -> Result<Self, MetaError> { todo!() }
-    pub fn open(_path: &Path) -> Result<Self, MetaError> { todo!() }
-    pub fn pool(&self) -> Result<PoolRecord, MetaError> { todo!() }
-    pub fn put_pool(&self, _p: &PoolRecord) -> Result<(), MetaError> { todo!() }
-    pub fn disks(&self) -> Result<Vec<DiskRecord>, MetaError> { todo!() }
-    pub fn put_disk(&self, _d: &DiskRecord) -> Result<(), MetaError> { todo!() }
-    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> { todo!() }
-    pub fn put_volume(&self, _v: &VolumeRecord) -> Result<(), MetaError> { todo!() }
-    pub fn keys(&self) -> Result<Vec<KeyRecord>, MetaError> { todo!() }
-    pub fn put_key(&self, _k: &KeyRecord) -> Result<(), MetaError> { todo!() }
-    /// Allocation bitmaps of a volume: (stripe, one bit per logical block of the stripe).
-    pub fn alloc_load(&self, _volume: u64) -> Result<Vec<(u64, Vec<u64>)>, MetaError> { todo!() }
-    /// Durably applies bitmap updates in one transaction (`None` deletes the stripe's entry).
-    pub fn alloc_commit(&self, _volume: u64, _updates: &[(u64, Option<Vec<u64>>)]) -> Result<(), MetaError> { todo!() }
-}

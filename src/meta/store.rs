@@ -1,0 +1,511 @@
+//! The pool's redb store. Tables, keys and values are listed in `docs/formats-superblock.md`.
+
+use std::fmt::Display;
+use std::fs::{self, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use redb::backends::FileBackend;
+use redb::{
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, TableError,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{DiskRecord, KeyRecord, MetaError, PoolRecord, VolumeRecord};
+use crate::layout::DiskId;
+
+/// Format version of the store's tables and values, kept in the `shardvol` table.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+
+/// `"format_version"` → u32: marks the file as a shardvol store and says how to read it.
+const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("shardvol");
+const FORMAT_KEY: &str = "format_version";
+/// `"pool"` → JSON [`PoolRecord`] (one row).
+const POOL: TableDefinition<&str, &[u8]> = TableDefinition::new("pool");
+const POOL_KEY: &str = "pool";
+/// disk id → JSON [`DiskRecord`].
+const DISKS: TableDefinition<u32, &[u8]> = TableDefinition::new("disks");
+/// volume id → JSON [`VolumeRecord`].
+const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
+/// volume name → volume id (names are unique).
+const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_names");
+/// master key version → JSON [`KeyRecord`] (wrapped key: ciphertext only).
+const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
+/// (volume id, stripe) → allocation bitmap, little-endian u64 words.
+const ALLOC: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("alloc");
+
+/// The pool's redb database.
+pub struct MetaStore {
+    db: Database,
+    path: PathBuf,
+}
+
+fn store_err(path: &Path, what: &str, e: impl Display) -> MetaError {
+    MetaError::Store {
+        path: path.to_path_buf(),
+        msg: format!("{what}: {e}"),
+    }
+}
+
+fn open_err(path: &Path, e: DatabaseError) -> MetaError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => MetaError::Store {
+            path: path.to_path_buf(),
+            msg: "is already open (by another shardvol process?)".into(),
+        },
+        DatabaseError::UpgradeRequired(v) => MetaError::Store {
+            path: path.to_path_buf(),
+            msg: format!("is in redb file format {v}, which this build does not read"),
+        },
+        e => store_err(
+            path,
+            "cannot open (not a shardvol metadata store, or damaged)",
+            e,
+        ),
+    }
+}
+
+fn encode_words(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn decode_words(bytes: &[u8]) -> Option<Vec<u64>> {
+    if !bytes.len().is_multiple_of(8) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_le_bytes(a)
+            })
+            .collect(),
+    )
+}
+
+impl MetaStore {
+    fn builder() -> Builder {
+        let mut b = Builder::new();
+        // Verify every page checksum at open: a damaged or foreign file is an error, not a panic.
+        b.set_check_integrity_on_open(true);
+        b
+    }
+
+    /// Creates a new, empty store at `path`: all tables and the format-version entry, in one
+    /// durable transaction. Fails if `path` exists. On failure the new file is removed.
+    pub fn create(path: &Path) -> Result<Self, MetaError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == ErrorKind::AlreadyExists {
+                    MetaError::Store {
+                        path: path.to_path_buf(),
+                        msg: "already exists; refusing to create a store over it".into(),
+                    }
+                } else {
+                    store_err(path, "cannot create", e)
+                }
+            })?;
+        let result = Self::init_new(path, file);
+        if result.is_err() {
+            let _ = fs::remove_file(path);
+        }
+        result
+    }
+
+    fn init_new(path: &Path, file: fs::File) -> Result<Self, MetaError> {
+        let backend = FileBackend::new(file).map_err(|e| store_err(path, "cannot create", e))?;
+        let db = Self::builder()
+            .create_with_backend(backend)
+            .map_err(|e| store_err(path, "cannot create", e))?;
+        let store = MetaStore {
+            db,
+            path: path.to_path_buf(),
+        };
+        let what = "cannot initialise";
+        let txn = store
+            .db
+            .begin_write()
+            .map_err(|e| store_err(path, what, e))?;
+        {
+            let mut t = txn
+                .open_table(FORMAT)
+                .map_err(|e| store_err(path, what, e))?;
+            t.insert(FORMAT_KEY, STORE_FORMAT_VERSION)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(POOL).map_err(|e| store_err(path, what, e))?;
+            txn.open_table(DISKS)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(VOLUMES)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(VOLUME_NAMES)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(KEYS).map_err(|e| store_err(path, what, e))?;
+            txn.open_table(ALLOC)
+                .map_err(|e| store_err(path, what, e))?;
+        }
+        txn.commit().map_err(|e| store_err(path, what, e))?;
+        Ok(store)
+    }
+
+    /// Opens the store at `path`. Fails if it is missing, is not a redb database, is damaged, has
+    /// no shardvol format-version entry, or has a format version this build does not read.
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        match fs::metadata(path) {
+            Ok(m) if m.is_file() && m.len() > 0 => {}
+            // redb would initialise an empty file as a new database: refuse instead.
+            Ok(m) if m.is_file() => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: "is empty: not a shardvol metadata store".into(),
+                });
+            }
+            Ok(_) => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: "is not a regular file".into(),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: "does not exist (create the pool first, or check the path)".into(),
+                });
+            }
+            Err(e) => return Err(store_err(path, "cannot open", e)),
+        }
+        let db = Self::builder().open(path).map_err(|e| open_err(path, e))?;
+        let store = MetaStore {
+            db,
+            path: path.to_path_buf(),
+        };
+        let not_ours = "not a shardvol metadata store (no format version entry)";
+        let txn = store
+            .db
+            .begin_read()
+            .map_err(|e| store_err(path, "cannot read", e))?;
+        let table = match txn.open_table(FORMAT) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: not_ours.into(),
+                });
+            }
+            Err(e) => return Err(store_err(path, not_ours, e)),
+        };
+        let version = table
+            .get(FORMAT_KEY)
+            .map_err(|e| store_err(path, "cannot read the format version", e))?
+            .map(|g| g.value());
+        match version {
+            Some(STORE_FORMAT_VERSION) => {}
+            Some(v) if v > STORE_FORMAT_VERSION => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "format version {v} is newer than this build reads ({STORE_FORMAT_VERSION}); use a newer shardvol"
+                    ),
+                });
+            }
+            Some(v) => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: format!("invalid format version {v}"),
+                });
+            }
+            None => {
+                return Err(MetaError::Store {
+                    path: path.to_path_buf(),
+                    msg: not_ours.into(),
+                });
+            }
+        }
+        drop(table);
+        drop(txn);
+        Ok(store)
+    }
+
+    /// Path of the store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, what: &str, e: impl Display) -> MetaError {
+        store_err(&self.path, what, e)
+    }
+
+    fn encode_json<T: Serialize>(&self, what: &str, v: &T) -> Result<Vec<u8>, MetaError> {
+        serde_json::to_vec(v).map_err(|e| self.err(what, e))
+    }
+
+    fn decode_json<T: DeserializeOwned>(&self, what: &str, bytes: &[u8]) -> Result<T, MetaError> {
+        serde_json::from_slice(bytes).map_err(|e| self.err(&format!("{what} is damaged"), e))
+    }
+
+    /// Reads every row of a JSON-valued table, in key order.
+    fn read_all<K, T>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<T>, MetaError>
+    where
+        K: redb::Key + 'static,
+        T: DeserializeOwned,
+    {
+        let ctx = format!("cannot read {what}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = txn.open_table(def).map_err(|e| self.err(&ctx, e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(&ctx, e))? {
+            let (_, v) = row.map_err(|e| self.err(&ctx, e))?;
+            out.push(self.decode_json(what, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Reads one row of a JSON-valued table.
+    fn read_one<'k, K, T>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        what: &str,
+    ) -> Result<Option<T>, MetaError>
+    where
+        K: redb::Key + 'static,
+        T: DeserializeOwned,
+    {
+        let ctx = format!("cannot read {what}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = txn.open_table(def).map_err(|e| self.err(&ctx, e))?;
+        let row = table.get(key).map_err(|e| self.err(&ctx, e))?;
+        row.map(|v| self.decode_json(what, v.value())).transpose()
+    }
+
+    /// Writes one row of a JSON-valued table in its own durable transaction.
+    fn write_one<'k, K>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: &[u8],
+        what: &str,
+    ) -> Result<(), MetaError>
+    where
+        K: redb::Key + 'static,
+    {
+        let ctx = format!("cannot write {what}");
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        {
+            let mut table = txn.open_table(def).map_err(|e| self.err(&ctx, e))?;
+            table.insert(key, value).map_err(|e| self.err(&ctx, e))?;
+        }
+        txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// The pool record; an error if it was never written.
+    pub fn pool(&self) -> Result<PoolRecord, MetaError> {
+        self.read_one(POOL, POOL_KEY, "the pool record")?
+            .ok_or_else(|| {
+                self.err(
+                    "no pool record",
+                    "the store was created but the pool never initialised",
+                )
+            })
+    }
+
+    /// Writes (or replaces) the pool record.
+    pub fn put_pool(&self, p: &PoolRecord) -> Result<(), MetaError> {
+        let v = self.encode_json("cannot encode the pool record", p)?;
+        self.write_one(POOL, POOL_KEY, &v, "the pool record")
+    }
+
+    /// All disks, by id.
+    pub fn disks(&self) -> Result<Vec<DiskRecord>, MetaError> {
+        self.read_all(DISKS, "the disk table")
+    }
+
+    /// One disk, if present.
+    pub fn disk(&self, id: DiskId) -> Result<Option<DiskRecord>, MetaError> {
+        self.read_one(DISKS, id.0, &format!("disk {id}"))
+    }
+
+    /// Writes (or replaces) the record of disk `d.id`.
+    pub fn put_disk(&self, d: &DiskRecord) -> Result<(), MetaError> {
+        let what = format!("disk {}", d.id);
+        let v = self.encode_json(&format!("cannot encode {what}"), d)?;
+        self.write_one(DISKS, d.id.0, &v, &what)
+    }
+
+    /// All volumes, by id.
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        self.read_all(VOLUMES, "the volume table")
+    }
+
+    /// One volume by id, if present.
+    pub fn volume(&self, id: u64) -> Result<Option<VolumeRecord>, MetaError> {
+        self.read_one(VOLUMES, id, &format!("volume {id}"))
+    }
+
+    /// One volume by name, if present.
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
+        let ctx = format!("cannot look up volume {name:?}");
+        let id = {
+            let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+            let names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
+            names
+                .get(name)
+                .map_err(|e| self.err(&ctx, e))?
+                .map(|g| g.value())
+        };
+        match id {
+            Some(id) => self.volume(id),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes (or replaces) volume `v.id` and its name entry, in one transaction. Fails if another
+    /// volume already has the name. Renaming a volume frees its old name.
+    pub fn put_volume(&self, v: &VolumeRecord) -> Result<(), MetaError> {
+        let ctx = format!("cannot write volume {} ({:?})", v.id, v.name);
+        let value = self.encode_json(&ctx, v)?;
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        {
+            let mut names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
+            let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
+            let holder = names
+                .get(v.name.as_str())
+                .map_err(|e| self.err(&ctx, e))?
+                .map(|g| g.value());
+            if let Some(other) = holder.filter(|&id| id != v.id) {
+                return Err(self.err(
+                    &ctx,
+                    format_args!("the name is already used by volume {other}"),
+                ));
+            }
+            let old: Option<VolumeRecord> = match vols.get(v.id).map_err(|e| self.err(&ctx, e))? {
+                Some(g) => Some(self.decode_json(&format!("volume {}", v.id), g.value())?),
+                None => None,
+            };
+            if let Some(old) = old.filter(|o| o.name != v.name) {
+                names
+                    .remove(old.name.as_str())
+                    .map_err(|e| self.err(&ctx, e))?;
+            }
+            names
+                .insert(v.name.as_str(), v.id)
+                .map_err(|e| self.err(&ctx, e))?;
+            vols.insert(v.id, value.as_slice())
+                .map_err(|e| self.err(&ctx, e))?;
+        }
+        txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// Removes volume `id`, its name and its allocation bitmaps, in one transaction. Returns
+    /// whether the volume existed.
+    pub fn remove_volume(&self, id: u64) -> Result<bool, MetaError> {
+        let ctx = format!("cannot remove volume {id}");
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        let existed = {
+            let mut names = txn
+                .open_table(VOLUME_NAMES)
+                .map_err(|e| self.err(&ctx, e))?;
+            let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
+            let mut alloc = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
+            let old: Option<VolumeRecord> = match vols.remove(id).map_err(|e| self.err(&ctx, e))? {
+                Some(g) => Some(self.decode_json(&format!("volume {id}"), g.value())?),
+                None => None,
+            };
+            if let Some(old) = &old {
+                names
+                    .remove(old.name.as_str())
+                    .map_err(|e| self.err(&ctx, e))?;
+            }
+            alloc
+                .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
+                .map_err(|e| self.err(&ctx, e))?;
+            old.is_some()
+        };
+        txn.commit().map_err(|e| self.err(&ctx, e))?;
+        Ok(existed)
+    }
+
+    /// All master key records, by version.
+    pub fn keys(&self) -> Result<Vec<KeyRecord>, MetaError> {
+        self.read_all(KEYS, "the key table")
+    }
+
+    /// One master key record, if present.
+    pub fn key(&self, version: u32) -> Result<Option<KeyRecord>, MetaError> {
+        self.read_one(KEYS, version, &format!("master key version {version}"))
+    }
+
+    /// Writes (or replaces) the record of master key `k.version`.
+    pub fn put_key(&self, k: &KeyRecord) -> Result<(), MetaError> {
+        let what = format!("master key version {}", k.version);
+        let v = self.encode_json(&format!("cannot encode {what}"), k)?;
+        self.write_one(KEYS, k.version, &v, &what)
+    }
+
+    /// Allocation bitmaps of a volume: (stripe, one bit per logical block of the stripe).
+    pub fn alloc_load(&self, volume: u64) -> Result<Vec<(u64, Vec<u64>)>, MetaError> {
+        let ctx = format!("cannot read allocation bitmaps of volume {volume}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
+        let mut out = Vec::new();
+        for row in table
+            .range((volume, 0u64)..=(volume, u64::MAX))
+            .map_err(|e| self.err(&ctx, e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(&ctx, e))?;
+            let (_, stripe) = k.value();
+            let words = decode_words(v.value()).ok_or_else(|| {
+                self.err(
+                    &ctx,
+                    format_args!(
+                        "the entry of stripe {stripe} is damaged (length not a multiple of 8)"
+                    ),
+                )
+            })?;
+            out.push((stripe, words));
+        }
+        Ok(out)
+    }
+
+    /// Durably applies bitmap updates in one transaction (`None` deletes the stripe's entry).
+    pub fn alloc_commit(
+        &self,
+        volume: u64,
+        updates: &[(u64, Option<Vec<u64>>)],
+    ) -> Result<(), MetaError> {
+        let ctx = format!("cannot commit allocation bitmaps of volume {volume}");
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        {
+            let mut table = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
+            for (stripe, bits) in updates {
+                match bits {
+                    Some(words) => {
+                        table
+                            .insert((volume, *stripe), encode_words(words).as_slice())
+                            .map_err(|e| self.err(&ctx, e))?;
+                    }
+                    None => {
+                        table
+                            .remove((volume, *stripe))
+                            .map_err(|e| self.err(&ctx, e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+}
