@@ -198,8 +198,10 @@ impl MemDisk {
     }
 
     /// Where `pattern` occurs: the first match in the current image, else in the durable
-    /// image (as byte offsets), else in the data of an unsynced write (the write's offset plus
-    /// the position in it). Matches across page boundaries are found. `None` if nowhere.
+    /// image (as byte offsets), else in the data of one unsynced write (the write's offset plus
+    /// the position in it), since a crash may bring that data back. Matches across page
+    /// boundaries are found; a match pieced together from two unsynced writes that are both
+    /// overwritten in the current image is not. `None` if nowhere.
     pub fn find(&self, pattern: &[u8]) -> Option<u64> {
         if pattern.is_empty() {
             return Some(0);
