@@ -52,8 +52,8 @@ pub struct DiskOptions {
     /// size (512 or 4096); a misfit is reported by the kernel as `EINVAL`.
     pub direct: bool,
     pub backend: Backend,
-    /// Submission queue entries of the io_uring (rounded up to a power of two). Ops beyond it
-    /// wait in the disk thread's backlog. 256 keeps an NVMe device busy (QD32 per disk reaches
+    /// Submission queue entries of the io_uring (rounded up to a power of two; the kernel
+    /// refuses more than 32768). Ops beyond it wait in the disk thread's backlog. 256 keeps an NVMe device busy (QD32 per disk reaches
     /// its throughput) while bounding the ring's locked memory to a few tens of KiB.
     pub ring_depth: u32,
     /// Worker threads of the pread backend: the number of ops it runs at once on one disk.
@@ -211,9 +211,13 @@ pub(crate) struct OpenedFile {
 pub(crate) fn open_file(path: &Path, name: &str, direct: bool) -> Result<OpenedFile, DiskError> {
     let mut options = OpenOptions::new();
     options.read(true).write(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
+    let mut flags = if direct { libc::O_DIRECT } else { 0 };
+    // O_EXCL on a block device refuses one that is mounted or claimed by another user
+    // (a filesystem, md, another pool): two owners would destroy each other's data.
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        flags |= libc::O_EXCL;
     }
+    options.custom_flags(flags);
     let mut file = options.open(path).map_err(|e| DiskError::io(name, "open", 0, e))?;
     let meta = file.metadata().map_err(|e| DiskError::io(name, "stat", 0, e))?;
     let is_block_device = meta.file_type().is_block_device();

@@ -3,9 +3,13 @@
 //! # Design
 //!
 //! Each disk has one thread that owns its ring, the file and every op in flight. Callers send
-//! whole batches to it over a channel and poke an eventfd; the thread keeps a `POLL_ADD` on
-//! that eventfd in the ring, so a single `io_uring_enter` both submits new work and sleeps until
-//! either an op completes or a new batch arrives. Each turn of its loop the thread:
+//! whole batches to it over a channel and, if the thread is about to sleep or sleeping, poke
+//! an eventfd; the thread keeps a `POLL_ADD` on that eventfd in the ring, so a single
+//! `io_uring_enter` both submits new work and sleeps until either an op completes or a new batch
+//! arrives. (The "sleeping" flag spares busy threads the eventfd round trip: a submitter writes
+//! the eventfd only if it sees the flag set, and the thread, after setting it, looks at the
+//! channel once more before sleeping; with a SeqCst fence on both sides one of them sees the
+//! other.) Each turn of its loop the thread:
 //!
 //! 1. takes every batch waiting in the channel and turns its ops into entries of a FIFO backlog;
 //! 2. moves entries from the backlog into the submission queue while fewer than
@@ -47,6 +51,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -67,12 +72,34 @@ struct Submission {
     completer: Completer,
 }
 
+/// How submitters wake the disk thread.
+struct Wake {
+    eventfd: File,
+    /// Set by the thread before it sleeps in io_uring_enter; cleared by whoever wakes it.
+    sleeping: AtomicBool,
+}
+
+impl Wake {
+    fn poke(&self) {
+        // A full counter (EAGAIN) still wakes the poll, so the result does not matter.
+        let _ = (&self.eventfd).write(&1u64.to_ne_bytes());
+    }
+
+    /// After sending a batch: wake the thread if it may be asleep.
+    fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.poke();
+        }
+    }
+}
+
 /// A file or block device driven through io_uring by a thread of its own.
 pub struct UringDisk {
     name: String,
     size: u64,
     tx: Option<mpsc::Sender<Submission>>,
-    wake: Arc<File>,
+    wake: Arc<Wake>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -84,8 +111,11 @@ impl UringDisk {
     pub fn open(path: &Path, opts: &DiskOptions) -> Result<UringDisk, DiskError> {
         let name = opts.name_for(path);
         let opened = open_file(path, &name, opts.direct)?;
-        let wake = Arc::new(eventfd().map_err(|e| DiskError::io(&name, "eventfd", 0, e))?);
-        let depth = opts.ring_depth.clamp(4, 4096).next_power_of_two();
+        let eventfd = eventfd().map_err(|e| DiskError::io(&name, "eventfd", 0, e))?;
+        let wake = Arc::new(Wake { eventfd, sleeping: AtomicBool::new(false) });
+        // The kernel refuses more than 32768 entries (EINVAL): that is reported as a setup
+        // failure like any other, so open_disk falls back rather than silently shrinking.
+        let depth = opts.ring_depth.max(4).checked_next_power_of_two().unwrap_or(u32::MAX);
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let worker_wake = wake.clone();
@@ -102,6 +132,8 @@ impl UringDisk {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                let cq_entries = ring.params().cq_entries() as usize;
+                let sq_entries = ring.params().sq_entries() as usize;
                 let worker = Worker {
                     name: worker_name,
                     ring,
@@ -111,11 +143,11 @@ impl UringDisk {
                     ops: Slab::default(),
                     backlog: VecDeque::new(),
                     in_ring: 0,
-                    max_in_ring: depth as usize - 1,
+                    max_in_ring: sq_entries.saturating_sub(1).max(1),
                     max_transfer,
                     zeros: IoBuf::zeroed(ZERO_BUF),
                     punch: true,
-                    cqes: Vec::with_capacity(depth as usize * 2),
+                    cqes: Vec::with_capacity(cq_entries),
                 };
                 worker.run(rx);
             })
@@ -141,11 +173,6 @@ impl UringDisk {
         );
         Ok(UringDisk { name, size: opened.size, tx: Some(tx), wake, thread: Some(thread) })
     }
-
-    fn poke(&self) {
-        // A full counter (EAGAIN) still wakes the poll, so the result does not matter.
-        let _ = (&*self.wake).write(&1u64.to_ne_bytes());
-    }
 }
 
 impl Disk for UringDisk {
@@ -170,7 +197,7 @@ impl Disk for UringDisk {
         if let Some(tx) = &self.tx
             && tx.send(Submission { ops, completer }).is_ok()
         {
-            self.poke();
+            self.wake.notify();
         }
         pending
     }
@@ -184,7 +211,7 @@ impl Drop for UringDisk {
     fn drop(&mut self) {
         // Closing the channel tells the thread to finish what is in flight and stop.
         self.tx = None;
-        self.poke();
+        self.wake.poke();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -291,7 +318,7 @@ struct Worker {
     name: String,
     ring: IoUring,
     file: File,
-    wake: Arc<File>,
+    wake: Arc<Wake>,
     batches: Slab<Batch>,
     ops: Slab<InFlight>,
     /// Op slots waiting for room in the ring, oldest first (continuations go to the front).
@@ -323,12 +350,29 @@ impl Worker {
                 break;
             }
             if open && !poll_armed {
-                let poll = opcode::PollAdd::new(types::Fd(self.wake.as_raw_fd()), libc::POLLIN as u32)
+                let poll = opcode::PollAdd::new(types::Fd(self.wake.eventfd.as_raw_fd()), libc::POLLIN as u32)
                     .build()
                     .user_data(WAKE_TOKEN);
                 // SAFETY: a poll references no memory; the eventfd is kept open by self.wake
                 // for as long as the ring exists.
                 poll_armed = unsafe { self.ring.submission().push(&poll) }.is_ok();
+            }
+            if open {
+                self.wake.sleeping.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                match rx.try_recv() {
+                    Ok(sub) => {
+                        self.wake.sleeping.store(false, Ordering::SeqCst);
+                        self.accept(sub);
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.wake.sleeping.store(false, Ordering::SeqCst);
+                        open = false;
+                        continue;
+                    }
+                }
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
                 match e.raw_os_error() {
@@ -339,13 +383,14 @@ impl Worker {
                     }
                 }
             }
+            self.wake.sleeping.store(false, Ordering::SeqCst);
             self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             let mut cqes = std::mem::take(&mut self.cqes);
             for (user_data, result) in cqes.drain(..) {
                 if user_data == WAKE_TOKEN {
                     poll_armed = false;
                     let mut counter = [0u8; 8];
-                    let _ = (&*self.wake).read(&mut counter);
+                    let _ = (&self.wake.eventfd).read(&mut counter);
                 } else {
                     self.reaped(user_data as usize, result);
                 }
