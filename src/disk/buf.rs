@@ -1,0 +1,145 @@
+//! [`IoBuf`]: a heap buffer aligned to [`BUF_ALIGN`], of a length fixed at allocation.
+//!
+//! It holds a raw pointer rather than a `Box<[u8]>` on purpose: the io_uring backend hands the
+//! buffer's address to the kernel and then moves the `IoBuf` value around (into its tables);
+//! moving a raw pointer does not assert unique access to the bytes the way moving a `Box` does,
+//! so the address stays valid for the kernel while the value moves.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+use super::BUF_ALIGN;
+
+/// A heap buffer aligned to 4096 bytes, of a length fixed at allocation.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: an IoBuf owns its allocation exclusively, like a Box<[u8]>; it has no thread affinity.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared access only gives `&[u8]`, which is safe to share between threads.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    fn layout(len: usize) -> Layout {
+        match Layout::from_size_align(len, BUF_ALIGN) {
+            Ok(layout) => layout,
+            // Only for len > isize::MAX - 4095: no allocator could satisfy it anyway.
+            Err(_) => panic!("IoBuf of {len} bytes is larger than the address space"),
+        }
+    }
+
+    /// A buffer of `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            // A dangling pointer, non-null and aligned, is valid for a zero-length slice.
+            let ptr = NonNull::new(std::ptr::without_provenance_mut(BUF_ALIGN));
+            return IoBuf { ptr: ptr.unwrap_or(NonNull::dangling()), len };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size (len > 0 here).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        match NonNull::new(raw) {
+            Some(ptr) => IoBuf { ptr, len },
+            None => alloc::handle_alloc_error(layout),
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut buf = Self::zeroed(data.len());
+        buf.copy_from_slice(data);
+        buf
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address of the first byte, for handing to the kernel. Creates no reference to the
+    /// bytes, so the kernel may write them while the `IoBuf` value is moved.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: ptr was returned by alloc_zeroed with this same layout and not freed since.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes (zeroed at allocation), aligned, and
+        // borrowed immutably through &self for the lifetime of the slice.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees the slice is the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Clone for IoBuf {
+    fn clone(&self) -> Self {
+        Self::from_slice(self)
+    }
+}
+
+impl PartialEq for IoBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for IoBuf {}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_zeroed_and_sized() {
+        for len in [0, 1, 512, 4096, 12288, 1 << 20] {
+            let b = IoBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0, "len {len}");
+            assert!(b.iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn from_slice_copies_and_clone_is_deep() {
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let a = IoBuf::from_slice(&data);
+        let mut b = a.clone();
+        b[0] = 0xff;
+        assert_eq!(&a[..], &data[..]);
+        assert_ne!(a, b);
+    }
+}
