@@ -2,6 +2,7 @@
 //! and a golden vector that pins the encoding matrix (parity is part of the on-disk format).
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use shardvol::erasure::{Codec, ErasureError};
 
 /// Deterministic filler (xorshift32), so failures reproduce without a seed file.
@@ -263,6 +264,13 @@ fn code_and_erasures() -> impl Strategy<Value = (usize, usize, usize, Vec<usize>
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/erasure_codec.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn any_k_of_k_plus_m_restore_data_and_parity((k, m, len, missing, seed) in code_and_erasures()) {
         let codec = Codec::new(k, m).unwrap();
