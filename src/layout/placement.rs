@@ -36,6 +36,10 @@
 
 use super::{DiskId, LayoutError, StripeId};
 
+/// Tables of up to this many disks (and domains) are placed with scratch space on the stack, so
+/// `place_into` allocates nothing; larger tables use the heap. Any value gives the same result.
+const STACK_DISKS: usize = 64;
+
 /// One disk as placement sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlacementDisk {
@@ -132,14 +136,41 @@ impl Placement {
             return Ok(());
         }
         let (k0, k1) = stripe_key(&self.seed, stripe);
-        // Candidates still free: (per-disk word, index in the table). Chosen ones are removed.
-        let mut free: Vec<(u64, usize)> =
-            self.disks.iter().enumerate().map(|(j, d)| (disk_word(k0, d.id), j)).collect();
-        let mut in_domain = vec![0usize; self.domain_sizes.len()];
+        let (n, domains) = (self.disks.len(), self.domain_sizes.len());
+        if n <= STACK_DISKS && domains <= STACK_DISKS {
+            let mut free = [(0u64, 0usize); STACK_DISKS];
+            let mut in_domain = [0usize; STACK_DISKS];
+            self.select(k0, k1, width, cap, &mut free[..n], &mut in_domain[..domains], out);
+        } else {
+            let (mut free, mut in_domain) = (vec![(0u64, 0usize); n], vec![0usize; domains]);
+            self.select(k0, k1, width, cap, &mut free, &mut in_domain, out);
+        }
+        Ok(())
+    }
+
+    /// Rules 1 and 3 for one stripe: `free` (one slot per disk) and `in_domain` (one per domain)
+    /// are scratch space.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        k0: u64,
+        k1: u64,
+        width: usize,
+        cap: usize,
+        free: &mut [(u64, usize)],
+        in_domain: &mut [usize],
+        out: &mut Vec<DiskId>,
+    ) {
+        // free[..left]: the disks not chosen yet, as (per-disk word, index in the table).
+        for (slot, (j, d)) in free.iter_mut().zip(self.disks.iter().enumerate()) {
+            *slot = (disk_word(k0, d.id), j);
+        }
+        in_domain.fill(0);
+        let mut left = free.len();
         for i in 0..width {
             let salt = k1 ^ chunk_constant(i);
             let mut best: Option<(u64, usize)> = None;
-            for (pos, &(u, j)) in free.iter().enumerate() {
+            for (pos, &(u, j)) in free[..left].iter().enumerate() {
                 if in_domain[self.domain_of[j]] >= cap {
                     continue;
                 }
@@ -151,11 +182,12 @@ impl Placement {
             // The cap leaves a candidate: the domains can hold `width` chunks in all, and fewer
             // than `width` are placed so far.
             let (_, pos) = best.expect("domain cap leaves a candidate disk");
-            let (_, j) = free.swap_remove(pos);
+            let j = free[pos].1;
+            left -= 1;
+            free.swap(pos, left);
             in_domain[self.domain_of[j]] += 1;
             out.push(self.disks[j].id);
         }
-        Ok(())
     }
 }
 
