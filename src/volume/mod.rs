@@ -376,7 +376,7 @@ impl Volume {
             return false;
         }
         match self.keys.tag_key(meta.version, self.record.id) {
-            Ok(k) => k.verify(&meta.header(), ciphertext, &meta.tag),
+            Ok(k) => k.verify(&meta.header(), ciphertext, &meta.tag).is_ok(),
             Err(_) => false,
         }
     }
