@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::mem::{CrashMode, MemDisk};
+use shardvol::disk::{CrashMode, MemDisk};
 use shardvol::disk::{Disk, DiskError, DiskRef, IoOp, Pending};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};

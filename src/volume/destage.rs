@@ -242,11 +242,12 @@ impl Volume {
         let journaled: Vec<((usize, u64), JEntry)> =
             new.iter().filter_map(|(key, n)| if let New::Journal(e) = n { Some((*key, *e)) } else { None }).collect();
         let offsets: Vec<u64> = journaled.iter().map(|(_, e)| e.offset).collect();
-        let journal_pages = if offsets.is_empty() { Vec::new() } else { self.journal.read_pages(&offsets)? };
+        let journal_pages = if offsets.is_empty() {
+            Vec::new()
+        } else {
+            self.journal.read_pages(&offsets, |i, p| self.verify(crate::layout::Lba(journaled[i].1.meta.lba), &journaled[i].1.meta, p))?
+        };
         for (((c, r), e), page) in journaled.iter().zip(journal_pages) {
-            if !self.verify(crate::layout::Lba(e.meta.lba), &e.meta, &page) {
-                return Err(VolumeError::Io(format!("journal copy of block {} fails its tag", e.meta.lba)));
-            }
             let i = (r - rmin) as usize;
             data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&page);
             metas[*c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&e.meta.encode());

@@ -129,8 +129,11 @@ impl Journal {
         let mut pos = cp.position;
         let mut expect = cp.seq + 1;
         let mut used = 0u64;
+        // Records accepted, with the replica that had a valid copy, to copy to the others.
+        let mut copies: Vec<(u64, u64, usize)> = Vec::new();
         while used < capacity {
-            let Some((header, len)) = read_record(&layout, volume, &disks, pos, expect) else { break };
+            let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect) else { break };
+            copies.push((pos, len, good));
             if header.kind == RecordKind::Wrap {
                 let waste = layout.log_end() - pos;
                 used += waste;
@@ -145,6 +148,20 @@ impl Journal {
             }
             expect += 1;
         }
+        // Make every replica hold every accepted record: a crash may have torn a record on one
+        // replica and not another, and later reads may go to any replica.
+        for (at, len, good) in copies {
+            if disks.len() < 2 {
+                break;
+            }
+            let Ok(bytes) = read(&disks[good], at, len as usize) else { continue };
+            for (i, d) in disks.iter().enumerate() {
+                if i != good {
+                    let _ = d.submit(vec![IoOp::Write { offset: at, buf: IoBuf::from_slice(&bytes) }]).wait();
+                }
+            }
+        }
+        sync_all(&disks).map_err(JournalError::Failed)?;
         debug!(volume, checkpoint = cp.seq, records = records.len(), "journal replayed");
         let last = expect - 1;
         let journal = Self {
@@ -265,19 +282,27 @@ impl Journal {
         self.changed.notify_all();
     }
 
-    /// Reads payload pages, in one batch from the first replica, page by page from the others
-    /// if that fails.
-    pub fn read_pages(&self, offsets: &[u64]) -> Result<Vec<IoBuf>, JournalError> {
-        if let Some(d) = self.disks.first() {
+    /// Reads payload pages, in one batch from the first replica that answers; `check(i, page)`
+    /// says whether page `i` is intact, and pages that are not are read from the other replicas.
+    pub fn read_pages(&self, offsets: &[u64], check: impl Fn(usize, &[u8]) -> bool) -> Result<Vec<IoBuf>, JournalError> {
+        let mut bufs: Option<Vec<IoBuf>> = None;
+        for d in &self.disks {
             let ops = offsets.iter().map(|&offset| IoOp::Read { offset, buf: IoBuf::zeroed(BLOCK_SIZE) }).collect();
             if let Ok(done) = d.submit(ops).wait() {
-                let bufs: Vec<IoBuf> = done.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None }).collect();
-                if bufs.len() == offsets.len() {
-                    return Ok(bufs);
+                let b: Vec<IoBuf> = done.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None }).collect();
+                if b.len() == offsets.len() {
+                    bufs = Some(b);
+                    break;
                 }
             }
         }
-        offsets.iter().map(|&o| self.read_page(o)).collect()
+        let mut bufs = bufs.ok_or_else(|| JournalError::Failed("no journal disk answers".into()))?;
+        for (i, b) in bufs.iter_mut().enumerate() {
+            if !check(i, b) {
+                *b = self.read_page_checked(offsets[i], |p| check(i, p))?;
+            }
+        }
+        Ok(bufs)
     }
 
     /// Makes every record reserved before this call durable. Returns the sequence number
@@ -357,12 +382,13 @@ impl Journal {
         self.lock().checkpoint_seq
     }
 
-    /// Reads one payload page from the first replica that returns it.
-    pub fn read_page(&self, offset: u64) -> Result<IoBuf, JournalError> {
-        let mut last = String::from("no journal disk");
+    /// Reads one payload page from the first replica whose copy passes `check`.
+    pub fn read_page_checked(&self, offset: u64, check: impl Fn(&[u8]) -> bool) -> Result<IoBuf, JournalError> {
+        let mut last = String::from("no journal disk has an intact copy");
         for d in &self.disks {
             match read(d, offset, BLOCK_SIZE) {
-                Ok(b) => return Ok(b),
+                Ok(b) if check(&b) => return Ok(b),
+                Ok(_) => last = format!("no journal disk has an intact copy of the page at {offset}"),
                 Err(e) => last = e,
             }
         }
@@ -399,11 +425,11 @@ fn sync_all(disks: &[DiskRef]) -> Result<(), String> {
 }
 
 /// Reads and validates the record at `pos` with sequence `expect` from the first replica that
-/// has a valid copy. Returns the header and the record length.
-fn read_record(layout: &RegionLayout, volume: u64, disks: &[DiskRef], pos: u64, expect: u64) -> Option<(RecordHeader, u64)> {
-    for d in disks {
-        if let Some(r) = read_record_from(layout, volume, d, pos, expect) {
-            return Some(r);
+/// has a valid copy. Returns the header, the record length and that replica's index.
+fn read_record(layout: &RegionLayout, volume: u64, disks: &[DiskRef], pos: u64, expect: u64) -> Option<(RecordHeader, u64, usize)> {
+    for (i, d) in disks.iter().enumerate() {
+        if let Some((h, len)) = read_record_from(layout, volume, d, pos, expect) {
+            return Some((h, len, i));
         }
     }
     None

@@ -564,11 +564,11 @@ impl Volume {
         }
         if !from_journal.is_empty() {
             let offsets: Vec<u64> = from_journal.iter().map(|(_, _, e)| e.offset).collect();
-            let pages = self.journal.read_pages(&offsets)?;
+            let pages = self
+                .journal
+                .read_pages(&offsets, |i, p| self.verify(from_journal[i].1, &from_journal[i].2.meta, p))
+                .map_err(|e| VolumeError::Unrecoverable { lba: from_journal[0].1.0, why: e.to_string() })?;
             for ((i, lba, e), mut page) in from_journal.into_iter().zip(pages) {
-                if !self.verify(lba, &e.meta, &page) {
-                    return Err(VolumeError::Unrecoverable { lba: lba.0, why: "journal copy fails its tag".into() });
-                }
                 self.unseal(lba, &e.meta, &mut page)?;
                 out[i] = page.to_vec();
             }
