@@ -29,7 +29,9 @@ fn server() -> (TestServer, Arc<MemDevice>) {
     let ro = Arc::new(MemDevice::new_read_only(64 * 1024, b"hello").unwrap());
     let exports = vec![
         Export::new("vol0", dev.clone()).with_description("test volume"),
-        Export::new("ro", ro).with_description("read-only").with_read_only(true),
+        Export::new("ro", ro)
+            .with_description("read-only")
+            .with_read_only(true),
     ];
     (TestServer::start(exports, ServerConfig::default()), dev)
 }
@@ -110,7 +112,13 @@ fn list_shows_every_export_with_its_description() {
             )
         })
         .collect();
-    assert_eq!(entries, vec![("vol0".into(), "test volume".into()), ("ro".into(), "read-only".into())]);
+    assert_eq!(
+        entries,
+        vec![
+            ("vol0".into(), "test volume".into()),
+            ("ro".into(), "read-only".into())
+        ]
+    );
     assert_eq!(r[2].kind, wire::REP_ACK);
     // LIST must carry no data.
     assert_eq!(c.opt(wire::OPT_LIST, b"x")[0].kind, wire::REP_ERR_INVALID);
@@ -123,16 +131,30 @@ fn info_reports_size_flags_name_description_and_block_sizes() {
     c.start();
     let r = c.opt(
         wire::OPT_INFO,
-        &info_payload("ro", &[wire::INFO_NAME, wire::INFO_DESCRIPTION, wire::INFO_BLOCK_SIZE]),
+        &info_payload(
+            "ro",
+            &[
+                wire::INFO_NAME,
+                wire::INFO_DESCRIPTION,
+                wire::INFO_BLOCK_SIZE,
+            ],
+        ),
     );
     assert_eq!(r.last().unwrap().kind, wire::REP_ACK);
-    let info = |t: u16| r.iter().find(|x| x.kind == wire::REP_INFO && x.data[..2] == t.to_be_bytes()).unwrap();
+    let info = |t: u16| {
+        r.iter()
+            .find(|x| x.kind == wire::REP_INFO && x.data[..2] == t.to_be_bytes())
+            .unwrap()
+    };
     let e = &info(wire::INFO_EXPORT).data;
     assert_eq!(e.len(), 12);
     assert_eq!(u64::from_be_bytes(e[2..10].try_into().unwrap()), 64 * 1024);
     let flags = u16::from_be_bytes(e[10..12].try_into().unwrap());
     assert_ne!(flags & wire::FLAG_READ_ONLY, 0);
-    assert_eq!(flags & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES), 0);
+    assert_eq!(
+        flags & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES),
+        0
+    );
     assert_eq!(&info(wire::INFO_NAME).data[2..], b"ro");
     assert_eq!(&info(wire::INFO_DESCRIPTION).data[2..], b"read-only");
     let bs = &info(wire::INFO_BLOCK_SIZE).data;
@@ -141,14 +163,38 @@ fn info_reports_size_flags_name_description_and_block_sizes() {
     assert_eq!((v(2), v(6), v(10)), (1, 4096, 32 * 1024 * 1024));
 
     // INFO leaves us in negotiation; after STRUCTURED_REPLY the flags gain SEND_DF.
-    assert_eq!(c.opt(wire::OPT_STRUCTURED_REPLY, &[])[0].kind, wire::REP_ACK);
-    assert_eq!(c.opt(wire::OPT_STRUCTURED_REPLY, b"x")[0].kind, wire::REP_ERR_INVALID);
+    assert_eq!(
+        c.opt(wire::OPT_STRUCTURED_REPLY, &[])[0].kind,
+        wire::REP_ACK
+    );
+    assert_eq!(
+        c.opt(wire::OPT_STRUCTURED_REPLY, b"x")[0].kind,
+        wire::REP_ERR_INVALID
+    );
     let r = c.opt(wire::OPT_GO, &info_payload("", &[]));
-    let e = &r.iter().find(|x| x.kind == wire::REP_INFO && x.data[..2] == [0, 0]).unwrap().data;
-    assert_eq!(u64::from_be_bytes(e[2..10].try_into().unwrap()), SIZE, "empty name = default export");
-    assert_ne!(u16::from_be_bytes(e[10..12].try_into().unwrap()) & wire::FLAG_SEND_DF, 0);
-    let name = r.iter().find(|x| x.kind == wire::REP_INFO && x.data[..2] == [0, 1]).unwrap();
-    assert_eq!(&name.data[2..], b"vol0", "default export's canonical name is sent");
+    let e = &r
+        .iter()
+        .find(|x| x.kind == wire::REP_INFO && x.data[..2] == [0, 0])
+        .unwrap()
+        .data;
+    assert_eq!(
+        u64::from_be_bytes(e[2..10].try_into().unwrap()),
+        SIZE,
+        "empty name = default export"
+    );
+    assert_ne!(
+        u16::from_be_bytes(e[10..12].try_into().unwrap()) & wire::FLAG_SEND_DF,
+        0
+    );
+    let name = r
+        .iter()
+        .find(|x| x.kind == wire::REP_INFO && x.data[..2] == [0, 1])
+        .unwrap();
+    assert_eq!(
+        &name.data[2..],
+        b"vol0",
+        "default export's canonical name is sent"
+    );
     assert_eq!(r.last().unwrap().kind, wire::REP_ACK);
     assert_eq!(c.call(FLUSH, 0, 0, 0, &[]).error, 0);
 }
@@ -177,7 +223,11 @@ fn unsupported_options_get_err_unsup_and_abort_acks() {
     let r = c.opt(99, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     assert_eq!(r[0].kind, wire::REP_ERR_UNSUP);
     assert_eq!(c.opt(wire::OPT_STARTTLS, &[])[0].kind, wire::REP_ERR_UNSUP);
-    assert_eq!(c.opt(11, &[])[0].kind, wire::REP_ERR_UNSUP, "extended headers are not offered");
+    assert_eq!(
+        c.opt(11, &[])[0].kind,
+        wire::REP_ERR_UNSUP,
+        "extended headers are not offered"
+    );
     let r = c.opt(wire::OPT_ABORT, &[]);
     assert_eq!(r[0].kind, wire::REP_ACK);
     assert!(c.is_closed());
@@ -212,25 +262,60 @@ fn meta_context_list_and_set() {
     assert_eq!(r[0].kind, wire::REP_META_CONTEXT);
     assert_eq!(&r[0].data[4..], b"base:allocation");
     // The "base:" wildcard too; unknown namespaces are ignored.
-    let r = c.opt(wire::OPT_LIST_META_CONTEXT, &meta_payload("vol0", &["base:", "qemu:dirty-bitmap:x"]));
+    let r = c.opt(
+        wire::OPT_LIST_META_CONTEXT,
+        &meta_payload("vol0", &["base:", "qemu:dirty-bitmap:x"]),
+    );
     assert_eq!(r.len(), 2);
-    let r = c.opt(wire::OPT_LIST_META_CONTEXT, &meta_payload("vol0", &["qemu:dirty-bitmap:x"]));
+    let r = c.opt(
+        wire::OPT_LIST_META_CONTEXT,
+        &meta_payload("vol0", &["qemu:dirty-bitmap:x"]),
+    );
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].kind, wire::REP_ACK);
     // SET needs structured replies first.
-    let r = c.opt(wire::OPT_SET_META_CONTEXT, &meta_payload("vol0", &["base:allocation"]));
+    let r = c.opt(
+        wire::OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
     assert_eq!(r[0].kind, wire::REP_ERR_INVALID);
     c.opt(wire::OPT_STRUCTURED_REPLY, &[]);
     // A query without a namespace, a query past the payload's end, an unknown export.
-    assert_eq!(c.opt(wire::OPT_SET_META_CONTEXT, &meta_payload("vol0", &["nocolon"]))[0].kind, wire::REP_ERR_INVALID);
+    assert_eq!(
+        c.opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_payload("vol0", &["nocolon"])
+        )[0]
+        .kind,
+        wire::REP_ERR_INVALID
+    );
     let mut bad = meta_payload("vol0", &["base:allocation"]);
     bad.truncate(bad.len() - 3);
-    assert_eq!(c.opt(wire::OPT_SET_META_CONTEXT, &bad)[0].kind, wire::REP_ERR_INVALID);
-    assert_eq!(c.opt(wire::OPT_SET_META_CONTEXT, &meta_payload("zz", &["base:allocation"]))[0].kind, wire::REP_ERR_UNKNOWN);
-    let r = c.opt(wire::OPT_SET_META_CONTEXT, &meta_payload("vol0", &["base:allocation", "base:allocation"]));
+    assert_eq!(
+        c.opt(wire::OPT_SET_META_CONTEXT, &bad)[0].kind,
+        wire::REP_ERR_INVALID
+    );
+    assert_eq!(
+        c.opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_payload("zz", &["base:allocation"])
+        )[0]
+        .kind,
+        wire::REP_ERR_UNKNOWN
+    );
+    let r = c.opt(
+        wire::OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation", "base:allocation"]),
+    );
     assert_eq!(r.len(), 2, "one context reply, then ACK: {r:?}");
     let id = u32::from_be_bytes(r[0].data[..4].try_into().unwrap());
-    assert_eq!(c.opt(wire::OPT_GO, &info_payload("vol0", &[])).last().unwrap().kind, wire::REP_ACK);
+    assert_eq!(
+        c.opt(wire::OPT_GO, &info_payload("vol0", &[]))
+            .last()
+            .unwrap()
+            .kind,
+        wire::REP_ACK
+    );
     let rep = c.call(BLOCK_STATUS, 0, 0, 4096, &[]);
     assert_eq!(rep.error, 0);
     assert_eq!(block_status_descriptors(&rep.chunks[0]).0, id);
@@ -242,7 +327,10 @@ fn block_status_needs_a_context_for_the_same_export() {
     let mut c = Raw::unix(&srv.sock);
     c.start();
     c.opt(wire::OPT_STRUCTURED_REPLY, &[]);
-    c.opt(wire::OPT_SET_META_CONTEXT, &meta_payload("ro", &["base:allocation"]));
+    c.opt(
+        wire::OPT_SET_META_CONTEXT,
+        &meta_payload("ro", &["base:allocation"]),
+    );
     c.opt(wire::OPT_GO, &info_payload("vol0", &[]));
     let r = c.call(BLOCK_STATUS, 0, 0, 4096, &[]);
     assert_eq!(r.error, wire::EINVAL);
@@ -253,7 +341,13 @@ fn unaligned_writes_read_back_over_unix_and_tcp() {
     let (srv, dev) = server();
     for mut c in [Raw::unix(&srv.sock), Raw::tcp(srv.tcp)] {
         c.go("vol0", false, false);
-        let cases: [(u64, usize); 5] = [(0, 1), (1, 4095), (4095, 2), (12_345, 70_000), (SIZE - 3, 3)];
+        let cases: [(u64, usize); 5] = [
+            (0, 1),
+            (1, 4095),
+            (4095, 2),
+            (12_345, 70_000),
+            (SIZE - 3, 3),
+        ];
         for (i, &(off, len)) in cases.iter().enumerate() {
             let data = pattern(off, len, i as u8);
             assert_eq!(c.write(off, &data, 0), 0);
@@ -302,7 +396,11 @@ fn trim_zeroes_and_block_status_report_the_pattern() {
     same(&c.read(4 * 4096, 4 * 4096).unwrap(), &vec![0; 4 * 4096]);
     // Zeroes without NO_HOLE punch a hole; with NO_HOLE they stay allocated.
     assert_eq!(c.call(WRITE_ZEROES, 0, 10 * 4096, 2 * 4096, &[]).error, 0);
-    assert_eq!(c.call(WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE, 13 * 4096, 4096, &[]).error, 0);
+    assert_eq!(
+        c.call(WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE, 13 * 4096, 4096, &[])
+            .error,
+        0
+    );
     same(&c.read(10 * 4096, 2 * 4096).unwrap(), &vec![0; 2 * 4096]);
     same(&c.read(13 * 4096, 4096).unwrap(), &vec![0; 4096]);
     same(&c.read(12 * 4096, 4096).unwrap(), &vec![0xaa; 4096]);
@@ -314,17 +412,37 @@ fn trim_zeroes_and_block_status_report_the_pattern() {
     let (_, d) = block_status_descriptors(&r.chunks[0]);
     let h = wire::STATE_HOLE | wire::STATE_ZERO;
     let k = 4096;
-    assert_eq!(d, vec![(4 * k, 0), (4 * k, h), (2 * k, 0), (2 * k, h), (4 * k, 0), (16 * k, h)]);
+    assert_eq!(
+        d,
+        vec![
+            (4 * k, 0),
+            (4 * k, h),
+            (2 * k, 0),
+            (2 * k, h),
+            (4 * k, 0),
+            (16 * k, h)
+        ]
+    );
     // REQ_ONE: exactly one descriptor, no longer than the request.
     let r = c.call(BLOCK_STATUS, wire::CMD_FLAG_REQ_ONE, 4096, 2 * 4096, &[]);
     assert_eq!(block_status_descriptors(&r.chunks[0]).1, vec![(2 * k, 0)]);
     // Unaligned query: the first and last descriptors are cut to it.
     let r = c.call(BLOCK_STATUS, 0, 4 * 4096 - 10, 20, &[]);
-    assert_eq!(block_status_descriptors(&r.chunks[0]).1, vec![(10, 0), (10, h)]);
-    assert_eq!(dev.allocated_blocks(), blocks_before, "block status changes nothing");
+    assert_eq!(
+        block_status_descriptors(&r.chunks[0]).1,
+        vec![(10, 0), (10, h)]
+    );
+    assert_eq!(
+        dev.allocated_blocks(),
+        blocks_before,
+        "block status changes nothing"
+    );
     // Zero-length and out-of-range queries.
     assert_eq!(c.call(BLOCK_STATUS, 0, 0, 0, &[]).error, wire::EINVAL);
-    assert_eq!(c.call(BLOCK_STATUS, 0, SIZE - 1, 2, &[]).error, wire::EINVAL);
+    assert_eq!(
+        c.call(BLOCK_STATUS, 0, SIZE - 1, 2, &[]).error,
+        wire::EINVAL
+    );
 }
 
 #[test]
@@ -334,7 +452,11 @@ fn fast_zero_is_refused_when_it_would_not_be_fast() {
     c.go("vol0", false, false);
     assert_eq!(c.write(0, &[7; 3 * 4096], 0), 0);
     let fz = wire::CMD_FLAG_FAST_ZERO;
-    assert_eq!(c.call(WRITE_ZEROES, fz | wire::CMD_FLAG_NO_HOLE, 0, 4096, &[]).error, wire::ENOTSUP);
+    assert_eq!(
+        c.call(WRITE_ZEROES, fz | wire::CMD_FLAG_NO_HOLE, 0, 4096, &[])
+            .error,
+        wire::ENOTSUP
+    );
     assert_eq!(c.call(WRITE_ZEROES, fz, 100, 200, &[]).error, wire::ENOTSUP);
     same(&c.read(0, 4096).unwrap(), &vec![7; 4096]); // a refused fast zero changes nothing
     assert_eq!(c.call(WRITE_ZEROES, fz, 100, 2 * 4096, &[]).error, 0);
@@ -351,7 +473,10 @@ fn cache_is_accepted_and_range_checked() {
     c.go("vol0", false, false);
     assert_eq!(c.call(CACHE, 0, 0, 65536, &[]).error, 0);
     assert_eq!(c.call(CACHE, 0, SIZE, 1, &[]).error, wire::EINVAL);
-    assert_eq!(c.call(CACHE, wire::CMD_FLAG_NO_HOLE, 0, 1, &[]).error, wire::EINVAL);
+    assert_eq!(
+        c.call(CACHE, wire::CMD_FLAG_NO_HOLE, 0, 1, &[]).error,
+        wire::EINVAL
+    );
 }
 
 #[test]
@@ -364,13 +489,19 @@ fn structured_read_is_one_offset_data_chunk() {
     let r = c.call(READ, wire::CMD_FLAG_DF, 777, 5000, &[]);
     assert_eq!(r.chunks.len(), 1);
     let ch = &r.chunks[0];
-    assert_eq!((ch.kind, ch.flags), (wire::REPLY_TYPE_OFFSET_DATA, wire::REPLY_FLAG_DONE));
+    assert_eq!(
+        (ch.kind, ch.flags),
+        (wire::REPLY_TYPE_OFFSET_DATA, wire::REPLY_FLAG_DONE)
+    );
     assert_eq!(u64::from_be_bytes(ch.payload[..8].try_into().unwrap()), 777);
     assert_eq!(&ch.payload[8..], &data[..]);
     // Zero-length read: a lone NONE chunk.
     let r = c.call(READ, 0, 0, 0, &[]);
     assert_eq!(r.chunks.len(), 1);
-    assert_eq!((r.chunks[0].kind, r.chunks[0].flags), (wire::REPLY_TYPE_NONE, wire::REPLY_FLAG_DONE));
+    assert_eq!(
+        (r.chunks[0].kind, r.chunks[0].flags),
+        (wire::REPLY_TYPE_NONE, wire::REPLY_FLAG_DONE)
+    );
     // Errors come as an error chunk with a message, never as a simple reply to a READ.
     let r = c.call(READ, 0, SIZE, 1, &[]);
     assert!(!r.simple);
@@ -387,17 +518,30 @@ fn bad_requests_get_the_spec_errors() {
     // Unknown command.
     assert_eq!(c.call(42, 0, 0, 0, &[]).error, wire::EINVAL);
     // Flags not valid for the command, and unknown flag bits.
-    assert_eq!(c.call(READ, wire::CMD_FLAG_NO_HOLE, 0, 1, &[]).error, wire::EINVAL);
+    assert_eq!(
+        c.call(READ, wire::CMD_FLAG_NO_HOLE, 0, 1, &[]).error,
+        wire::EINVAL
+    );
     assert_eq!(c.call(READ, 0x8000, 0, 1, &[]).error, wire::EINVAL);
-    assert_eq!(c.call(READ, wire::CMD_FLAG_DF, 0, 1, &[]).error, wire::EINVAL, "DF needs structured replies");
+    assert_eq!(
+        c.call(READ, wire::CMD_FLAG_DF, 0, 1, &[]).error,
+        wire::EINVAL,
+        "DF needs structured replies"
+    );
     // A refused WRITE still has its payload consumed: the stream stays in sync.
-    assert_eq!(c.call(WRITE, wire::CMD_FLAG_REQ_ONE, 0, 5, b"hello").error, wire::EINVAL);
+    assert_eq!(
+        c.call(WRITE, wire::CMD_FLAG_REQ_ONE, 0, 5, b"hello").error,
+        wire::EINVAL
+    );
     // Ranges past the end: EINVAL for reads and trims, ENOSPC for writes and zeroes.
     assert_eq!(c.read(SIZE - 1, 2), Err(wire::EINVAL));
     assert_eq!(c.read(u64::MAX, 1), Err(wire::EINVAL), "offset overflow");
     assert_eq!(c.call(TRIM, 0, SIZE, 1, &[]).error, wire::EINVAL);
     assert_eq!(c.write(SIZE - 2, b"abc", 0), wire::ENOSPC);
-    assert_eq!(c.call(WRITE_ZEROES, 0, SIZE - 2, 3, &[]).error, wire::ENOSPC);
+    assert_eq!(
+        c.call(WRITE_ZEROES, 0, SIZE - 2, 3, &[]).error,
+        wire::ENOSPC
+    );
     // Length over the 32 MiB maximum on READ: EINVAL, connection stays usable.
     assert_eq!(c.read(0, 32 * 1024 * 1024 + 1), Err(wire::EINVAL));
     // Block status without negotiation.
@@ -430,8 +574,15 @@ fn oversized_write_is_refused_then_the_connection_closes() {
     let r = c.reply();
     assert_eq!((r.cookie, r.error), (cookie, wire::EINVAL));
     assert!(c.is_closed());
-    assert!(wait_until(Duration::from_secs(5), || srv.stats.connections_open() == 0));
-    assert_eq!(srv.stats.peak_bytes_in_flight(), 0, "the oversized payload was never buffered");
+    assert!(wait_until(Duration::from_secs(5), || srv
+        .stats
+        .connections_open()
+        == 0));
+    assert_eq!(
+        srv.stats.peak_bytes_in_flight(),
+        0,
+        "the oversized payload was never buffered"
+    );
 }
 
 #[test]
@@ -452,7 +603,10 @@ fn bad_request_magic_closes_after_answering_earlier_requests() {
 #[test]
 fn volume_errors_map_to_eio_with_the_failing_offset() {
     let dev = Arc::new(HookDevice::new(SIZE, |call, off, len| match call {
-        Call::Read if off <= 8192 && off + len > 8192 => Err(VolumeError::Unrecoverable { lba: 2, why: "tag mismatch".into() }),
+        Call::Read if off <= 8192 && off + len > 8192 => Err(VolumeError::Unrecoverable {
+            lba: 2,
+            why: "tag mismatch".into(),
+        }),
         Call::Write if off == 0 => Err(VolumeError::Io("disk gone".into())),
         Call::Flush => Err(VolumeError::Io("fsync failed".into())),
         _ => Ok(()),
@@ -465,7 +619,10 @@ fn volume_errors_map_to_eio_with_the_failing_offset() {
     assert_eq!(r.chunks.len(), 1, "no data chunk for a failed read");
     assert_eq!(r.chunks[0].kind, wire::REPLY_TYPE_ERROR_OFFSET);
     let p = &r.chunks[0].payload;
-    assert_eq!(u64::from_be_bytes(p[p.len() - 8..].try_into().unwrap()), 8192);
+    assert_eq!(
+        u64::from_be_bytes(p[p.len() - 8..].try_into().unwrap()),
+        8192
+    );
     assert!(r.message.contains("tag mismatch"));
     assert_eq!(c.write(0, b"x", 0), wire::EIO);
     assert_eq!(c.call(FLUSH, 0, 0, 0, &[]).error, wire::EIO);
@@ -473,7 +630,11 @@ fn volume_errors_map_to_eio_with_the_failing_offset() {
 
     let mut c = Raw::unix(&srv.sock);
     c.go("vol0", false, false);
-    assert_eq!(c.read(8000, 500), Err(wire::EIO), "simple replies carry the error code");
+    assert_eq!(
+        c.read(8000, 500),
+        Err(wire::EIO),
+        "simple replies carry the error code"
+    );
 }
 
 #[test]
@@ -484,17 +645,23 @@ fn disc_answers_requests_in_flight_before_closing() {
         }
         Ok(())
     }));
-    let srv = TestServer::start(vec![Export::new("vol0", dev.clone())], ServerConfig::default());
+    let srv = TestServer::start(
+        vec![Export::new("vol0", dev.clone())],
+        ServerConfig::default(),
+    );
     let mut c = Raw::unix(&srv.sock);
     c.go("vol0", false, false);
     for i in 0..4u64 {
         c.request(WRITE, 0, 100 + i, i * 4096, 4096, &[i as u8 + 1; 4096]);
     }
     c.disc();
-    let mut cookies: Vec<u64> = (0..4).map(|_| c.reply()).map(|r| {
-        assert_eq!(r.error, 0);
-        r.cookie
-    }).collect();
+    let mut cookies: Vec<u64> = (0..4)
+        .map(|_| c.reply())
+        .map(|r| {
+            assert_eq!(r.error, 0);
+            r.cookie
+        })
+        .collect();
     cookies.sort();
     assert_eq!(cookies, vec![100, 101, 102, 103]);
     assert!(c.is_closed());
@@ -508,9 +675,18 @@ fn exports_can_appear_at_run_time() {
     let srv = TestServer::start(vec![], ServerConfig::default());
     let mut c = Raw::unix(&srv.sock);
     c.start();
-    assert_eq!(c.opt(wire::OPT_LIST, &[]).len(), 1, "sealed: no exports listed");
-    assert_eq!(c.opt(wire::OPT_GO, &info_payload("", &[]))[0].kind, wire::REP_ERR_UNKNOWN);
-    srv.exports.set(vec![Export::new("late", mem(8192))]).unwrap();
+    assert_eq!(
+        c.opt(wire::OPT_LIST, &[]).len(),
+        1,
+        "sealed: no exports listed"
+    );
+    assert_eq!(
+        c.opt(wire::OPT_GO, &info_payload("", &[]))[0].kind,
+        wire::REP_ERR_UNKNOWN
+    );
+    srv.exports
+        .set(vec![Export::new("late", mem(8192))])
+        .unwrap();
     let r = c.opt(wire::OPT_GO, &info_payload("late", &[]));
     assert_eq!(r.last().unwrap().kind, wire::REP_ACK);
     assert_eq!(c.write(0, b"ok", 0), 0);

@@ -51,7 +51,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(error: u32, message: impl Into<String>) -> Self {
-        Self { error, message: message.into() }
+        Self {
+            error,
+            message: message.into(),
+        }
     }
 
     pub fn from_volume(err: &VolumeError, cmd: Command) -> Self {
@@ -65,25 +68,44 @@ mod tests {
 
     #[test]
     fn mapping_table() {
-        let oor = VolumeError::OutOfRange { offset: 0, len: 1, size: 0 };
+        let oor = VolumeError::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
         assert_eq!(nbd_error(&oor, Command::Write), wire::ENOSPC);
         assert_eq!(nbd_error(&oor, Command::WriteZeroes), wire::ENOSPC);
         assert_eq!(nbd_error(&oor, Command::Read), wire::EINVAL);
         assert_eq!(nbd_error(&oor, Command::Trim), wire::EINVAL);
         assert_eq!(nbd_error(&oor, Command::BlockStatus), wire::EINVAL);
-        assert_eq!(nbd_error(&VolumeError::ReadOnly, Command::Trim), wire::EPERM);
-        assert_eq!(nbd_error(&VolumeError::Io("x".into()), Command::Read), wire::EIO);
-        let unrec = VolumeError::Unrecoverable { lba: 3, why: "tag".into() };
+        assert_eq!(
+            nbd_error(&VolumeError::ReadOnly, Command::Trim),
+            wire::EPERM
+        );
+        assert_eq!(
+            nbd_error(&VolumeError::Io("x".into()), Command::Read),
+            wire::EIO
+        );
+        let unrec = VolumeError::Unrecoverable {
+            lba: 3,
+            why: "tag".into(),
+        };
         assert_eq!(nbd_error(&unrec, Command::Flush), wire::EIO);
     }
 
     #[test]
     fn error_offset_inside_request_only() {
-        let e = VolumeError::Unrecoverable { lba: 2, why: String::new() };
+        let e = VolumeError::Unrecoverable {
+            lba: 2,
+            why: String::new(),
+        };
         assert_eq!(error_offset(&e, 0, 16384), Some(8192));
         assert_eq!(error_offset(&e, 9000, 100), Some(9000));
         assert_eq!(error_offset(&e, 0, 8192), None);
-        let huge = VolumeError::Unrecoverable { lba: u64::MAX, why: String::new() };
+        let huge = VolumeError::Unrecoverable {
+            lba: u64::MAX,
+            why: String::new(),
+        };
         assert_eq!(error_offset(&huge, 0, 1), None);
         assert_eq!(error_offset(&VolumeError::Io(String::new()), 0, 1), None);
     }

@@ -24,7 +24,12 @@ pub struct Export {
 
 impl Export {
     pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
-        Self { name: name.into(), description: String::new(), device, read_only: false }
+        Self {
+            name: name.into(),
+            description: String::new(),
+            device,
+            read_only: false,
+        }
     }
 
     pub fn with_description(mut self, description: impl Into<String>) -> Self {
@@ -129,7 +134,10 @@ impl ExportTable {
 
     /// Every export, in table order.
     pub fn list(&self) -> Vec<Arc<Export>> {
-        self.exports.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -146,7 +154,8 @@ mod tests {
     fn table_lookup_default_and_swap() {
         let t = ExportTable::empty();
         assert!(t.get(b"").is_none());
-        t.set(vec![Export::new("a", dev()), Export::new("b", dev())]).unwrap();
+        t.set(vec![Export::new("a", dev()), Export::new("b", dev())])
+            .unwrap();
         assert_eq!(t.get(b"").unwrap().name, "a");
         assert_eq!(t.get(b"b").unwrap().name, "b");
         assert!(t.get(b"c").is_none());
@@ -154,7 +163,11 @@ mod tests {
             t.set(vec![Export::new("x", dev()), Export::new("x", dev())]),
             Err(ExportError::Duplicate("x".into()))
         );
-        assert_eq!(t.list().len(), 2, "a refused list leaves the table unchanged");
+        assert_eq!(
+            t.list().len(),
+            2,
+            "a refused list leaves the table unchanged"
+        );
         assert!(t.set(vec![Export::new("a\0", dev())]).is_err());
     }
 
@@ -169,6 +182,9 @@ mod tests {
         let ro = Export::new("a", dev()).with_read_only(true);
         let f = ro.transmission_flags(false);
         assert_ne!(f & wire::FLAG_READ_ONLY, 0);
-        assert_eq!(f & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES | wire::FLAG_SEND_FUA), 0);
+        assert_eq!(
+            f & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES | wire::FLAG_SEND_FUA),
+            0
+        );
     }
 }

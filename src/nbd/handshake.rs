@@ -110,7 +110,12 @@ where
             }
             wire::OPT_LIST => {
                 if !data.is_empty() {
-                    error_reply(&mut out, option, wire::REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                    error_reply(
+                        &mut out,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    );
                 } else {
                     for e in exports.list() {
                         wire::put_rep_server(&mut out, &e.name, &e.description);
@@ -126,7 +131,12 @@ where
             }
             wire::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    error_reply(&mut out, option, wire::REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                    error_reply(
+                        &mut out,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else {
                     st.structured = true;
                     wire::put_option_reply(&mut out, option, wire::REP_ACK, &[]);
@@ -136,10 +146,20 @@ where
                 meta_context(&mut out, option, &data, &mut st, exports);
             }
             wire::OPT_STARTTLS => {
-                error_reply(&mut out, option, wire::REP_ERR_UNSUP, "TLS is not available on this server");
+                error_reply(
+                    &mut out,
+                    option,
+                    wire::REP_ERR_UNSUP,
+                    "TLS is not available on this server",
+                );
             }
             _ => {
-                error_reply(&mut out, option, wire::REP_ERR_UNSUP, "option not supported");
+                error_reply(
+                    &mut out,
+                    option,
+                    wire::REP_ERR_UNSUP,
+                    "option not supported",
+                );
             }
         }
         send(w, &mut out).await?;
@@ -171,12 +191,23 @@ fn finish(st: &State, export: Arc<Export>) -> Negotiated {
         flags = format_args!("{flags:#06x}"),
         "entering transmission"
     );
-    Negotiated { export, structured: st.structured, base_allocation, flags }
+    Negotiated {
+        export,
+        structured: st.structured,
+        base_allocation,
+        flags,
+    }
 }
 
 /// Answers `NBD_OPT_INFO` / `NBD_OPT_GO` into `out`; returns the negotiated state when a GO
 /// succeeded.
-fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], st: &State, exports: &ExportTable) -> Option<Negotiated> {
+fn info_or_go(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    st: &State,
+    exports: &ExportTable,
+) -> Option<Negotiated> {
     let mut p = Parse::new(data);
     let parsed = (|| {
         let name = p.string32()?;
@@ -185,7 +216,12 @@ fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], st: &State, exports: 
         (p.remaining() == 0).then_some((name, reqs))
     })();
     let Some((name, reqs)) = parsed else {
-        error_reply(out, option, wire::REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO payload");
+        error_reply(
+            out,
+            option,
+            wire::REP_ERR_INVALID,
+            "malformed NBD_OPT_INFO/NBD_OPT_GO payload",
+        );
         return None;
     };
     let Some(export) = exports.get(name) else {
@@ -208,13 +244,24 @@ fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], st: &State, exports: 
 }
 
 /// Answers `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` into `out`.
-fn meta_context(out: &mut Vec<u8>, option: u32, data: &[u8], st: &mut State, exports: &ExportTable) {
+fn meta_context(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    st: &mut State,
+    exports: &ExportTable,
+) {
     let set = option == wire::OPT_SET_META_CONTEXT;
     if set {
         // SET replaces the selection even when it fails.
         st.meta = None;
         if !st.structured {
-            error_reply(out, option, wire::REP_ERR_INVALID, "negotiate structured replies first");
+            error_reply(
+                out,
+                option,
+                wire::REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
             return;
         }
     }
@@ -230,11 +277,21 @@ fn meta_context(out: &mut Vec<u8>, option: u32, data: &[u8], st: &mut State, exp
         (p.remaining() == 0).then_some((name, queries))
     })();
     let Some((name, queries)) = parsed else {
-        error_reply(out, option, wire::REP_ERR_INVALID, "malformed meta context payload");
+        error_reply(
+            out,
+            option,
+            wire::REP_ERR_INVALID,
+            "malformed meta context payload",
+        );
         return;
     };
     if queries.iter().any(|q| !q.contains(&b':')) {
-        error_reply(out, option, wire::REP_ERR_INVALID, "a meta context query lacks its namespace");
+        error_reply(
+            out,
+            option,
+            wire::REP_ERR_INVALID,
+            "a meta context query lacks its namespace",
+        );
         return;
     }
     let Some(export) = exports.get(name) else {
@@ -242,9 +299,14 @@ fn meta_context(out: &mut Vec<u8>, option: u32, data: &[u8], st: &mut State, exp
         return;
     };
     let matches = if set {
-        queries.iter().any(|q| *q == wire::BASE_ALLOCATION.as_bytes())
+        queries
+            .iter()
+            .any(|q| *q == wire::BASE_ALLOCATION.as_bytes())
     } else {
-        queries.is_empty() || queries.iter().any(|q| *q == b"base:" || *q == wire::BASE_ALLOCATION.as_bytes())
+        queries.is_empty()
+            || queries
+                .iter()
+                .any(|q| *q == b"base:" || *q == wire::BASE_ALLOCATION.as_bytes())
     };
     if matches {
         let id = if set { BASE_ALLOCATION_ID } else { 0 };

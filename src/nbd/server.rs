@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname, getsockopt, setsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, SockaddrLike, SockaddrStorage, getsockname, getsockopt, setsockopt, sockopt,
+};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -85,7 +87,11 @@ impl Listener {
                 Ok(a) => format!("tcp:{a}"),
                 Err(_) => "tcp:?".into(),
             },
-            Self::Unix(l) => match l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+            Self::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
                 Some(p) => format!("unix:{p}"),
                 None => "unix:?".into(),
             },
@@ -109,7 +115,12 @@ struct Inner {
 impl Server {
     pub fn new(exports: Arc<ExportTable>, config: ServerConfig) -> Self {
         Self {
-            inner: Arc::new(Inner { exports, config, stats: Arc::default(), next_id: AtomicU64::new(1) }),
+            inner: Arc::new(Inner {
+                exports,
+                config,
+                stats: Arc::default(),
+                next_id: AtomicU64::new(1),
+            }),
         }
     }
 
@@ -125,14 +136,21 @@ impl Server {
 
     /// Serves until `shutdown` completes, then shuts down gracefully (see the module docs).
     /// Returns once every connection has ended and every export has been flushed.
-    pub async fn run(&self, listeners: Vec<Listener>, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    pub async fn run(
+        &self,
+        listeners: Vec<Listener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every accept loop and connection task holds a sender; `recv` returns None once all
         // of them are gone.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         for l in listeners {
             info!(listener = %l.describe(), "listening");
-            tokio::spawn(self.clone().accept_loop(l, stop_rx.clone(), alive_tx.clone()));
+            tokio::spawn(
+                self.clone()
+                    .accept_loop(l, stop_rx.clone(), alive_tx.clone()),
+            );
         }
         shutdown.await;
         info!("shutdown requested: no new connections");
@@ -151,7 +169,12 @@ impl Server {
         Ok(())
     }
 
-    async fn accept_loop(self, listener: Listener, mut stop: watch::Receiver<bool>, alive: mpsc::Sender<()>) {
+    async fn accept_loop(
+        self,
+        listener: Listener,
+        mut stop: watch::Receiver<bool>,
+        alive: mpsc::Sender<()>,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
@@ -162,10 +185,20 @@ impl Server {
                     if let Err(e) = tune_tcp(&s) {
                         warn!(%peer, "cannot set TCP options: {e}");
                     }
-                    tokio::spawn(self.clone().connection(s, peer.to_string(), stop.clone(), alive.clone()));
+                    tokio::spawn(self.clone().connection(
+                        s,
+                        peer.to_string(),
+                        stop.clone(),
+                        alive.clone(),
+                    ));
                 }
                 Ok(Accepted::Unix(s)) => {
-                    tokio::spawn(self.clone().connection(s, "unix".into(), stop.clone(), alive.clone()));
+                    tokio::spawn(self.clone().connection(
+                        s,
+                        "unix".into(),
+                        stop.clone(),
+                        alive.clone(),
+                    ));
                 }
                 Err(e) => {
                     warn!(listener = %listener.describe(), "accept failed: {e}");
@@ -184,11 +217,18 @@ impl Server {
     {
         let (_tx, stop) = watch::channel(false);
         let (alive, _rx) = mpsc::channel(1);
-        self.clone().connection(stream, peer.to_string(), stop, alive).await
+        self.clone()
+            .connection(stream, peer.to_string(), stop, alive)
+            .await
     }
 
-    async fn connection<S>(self, stream: S, peer: String, mut stop: watch::Receiver<bool>, _alive: mpsc::Sender<()>)
-    where
+    async fn connection<S>(
+        self,
+        stream: S,
+        peer: String,
+        mut stop: watch::Receiver<bool>,
+        _alive: mpsc::Sender<()>,
+    ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let inner = &self.inner;

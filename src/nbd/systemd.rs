@@ -31,11 +31,17 @@ pub fn listen_fds_range(
     let (Some(pid), Some(n)) = (listen_pid, listen_fds) else {
         return Ok(None);
     };
-    let pid: u32 = pid.trim().parse().map_err(|_| bad(format!("LISTEN_PID={pid:?} is not a pid")))?;
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("LISTEN_PID={pid:?} is not a pid")))?;
     if pid != my_pid {
         return Ok(None);
     }
-    let n: RawFd = n.trim().parse().map_err(|_| bad(format!("LISTEN_FDS={n:?} is not a count")))?;
+    let n: RawFd = n
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("LISTEN_FDS={n:?} is not a count")))?;
     if !(0..=1024).contains(&n) {
         return Err(bad(format!("LISTEN_FDS={n} is out of range")));
     }
@@ -83,7 +89,10 @@ pub fn notify_to(path: &str, state: &str) -> io::Result<()> {
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
         None if path.starts_with('/') => SocketAddr::from_pathname(path)?,
         None => {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("NOTIFY_SOCKET={path:?} is not a socket path")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("NOTIFY_SOCKET={path:?} is not a socket path"),
+            ));
         }
     };
     let sock = UnixDatagram::unbound()?;
@@ -99,8 +108,14 @@ mod tests {
     fn listen_env_parsing() {
         assert_eq!(listen_fds_range(None, Some("2"), 10).unwrap(), None);
         assert_eq!(listen_fds_range(Some("11"), Some("2"), 10).unwrap(), None);
-        assert_eq!(listen_fds_range(Some("10"), Some("2"), 10).unwrap(), Some(3..5));
-        assert_eq!(listen_fds_range(Some("10"), Some("0"), 10).unwrap(), Some(3..3));
+        assert_eq!(
+            listen_fds_range(Some("10"), Some("2"), 10).unwrap(),
+            Some(3..5)
+        );
+        assert_eq!(
+            listen_fds_range(Some("10"), Some("0"), 10).unwrap(),
+            Some(3..3)
+        );
         assert!(listen_fds_range(Some("x"), Some("2"), 10).is_err());
         assert!(listen_fds_range(Some("10"), Some("-1"), 10).is_err());
     }
@@ -119,7 +134,8 @@ mod tests {
     #[test]
     fn notify_reaches_an_abstract_socket() {
         let name = format!("shardvol-test-{}", std::process::id());
-        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
         notify_to(&format!("@{name}"), "STOPPING=1").unwrap();
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();

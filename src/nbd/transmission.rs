@@ -83,7 +83,12 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
             w.flush().await
         })
         .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "reply write timed out")));
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "reply write timed out",
+            ))
+        });
         if res.is_err() {
             self.gone.send_replace(true);
         }
@@ -103,13 +108,34 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
 /// A validated request, ready for the volume.
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, no_hole: bool, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    },
     Cache,
-    BlockStatus { offset: u64, len: u32, req_one: bool, context: u32 },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+        context: u32,
+    },
 }
 
 impl Op {
@@ -141,11 +167,17 @@ impl Op {
 /// Checks a request against the header rules and the export; see the module docs.
 fn validate<W>(conn: &Conn<W>, req: &Request, cmd: Option<Command>) -> Result<Op, Refusal> {
     let Some(cmd) = cmd else {
-        return Err(Refusal::new(wire::EINVAL, format!("unknown command type {}", req.kind)));
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!("unknown command type {}", req.kind),
+        ));
     };
     let bad = req.flags & !cmd.allowed_flags();
     if bad != 0 {
-        return Err(Refusal::new(wire::EINVAL, format!("flags {bad:#x} are not valid for {}", cmd.name())));
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!("flags {bad:#x} are not valid for {}", cmd.name()),
+        ));
     }
     if cmd.modifies() && conn.export.read_only {
         return Err(Refusal::from_volume(&VolumeError::ReadOnly, cmd));
@@ -156,45 +188,85 @@ fn validate<W>(conn: &Conn<W>, req: &Request, cmd: Option<Command>) -> Result<Op
         (wire::CMD_FLAG_FAST_ZERO, wire::FLAG_SEND_FAST_ZERO),
     ] {
         if req.flags & flag != 0 && conn.flags & needs == 0 {
-            return Err(Refusal::new(wire::EINVAL, format!("flag {flag:#x} was not negotiated")));
+            return Err(Refusal::new(
+                wire::EINVAL,
+                format!("flag {flag:#x} was not negotiated"),
+            ));
         }
     }
     let has = |f: u16| req.flags & f != 0;
     let (offset, len) = (req.offset, req.len);
     if matches!(cmd, Command::Read | Command::Write) && len > wire::MAX_PAYLOAD {
-        return Err(Refusal::new(wire::EINVAL, format!("length {len} exceeds the {} byte maximum", wire::MAX_PAYLOAD)));
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!(
+                "length {len} exceeds the {} byte maximum",
+                wire::MAX_PAYLOAD
+            ),
+        ));
     }
     if cmd == Command::Flush {
         if offset != 0 || len != 0 {
-            return Err(Refusal::new(wire::EINVAL, "FLUSH must have zero offset and length"));
+            return Err(Refusal::new(
+                wire::EINVAL,
+                "FLUSH must have zero offset and length",
+            ));
         }
         return Ok(Op::Flush);
     }
     let size = conn.export.device.size();
     if offset.checked_add(len as u64).is_none_or(|end| end > size) {
-        let err = VolumeError::OutOfRange { offset, len: len as u64, size };
+        let err = VolumeError::OutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        };
         return Err(Refusal::from_volume(&err, cmd));
     }
     Ok(match cmd {
         Command::Read => Op::Read { offset, len },
-        Command::Write => Op::Write { offset, len, fua: has(wire::CMD_FLAG_FUA) },
-        Command::Trim => Op::Trim { offset, len, fua: has(wire::CMD_FLAG_FUA) },
+        Command::Write => Op::Write {
+            offset,
+            len,
+            fua: has(wire::CMD_FLAG_FUA),
+        },
+        Command::Trim => Op::Trim {
+            offset,
+            len,
+            fua: has(wire::CMD_FLAG_FUA),
+        },
         Command::Cache => Op::Cache,
         Command::WriteZeroes => {
             let no_hole = has(wire::CMD_FLAG_NO_HOLE);
             if has(wire::CMD_FLAG_FAST_ZERO) && !fast_zero_possible(offset, len, no_hole) {
-                return Err(Refusal::new(wire::ENOTSUP, "zeroing this range is no faster than writing it"));
+                return Err(Refusal::new(
+                    wire::ENOTSUP,
+                    "zeroing this range is no faster than writing it",
+                ));
             }
-            Op::WriteZeroes { offset, len, no_hole, fua: has(wire::CMD_FLAG_FUA) }
+            Op::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+                fua: has(wire::CMD_FLAG_FUA),
+            }
         }
         Command::BlockStatus => {
             let Some(context) = conn.base_allocation else {
-                return Err(Refusal::new(wire::EINVAL, "no metadata context was negotiated"));
+                return Err(Refusal::new(
+                    wire::EINVAL,
+                    "no metadata context was negotiated",
+                ));
             };
             if len == 0 {
                 return Err(Refusal::new(wire::EINVAL, "BLOCK_STATUS of zero length"));
             }
-            Op::BlockStatus { offset, len, req_one: has(wire::CMD_FLAG_REQ_ONE), context }
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one: has(wire::CMD_FLAG_REQ_ONE),
+                context,
+            }
         }
         Command::Flush | Command::Disc => unreachable!("handled above and by the reader"),
     })
@@ -262,7 +334,13 @@ pub async fn run<R, W>(
         let op = match validate(&conn, &req, cmd) {
             Ok(op) => op,
             Err(refusal) => {
-                debug!(cookie = req.cookie, kind = req.kind, error = refusal.error, "refused: {}", refusal.message);
+                debug!(
+                    cookie = req.cookie,
+                    kind = req.kind,
+                    error = refusal.error,
+                    "refused: {}",
+                    refusal.message
+                );
                 let mut end = None;
                 if cmd == Some(Command::Write) {
                     if req.len > wire::MAX_PAYLOAD {
@@ -285,9 +363,13 @@ pub async fn run<R, W>(
         // Back-pressure: wait for a slot and for the bytes before reading or allocating anything
         // more. The semaphores are never closed, so acquiring cannot fail.
         let cost = op.buffer_bytes();
-        let Ok(slot) = slots.clone().acquire_owned().await else { unreachable!("never closed") };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            unreachable!("never closed")
+        };
         let permits = cost.min(max_bytes as u64) as u32;
-        let Ok(budget) = bytes.clone().acquire_many_owned(permits).await else { unreachable!("never closed") };
+        let Ok(budget) = bytes.clone().acquire_many_owned(permits).await else {
+            unreachable!("never closed")
+        };
         conn.stats.hold_bytes(cost);
 
         let payload = if let Op::Write { len, .. } = op {
@@ -301,7 +383,13 @@ pub async fn run<R, W>(
             Vec::new()
         };
 
-        let span = debug_span!("nbd_request", cookie = req.cookie, cmd = op.command().name(), offset = req.offset, len = req.len);
+        let span = debug_span!(
+            "nbd_request",
+            cookie = req.cookie,
+            cmd = op.command().name(),
+            offset = req.offset,
+            len = req.len
+        );
         tokio::spawn(
             complete(conn.clone(), req.cookie, op, payload, cost, (slot, budget)).instrument(span),
         );
@@ -335,7 +423,10 @@ pub async fn run<R, W>(
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
     let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
     if copied < len {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF inside a WRITE payload"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "EOF inside a WRITE payload",
+        ));
     }
     Ok(())
 }
@@ -385,7 +476,12 @@ async fn complete<W: AsyncWrite + Unpin + Send + 'static>(
 }
 
 /// Runs a validated request on the volume (on a blocking thread) and builds its reply frame.
-fn execute<W: AsyncWrite + Unpin>(conn: &Conn<W>, cookie: u64, op: Op, payload: Vec<u8>) -> Vec<u8> {
+fn execute<W: AsyncWrite + Unpin>(
+    conn: &Conn<W>,
+    cookie: u64,
+    op: Op,
+    payload: Vec<u8>,
+) -> Vec<u8> {
     let dev = &*conn.export.device;
     let cmd = op.command();
     let ok = || {
@@ -394,22 +490,39 @@ fn execute<W: AsyncWrite + Unpin>(conn: &Conn<W>, cookie: u64, op: Op, payload: 
     };
     let (res, offset, len) = match op {
         Op::Read { offset, len } => return read(conn, cookie, offset, len),
-        Op::Write { offset, len, fua } => (dev.write(offset, &payload, fua).map(|_| ok()), offset, len),
+        Op::Write { offset, len, fua } => {
+            (dev.write(offset, &payload, fua).map(|_| ok()), offset, len)
+        }
         Op::Flush => (dev.flush().map(|_| ok()), 0, 0),
         Op::Trim { offset, len, fua } => {
-            let r = dev.trim(offset, len as u64).and_then(|_| if fua { dev.flush() } else { Ok(()) });
+            let r = dev
+                .trim(offset, len as u64)
+                .and_then(|_| if fua { dev.flush() } else { Ok(()) });
             (r.map(|_| ok()), offset, len)
         }
-        Op::WriteZeroes { offset, len, no_hole, fua } => {
-            (dev.write_zeroes(offset, len as u64, no_hole, fua).map(|_| ok()), offset, len)
-        }
+        Op::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        } => (
+            dev.write_zeroes(offset, len as u64, no_hole, fua)
+                .map(|_| ok()),
+            offset,
+            len,
+        ),
         // The volume has no cache to warm: CACHE is an accepted hint that changes nothing.
         Op::Cache => (Ok(ok()), 0, 0),
-        Op::BlockStatus { offset, len, req_one, context } => {
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+            context,
+        } => {
             let query = (len as u64).min(BLOCK_STATUS_MAX_QUERY);
-            let r = dev
-                .block_status(offset, query)
-                .map(|ext| wire::block_status_chunk(cookie, context, &descriptors(&ext, query, req_one)));
+            let r = dev.block_status(offset, query).map(|ext| {
+                wire::block_status_chunk(cookie, context, &descriptors(&ext, query, req_one))
+            });
             (r, offset, len)
         }
     };
@@ -426,7 +539,11 @@ fn volume_error_frame<W: AsyncWrite + Unpin>(
 ) -> Vec<u8> {
     let refusal = Refusal::from_volume(err, cmd);
     debug!(error = refusal.error, "volume error: {err}");
-    let at = if cmd == Command::Flush { None } else { error_offset(err, offset, len as u64) };
+    let at = if cmd == Command::Flush {
+        None
+    } else {
+        error_offset(err, offset, len as u64)
+    };
     conn.error_frame(cookie, refusal.error, &refusal.message, at)
 }
 
@@ -434,15 +551,29 @@ fn volume_error_frame<W: AsyncWrite + Unpin>(
 /// one piece. Structured replies use one `OFFSET_DATA` chunk (which also satisfies DF).
 fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     if len == 0 {
-        return if conn.structured { wire::structured_done(cookie) } else { wire::simple_reply(0, cookie) };
+        return if conn.structured {
+            wire::structured_done(cookie)
+        } else {
+            wire::simple_reply(0, cookie)
+        };
     }
-    let prefix = if conn.structured { wire::OFFSET_DATA_PREFIX } else { wire::SIMPLE_REPLY_LEN };
+    let prefix = if conn.structured {
+        wire::OFFSET_DATA_PREFIX
+    } else {
+        wire::SIMPLE_REPLY_LEN
+    };
     let mut frame = vec![0u8; prefix + len as usize];
     if let Err(e) = conn.export.device.read(offset, &mut frame[prefix..]) {
         return volume_error_frame(conn, cookie, Command::Read, &e, offset, len);
     }
     if conn.structured {
-        wire::structured_header(&mut frame, wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+        wire::structured_header(
+            &mut frame,
+            wire::REPLY_FLAG_DONE,
+            wire::REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            8 + len,
+        );
         frame[wire::STRUCTURED_HEADER_LEN..prefix].copy_from_slice(&offset.to_be_bytes());
     } else {
         wire::simple_reply_header(&mut frame, 0, cookie);
@@ -465,7 +596,11 @@ fn descriptors(extents: &[Extent], query: u64, req_one: bool) -> Vec<(u32, u32)>
             continue;
         }
         left -= n;
-        let flags = if e.hole { wire::STATE_HOLE | wire::STATE_ZERO } else { 0 };
+        let flags = if e.hole {
+            wire::STATE_HOLE | wire::STATE_ZERO
+        } else {
+            0
+        };
         match out.last_mut() {
             // query ≤ BLOCK_STATUS_MAX_QUERY < 2^32, so sums fit in u32.
             Some(last) if last.1 == flags => last.0 += n as u32,
@@ -503,14 +638,32 @@ mod tests {
     #[test]
     fn descriptors_merge_cut_and_req_one() {
         let ext = [
-            Extent { len: 4096, hole: true },
-            Extent { len: 4096, hole: true },
-            Extent { len: 0, hole: false },
-            Extent { len: 8192, hole: false },
-            Extent { len: 4096, hole: true },
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+            Extent {
+                len: 0,
+                hole: false,
+            },
+            Extent {
+                len: 8192,
+                hole: false,
+            },
+            Extent {
+                len: 4096,
+                hole: true,
+            },
         ];
         let h = wire::STATE_HOLE | wire::STATE_ZERO;
-        assert_eq!(descriptors(&ext, 20480, false), vec![(8192, h), (8192, 0), (4096, h)]);
+        assert_eq!(
+            descriptors(&ext, 20480, false),
+            vec![(8192, h), (8192, 0), (4096, h)]
+        );
         assert_eq!(descriptors(&ext, 10000, false), vec![(8192, h), (1808, 0)]);
         assert_eq!(descriptors(&ext, 20480, true), vec![(8192, h)]);
         assert_eq!(descriptors(&[], 512, false), vec![(512, 0)]);

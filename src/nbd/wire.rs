@@ -393,7 +393,13 @@ pub fn block_status_chunk(cookie: u64, context: u32, descriptors: &[(u32, u32)])
     let len = 4 + 8 * descriptors.len();
     let mut v = vec![0u8; STRUCTURED_HEADER_LEN];
     v.reserve(len);
-    structured_header(&mut v, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len as u32);
+    structured_header(
+        &mut v,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len as u32,
+    );
     v.extend_from_slice(&context.to_be_bytes());
     for &(l, f) in descriptors {
         v.extend_from_slice(&l.to_be_bytes());
@@ -426,7 +432,8 @@ impl<'a> Parse<'a> {
     }
 
     pub fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.bytes(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// A 32-bit length followed by that many bytes.
@@ -446,7 +453,13 @@ mod tests {
 
     #[test]
     fn request_round_trips_and_checks_magic() {
-        let r = Request { flags: 3, kind: 1, cookie: 0x0102_0304_0506_0708, offset: 1 << 40, len: 77 };
+        let r = Request {
+            flags: 3,
+            kind: 1,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 1 << 40,
+            len: 77,
+        };
         let b = r.encode();
         assert_eq!(&b[..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(Request::decode(&b), Ok(r));
@@ -469,7 +482,10 @@ mod tests {
         let v = structured_error(9, EIO, "boom", Some(4096));
         assert_eq!(&v[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
         assert_eq!(u16::from_be_bytes([v[6], v[7]]), REPLY_TYPE_ERROR_OFFSET);
-        assert_eq!(u32::from_be_bytes(v[16..20].try_into().unwrap()), 4 + 2 + 4 + 8);
+        assert_eq!(
+            u32::from_be_bytes(v[16..20].try_into().unwrap()),
+            4 + 2 + 4 + 8
+        );
         assert_eq!(&v[26..30], b"boom");
         assert_eq!(u64::from_be_bytes(v[30..38].try_into().unwrap()), 4096);
         let long = "é".repeat(3000); // 6000 bytes, 2-byte chars

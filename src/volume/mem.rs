@@ -60,7 +60,10 @@ impl MemDevice {
     pub fn new_read_only(size: u64, contents: &[u8]) -> Result<Self, VolumeError> {
         let dev = Self::new(size);
         dev.write(0, contents, true)?;
-        Ok(Self { read_only: true, ..dev })
+        Ok(Self {
+            read_only: true,
+            ..dev
+        })
     }
 
     /// Forgets every change that no flush or FUA made durable, as a power cut would.
@@ -103,12 +106,20 @@ impl MemDevice {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange { offset, len, size: self.size }),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
     fn check_writable(&self) -> Result<(), VolumeError> {
-        if self.read_only { Err(VolumeError::ReadOnly) } else { Ok(()) }
+        if self.read_only {
+            Err(VolumeError::ReadOnly)
+        } else {
+            Ok(())
+        }
     }
 
     /// Calls `f(block, offset_in_block, range_in_caller)` for each block piece of the range.
@@ -189,7 +200,10 @@ impl BlockDevice for MemDevice {
         let mut st = self.write_state();
         Self::pieces(offset, data.len() as u64, |block, in_block, piece| {
             let src = &data[piece];
-            let b = st.current.entry(block).or_insert_with(|| Arc::new([0u8; BLOCK_SIZE]));
+            let b = st
+                .current
+                .entry(block)
+                .or_insert_with(|| Arc::new([0u8; BLOCK_SIZE]));
             Arc::make_mut(b)[in_block..in_block + src.len()].copy_from_slice(src);
             Self::settle(&mut st, block, fua);
         });
@@ -213,7 +227,13 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         if fua {
@@ -236,7 +256,10 @@ impl BlockDevice for MemDevice {
             }
             match out.last_mut() {
                 Some(last) if last.hole == hole => last.len += to - from,
-                _ => out.push(Extent { len: to - from, hole }),
+                _ => out.push(Extent {
+                    len: to - from,
+                    hole,
+                }),
             }
         };
         let st = self.read_state();
@@ -260,7 +283,9 @@ mod tests {
     use super::*;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[test]
@@ -281,7 +306,14 @@ mod tests {
     fn out_of_range_is_refused_and_changes_nothing() {
         let dev = MemDevice::new(10_000);
         let err = dev.write(9_000, &[1u8; 2_000], false).unwrap_err();
-        assert!(matches!(err, VolumeError::OutOfRange { offset: 9_000, len: 2_000, size: 10_000 }));
+        assert!(matches!(
+            err,
+            VolumeError::OutOfRange {
+                offset: 9_000,
+                len: 2_000,
+                size: 10_000
+            }
+        ));
         assert_eq!(dev.allocated_blocks(), 0);
         assert!(dev.read(u64::MAX - 1, &mut [0u8; 4]).is_err());
         assert!(dev.trim(0, 10_001).is_err());
@@ -309,9 +341,18 @@ mod tests {
         assert_eq!(
             ext,
             vec![
-                Extent { len: 2 * 4096, hole: false },
-                Extent { len: 2 * 4096, hole: true },
-                Extent { len: 12 * 4096, hole: false },
+                Extent {
+                    len: 2 * 4096,
+                    hole: false
+                },
+                Extent {
+                    len: 2 * 4096,
+                    hole: true
+                },
+                Extent {
+                    len: 12 * 4096,
+                    hole: false
+                },
             ]
         );
     }
@@ -323,7 +364,13 @@ mod tests {
         assert_eq!(dev.allocated_blocks(), 8);
         dev.write_zeroes(4096, 4096, false, false).unwrap();
         assert_eq!(dev.allocated_blocks(), 7);
-        assert_eq!(dev.block_status(0, 8 * 4096).unwrap()[1], Extent { len: 4096, hole: true });
+        assert_eq!(
+            dev.block_status(0, 8 * 4096).unwrap()[1],
+            Extent {
+                len: 4096,
+                hole: true
+            }
+        );
     }
 
     #[test]
@@ -334,13 +381,28 @@ mod tests {
         assert_eq!(
             ext,
             vec![
-                Extent { len: 4096 - 100, hole: true },
-                Extent { len: 4096, hole: false },
-                Extent { len: 10_000 - (4096 - 100) - 4096, hole: true },
+                Extent {
+                    len: 4096 - 100,
+                    hole: true
+                },
+                Extent {
+                    len: 4096,
+                    hole: false
+                },
+                Extent {
+                    len: 10_000 - (4096 - 100) - 4096,
+                    hole: true
+                },
             ]
         );
         assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 10_000);
-        assert_eq!(dev.block_status(4096 + 10, 5).unwrap(), vec![Extent { len: 5, hole: false }]);
+        assert_eq!(
+            dev.block_status(4096 + 10, 5).unwrap(),
+            vec![Extent {
+                len: 5,
+                hole: false
+            }]
+        );
         assert!(dev.block_status(0, 0).unwrap().is_empty());
     }
 
@@ -367,9 +429,15 @@ mod tests {
     #[test]
     fn read_only_refuses_changes() {
         let dev = MemDevice::new_read_only(8192, b"hello").unwrap();
-        assert!(matches!(dev.write(0, b"x", false), Err(VolumeError::ReadOnly)));
+        assert!(matches!(
+            dev.write(0, b"x", false),
+            Err(VolumeError::ReadOnly)
+        ));
         assert!(matches!(dev.trim(0, 1), Err(VolumeError::ReadOnly)));
-        assert!(matches!(dev.write_zeroes(0, 1, false, false), Err(VolumeError::ReadOnly)));
+        assert!(matches!(
+            dev.write_zeroes(0, 1, false, false),
+            Err(VolumeError::ReadOnly)
+        ));
         let mut b = [0u8; 5];
         dev.read(0, &mut b).unwrap();
         assert_eq!(&b, b"hello");
@@ -395,7 +463,11 @@ mod tests {
         let mut buf = [0u8; 4096];
         dev.read(0, &mut buf).unwrap();
         for t in 0..4usize {
-            assert!(buf[t * 1024..(t + 1) * 1024].iter().all(|&b| b == t as u8 + 1));
+            assert!(
+                buf[t * 1024..(t + 1) * 1024]
+                    .iter()
+                    .all(|&b| b == t as u8 + 1)
+            );
         }
     }
 }

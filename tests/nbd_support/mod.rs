@@ -42,7 +42,11 @@ impl TestServer {
     }
 
     /// `blocking_threads` bounds the runtime's blocking pool (where volume calls run).
-    pub fn start_with_pool(exports: Vec<Export>, config: ServerConfig, blocking_threads: usize) -> Self {
+    pub fn start_with_pool(
+        exports: Vec<Export>,
+        config: ServerConfig,
+        blocking_threads: usize,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .max_blocking_threads(blocking_threads)
@@ -72,7 +76,16 @@ impl TestServer {
                 .await;
             let _ = done_tx.send(r);
         });
-        Self { dir, sock, tcp, stats, exports: table, stop: Some(stop_tx), done: Some(done_rx), rt: Some(rt) }
+        Self {
+            dir,
+            sock,
+            tcp,
+            stats,
+            exports: table,
+            stop: Some(stop_tx),
+            done: Some(done_rx),
+            rt: Some(rt),
+        }
     }
 
     pub fn uri(&self, export: &str) -> String {
@@ -156,7 +169,10 @@ pub struct HookDevice {
 }
 
 impl HookDevice {
-    pub fn new(size: u64, hook: impl Fn(Call, u64, u64) -> Result<(), VolumeError> + Send + Sync + 'static) -> Self {
+    pub fn new(
+        size: u64,
+        hook: impl Fn(Call, u64, u64) -> Result<(), VolumeError> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             mem: MemDevice::new(size),
             hook: Box::new(hook),
@@ -170,7 +186,13 @@ impl HookDevice {
         self.inside.load(Ordering::SeqCst)
     }
 
-    fn enter<T>(&self, call: Call, offset: u64, len: u64, f: impl FnOnce() -> Result<T, VolumeError>) -> Result<T, VolumeError> {
+    fn enter<T>(
+        &self,
+        call: Call,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce() -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak_inside.fetch_max(now, Ordering::SeqCst);
@@ -189,7 +211,9 @@ impl BlockDevice for HookDevice {
         self.enter(Call::Read, offset, len, || self.mem.read(offset, buf))
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
-        self.enter(Call::Write, offset, data.len() as u64, || self.mem.write(offset, data, fua))
+        self.enter(Call::Write, offset, data.len() as u64, || {
+            self.mem.write(offset, data, fua)
+        })
     }
     fn flush(&self) -> Result<(), VolumeError> {
         self.enter(Call::Flush, 0, 0, || self.mem.flush())
@@ -197,11 +221,21 @@ impl BlockDevice for HookDevice {
     fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.enter(Call::Trim, offset, len, || self.mem.trim(offset, len))
     }
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError> {
-        self.enter(Call::WriteZeroes, offset, len, || self.mem.write_zeroes(offset, len, no_hole, fua))
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.enter(Call::WriteZeroes, offset, len, || {
+            self.mem.write_zeroes(offset, len, no_hole, fua)
+        })
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
-        self.enter(Call::BlockStatus, offset, len, || self.mem.block_status(offset, len))
+        self.enter(Call::BlockStatus, offset, len, || {
+            self.mem.block_status(offset, len)
+        })
     }
 }
 
@@ -318,7 +352,11 @@ impl Raw {
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        Self { s: Sock::Unix(s), pending_reads: HashMap::new(), next_cookie: 1 }
+        Self {
+            s: Sock::Unix(s),
+            pending_reads: HashMap::new(),
+            next_cookie: 1,
+        }
     }
 
     pub fn tcp(addr: SocketAddr) -> Self {
@@ -326,7 +364,11 @@ impl Raw {
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
-        Self { s: Sock::Tcp(s), pending_reads: HashMap::new(), next_cookie: 1 }
+        Self {
+            s: Sock::Tcp(s),
+            pending_reads: HashMap::new(),
+            next_cookie: 1,
+        }
     }
 
     pub fn read_exact_vec(&mut self, n: usize) -> Vec<u8> {
@@ -353,7 +395,10 @@ impl Raw {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe),
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
         }
     }
 
@@ -410,7 +455,10 @@ impl Raw {
             assert_eq!(r[0].kind, wire::REP_ACK);
         }
         if meta {
-            let r = self.opt(wire::OPT_SET_META_CONTEXT, &meta_payload(name, &["base:allocation"]));
+            let r = self.opt(
+                wire::OPT_SET_META_CONTEXT,
+                &meta_payload(name, &["base:allocation"]),
+            );
             assert_eq!(r.len(), 2, "{r:?}");
             assert_eq!(r[0].kind, wire::REP_META_CONTEXT);
         }
@@ -432,11 +480,27 @@ impl Raw {
     }
 
     /// Sends a request (and its payload, which may differ from `len` to test bad clients).
-    pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         if kind == 0 {
             self.pending_reads.insert(cookie, len);
         }
-        let mut b = Request { flags, kind, cookie, offset, len }.encode().to_vec();
+        let mut b = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len,
+        }
+        .encode()
+        .to_vec();
         b.extend_from_slice(payload);
         self.send(&b);
     }
@@ -448,10 +512,28 @@ impl Raw {
             let error = self.u32();
             let cookie = self.u64();
             let len = self.pending_reads.remove(&cookie).unwrap_or(0);
-            let data = if error == 0 { self.read_exact_vec(len as usize) } else { Vec::new() };
-            return Reply { cookie, error, data, chunks: Vec::new(), simple: true, message: String::new() };
+            let data = if error == 0 {
+                self.read_exact_vec(len as usize)
+            } else {
+                Vec::new()
+            };
+            return Reply {
+                cookie,
+                error,
+                data,
+                chunks: Vec::new(),
+                simple: true,
+                message: String::new(),
+            };
         }
-        let mut reply = Reply { cookie: 0, error: 0, data: Vec::new(), chunks: Vec::new(), simple: false, message: String::new() };
+        let mut reply = Reply {
+            cookie: 0,
+            error: 0,
+            data: Vec::new(),
+            chunks: Vec::new(),
+            simple: false,
+            message: String::new(),
+        };
         let mut magic = magic;
         loop {
             assert_eq!(magic, wire::STRUCTURED_REPLY_MAGIC, "reply magic");
@@ -469,7 +551,11 @@ impl Raw {
                 }
                 _ => {}
             }
-            reply.chunks.push(Chunk { flags, kind, payload });
+            reply.chunks.push(Chunk {
+                flags,
+                kind,
+                payload,
+            });
             if flags & wire::REPLY_FLAG_DONE != 0 {
                 self.pending_reads.remove(&reply.cookie);
                 return reply;
@@ -493,7 +579,11 @@ impl Raw {
 
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
         let r = self.call(0, 0, offset, len, &[]);
-        if r.error == 0 { Ok(r.data) } else { Err(r.error) }
+        if r.error == 0 {
+            Ok(r.data)
+        } else {
+            Err(r.error)
+        }
     }
 
     /// Sends NBD_CMD_DISC.
@@ -535,7 +625,12 @@ pub fn block_status_descriptors(chunk: &Chunk) -> (u32, Vec<(u32, u32)>) {
     let id = u32::from_be_bytes(p[0..4].try_into().unwrap());
     let d = p[4..]
         .chunks(8)
-        .map(|c| (u32::from_be_bytes(c[0..4].try_into().unwrap()), u32::from_be_bytes(c[4..8].try_into().unwrap())))
+        .map(|c| {
+            (
+                u32::from_be_bytes(c[0..4].try_into().unwrap()),
+                u32::from_be_bytes(c[4..8].try_into().unwrap()),
+            )
+        })
         .collect();
     (id, d)
 }
@@ -545,6 +640,10 @@ pub fn block_status_descriptors(chunk: &Chunk) -> (u32, Vec<(u32, u32)>) {
 pub fn same(got: &[u8], want: &[u8]) {
     if got != want {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
-        panic!("bytes differ: got {} bytes, want {}; first difference at {at:?}", got.len(), want.len());
+        panic!(
+            "bytes differ: got {} bytes, want {}; first difference at {at:?}",
+            got.len(),
+            want.len()
+        );
     }
 }
