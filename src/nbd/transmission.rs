@@ -26,6 +26,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -63,6 +64,8 @@ struct Conn<W> {
     flags: u16,
     /// Set once the client is known to be gone; requests that have not started are dropped.
     gone: watch::Sender<bool>,
+    /// Set once a reply write failed: the stream may hold a partial frame, write nothing more.
+    dead: AtomicBool,
     stats: Arc<ServerStats>,
     config: ServerConfig,
 }
@@ -72,11 +75,13 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
         *self.gone.borrow()
     }
 
-    /// Writes one complete reply frame; a failure or time-out marks the client gone.
+    /// Writes one complete reply frame; a failure or time-out marks the client gone. After the
+    /// reader saw EOF, replies of requests that did run are still attempted: a client that
+    /// only shut down its sending side still gets them.
     async fn send(&self, frame: &[u8]) -> io::Result<()> {
         let mut w = self.writer.lock().await;
-        if self.is_gone() {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "client gone"));
+        if self.dead.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "an earlier reply failed"));
         }
         let res = tokio::time::timeout(self.config.reply_write_timeout, async {
             w.write_all(frame).await?;
@@ -90,6 +95,7 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
             ))
         });
         if res.is_err() {
+            self.dead.store(true, Ordering::Relaxed);
             self.gone.send_replace(true);
         }
         res
@@ -303,6 +309,7 @@ pub async fn run<R, W>(
         base_allocation: neg.base_allocation,
         flags: neg.flags,
         gone: watch::Sender::new(false),
+        dead: AtomicBool::new(false),
         stats,
         config,
     });
@@ -412,7 +419,7 @@ pub async fn run<R, W>(
     // Every request task holds a slot until its reply is written: taking all of them waits
     // for the requests in flight.
     let _all = slots.acquire_many(max_requests).await;
-    if !conn.is_gone() {
+    if !conn.dead.load(Ordering::Relaxed) {
         let mut w = conn.writer.lock().await;
         let _ = tokio::time::timeout(conn.config.reply_write_timeout, w.shutdown()).await;
     }
