@@ -377,7 +377,7 @@ fn fua_and_flush_make_writes_durable() {
     assert_eq!(c.call(FLUSH, 0, 0, 0, &[]).error, 0);
     assert_eq!(dev.flush_count(), 1);
     dev.crash();
-    same(&c.read(0, 100).unwrap(), &vec![3; 100]); // flushed write survived
+    same(&c.read(0, 100).unwrap(), &[3; 100]); // flushed write survived
     // TRIM with FUA is durable too.
     assert_eq!(c.call(TRIM, wire::CMD_FLAG_FUA, 8192, 4096, &[]).error, 0);
     dev.crash();
@@ -546,7 +546,7 @@ fn bad_requests_get_the_spec_errors() {
     assert_eq!(c.read(0, 32 * 1024 * 1024 + 1), Err(wire::EINVAL));
     // Block status without negotiation.
     assert_eq!(c.call(BLOCK_STATUS, 0, 0, 1, &[]).error, wire::EINVAL);
-    same(&c.read(0, 3).unwrap(), &vec![0; 3]); // nothing was written by refused requests
+    same(&c.read(0, 3).unwrap(), &[0; 3]); // nothing was written by refused requests
     assert_eq!(srv.stats.connections_open(), 1);
 }
 

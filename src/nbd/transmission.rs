@@ -81,7 +81,10 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
     async fn send(&self, frame: &[u8]) -> io::Result<()> {
         let mut w = self.writer.lock().await;
         if self.dead.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "an earlier reply failed"));
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier reply failed",
+            ));
         }
         let res = tokio::time::timeout(self.config.reply_write_timeout, async {
             w.write_all(frame).await?;

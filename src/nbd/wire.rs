@@ -491,7 +491,7 @@ mod tests {
         let long = "é".repeat(3000); // 6000 bytes, 2-byte chars
         let v = structured_error(1, EIO, &long, None);
         let msg_len = u16::from_be_bytes([v[24], v[25]]) as usize;
-        assert!(msg_len <= MAX_STRING && msg_len % 2 == 0);
+        assert!(msg_len <= MAX_STRING && msg_len.is_multiple_of(2));
         assert!(std::str::from_utf8(&v[26..26 + msg_len]).is_ok());
     }
 
