@@ -402,3 +402,25 @@ fn a_client_that_stops_reading_replies_is_cut_off() {
     assert_eq!(srv.stats.bytes_in_flight(), 0);
     assert!(srv.stats.peak_bytes_in_flight() <= 8 * MIB);
 }
+
+#[test]
+fn shutdown_is_not_held_up_by_a_client_stalled_mid_payload() {
+    let mut srv = TestServer::start(vec![Export::new("vol0", mem(MIB))], ServerConfig::default());
+    let mut c = Raw::unix(&srv.sock);
+    c.go("vol0", false, false);
+    c.request(WRITE, 0, 77, 0, 65536, &[1; 100]);
+    assert!(wait_until(Duration::from_secs(5), || srv
+        .stats
+        .bytes_in_flight()
+        == 65536));
+    let t = Instant::now();
+    srv.shutdown(Duration::from_secs(5)).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let r = c.reply();
+    assert_eq!((r.cookie, r.error), (77, wire::ESHUTDOWN));
+    assert!(c.is_closed());
+}

@@ -355,8 +355,14 @@ pub async fn run<R, W>(
                 if cmd == Some(Command::Write) {
                     if req.len > wire::MAX_PAYLOAD {
                         end = Some(End::Unsyncable);
-                    } else if let Err(e) = discard(&mut reader, req.len as u64).await {
-                        break End::Vanished(e);
+                    } else {
+                        match unless_shutdown(&mut shutdown, discard(&mut reader, req.len as u64))
+                            .await
+                        {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => break End::Vanished(e),
+                            None => break End::Shutdown,
+                        }
                     }
                 }
                 let frame = conn.error_frame(req.cookie, refusal.error, &refusal.message, None);
@@ -371,24 +377,40 @@ pub async fn run<R, W>(
         };
 
         // Back-pressure: wait for a slot and for the bytes before reading or allocating anything
-        // more. The semaphores are never closed, so acquiring cannot fail.
+        // more. A shutdown that arrives meanwhile answers this request NBD_ESHUTDOWN. (The
+        // semaphores are never closed, so acquiring fails only by being interrupted.)
         let cost = op.buffer_bytes();
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            unreachable!("never closed")
-        };
         let permits = cost.min(max_bytes as u64) as u32;
-        let Ok(budget) = bytes.clone().acquire_many_owned(permits).await else {
-            unreachable!("never closed")
+        let acquired = unless_shutdown(&mut shutdown, async {
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            let budget = bytes.clone().acquire_many_owned(permits).await.ok()?;
+            Some((slot, budget))
+        })
+        .await
+        .flatten();
+        let Some(budget) = acquired else {
+            let frame = conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
+            let _ = conn.send(&frame).await;
+            break End::Shutdown;
         };
         conn.stats.hold_bytes(cost);
 
         let payload = if let Op::Write { len, .. } = op {
             let mut buf = vec![0u8; len as usize];
-            if let Err(e) = reader.read_exact(&mut buf).await {
-                conn.stats.release_bytes(cost);
-                break End::Vanished(e);
+            match unless_shutdown(&mut shutdown, reader.read_exact(&mut buf)).await {
+                Some(Ok(_)) => buf,
+                Some(Err(e)) => {
+                    conn.stats.release_bytes(cost);
+                    break End::Vanished(e);
+                }
+                None => {
+                    conn.stats.release_bytes(cost);
+                    let frame =
+                        conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
+                    let _ = conn.send(&frame).await;
+                    break End::Shutdown;
+                }
             }
-            buf
         } else {
             Vec::new()
         };
@@ -401,7 +423,7 @@ pub async fn run<R, W>(
             len = req.len
         );
         tokio::spawn(
-            complete(conn.clone(), req.cookie, op, payload, cost, (slot, budget)).instrument(span),
+            complete(conn.clone(), req.cookie, op, payload, cost, budget).instrument(span),
         );
     };
 
@@ -427,6 +449,19 @@ pub async fn run<R, W>(
         let _ = tokio::time::timeout(conn.config.reply_write_timeout, w.shutdown()).await;
     }
     info!("connection closed");
+}
+
+/// Runs `fut` unless the server starts shutting down first (then `None`): a client that stalls
+/// in the middle of a request cannot hold up shutdown.
+async fn unless_shutdown<F: Future>(
+    shutdown: &mut watch::Receiver<bool>,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|s| *s) => None,
+        out = fut => Some(out),
+    }
 }
 
 /// Reads and drops `len` bytes of a refused WRITE's payload without allocating them.
