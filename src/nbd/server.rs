@@ -303,3 +303,29 @@ pub async fn serve(
 ) -> io::Result<()> {
     Server::new(exports, config).run(listeners, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listener_from_inherited_fds() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let l = Listener::from_fd(OwnedFd::from(tcp)).unwrap();
+        assert!(matches!(l, Listener::Tcp(_)));
+        assert_eq!(l.describe(), format!("tcp:{addr}"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let l = Listener::from_fd(OwnedFd::from(unix)).unwrap();
+        assert_eq!(l.describe(), format!("unix:{}", path.display()));
+
+        // A bound but not listening socket, and a datagram socket, are refused.
+        let not_listening = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(Listener::from_fd(OwnedFd::from(not_listening)).is_err());
+        let dgram = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        assert!(Listener::from_fd(OwnedFd::from(dgram)).is_err());
+    }
+}
