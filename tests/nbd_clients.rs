@@ -318,3 +318,33 @@ fn qemu_img_and_nbdcopy_copies_compare_equal() {
     img[3_000_001] = b'!';
     same(&std::fs::read(&back).unwrap(), &img);
 }
+
+#[test]
+fn fio_random_writes_verify_at_queue_depth_32() {
+    if !have("fio") {
+        return;
+    }
+    let (srv, dev) = server();
+    let out = run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", srv.uri("vol0")),
+        "--rw=randwrite",
+        "--bsrange=512-64k",
+        "--size=4M",
+        "--iodepth=32",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--output-format=terse",
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        dev.allocated_blocks() > 900,
+        "fio wrote the export: {} blocks",
+        dev.allocated_blocks()
+    );
+    assert!(
+        srv.stats.peak_bytes_in_flight() > 64 * 1024,
+        "requests overlapped"
+    );
+}
