@@ -76,8 +76,10 @@ impl Default for ServerConfig {
 pub struct ServerStats {
     connections_accepted: AtomicU64,
     connections_open: AtomicU64,
+    connections_lost: AtomicU64,
     requests: AtomicU64,
     requests_skipped: AtomicU64,
+    slow_requests: AtomicU64,
     bytes_in_flight: AtomicU64,
     peak_bytes_in_flight: AtomicU64,
 }
@@ -91,6 +93,11 @@ impl ServerStats {
     pub fn connections_open(&self) -> u64 {
         self.connections_open.load(Ordering::Relaxed)
     }
+    /// Connections whose client vanished (EOF or reset without NBD_CMD_DISC, or replies not
+    /// taken); counted as soon as the server notices, before requests in flight finish.
+    pub fn connections_lost(&self) -> u64 {
+        self.connections_lost.load(Ordering::Relaxed)
+    }
     /// Transmission requests received (including refused ones).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -98,6 +105,10 @@ impl ServerStats {
     /// Requests never run because their connection was gone before they started.
     pub fn requests_skipped(&self) -> u64 {
         self.requests_skipped.load(Ordering::Relaxed)
+    }
+    /// Requests that ran longer than `ServerConfig::slow_request_warning`.
+    pub fn slow_requests(&self) -> u64 {
+        self.slow_requests.load(Ordering::Relaxed)
     }
     /// Payload bytes currently held for requests in flight, all connections together.
     pub fn bytes_in_flight(&self) -> u64 {
@@ -115,11 +126,17 @@ impl ServerStats {
     pub(crate) fn connection_closed(&self) {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
+    pub(crate) fn connection_lost(&self) {
+        self.connections_lost.fetch_add(1, Ordering::Relaxed);
+    }
     pub(crate) fn request_received(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn request_skipped(&self) {
         self.requests_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn slow_request(&self) {
+        self.slow_requests.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn hold_bytes(&self, n: u64) {
         let now = self.bytes_in_flight.fetch_add(n, Ordering::Relaxed) + n;

@@ -440,6 +440,7 @@ pub async fn run<R, W>(
     }
     if matches!(end, End::Vanished(_) | End::ReplyFailed) {
         conn.gone.send_replace(true);
+        conn.stats.connection_lost();
     }
     // Every request task holds a slot until its reply is written: taking all of them waits
     // for the requests in flight.
@@ -488,19 +489,27 @@ async fn complete<W: AsyncWrite + Unpin + Send + 'static>(
     let started = Instant::now();
     let job_conn = conn.clone();
     let span = Span::current();
-    let result = tokio::task::spawn_blocking(move || {
+    let mut job = tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
         // Last chance to drop the request if the client went away while it was queued.
         if job_conn.is_gone() {
             return None;
         }
         Some(execute(&job_conn, cookie, op, payload))
-    })
-    .await;
-    let elapsed = started.elapsed();
-    if elapsed >= conn.config.slow_request_warning {
-        warn!(elapsed_ms = elapsed.as_millis() as u64, "slow request");
-    }
+    });
+    // Warn while the request is still running, so that the log shows a stall before a kernel
+    // client's request timeout fires, and once more when it ends.
+    let warn_after = conn.config.slow_request_warning;
+    let result = tokio::select! {
+        r = &mut job => r,
+        _ = tokio::time::sleep(warn_after) => {
+            conn.stats.slow_request();
+            warn!(after_ms = warn_after.as_millis() as u64, "request still running");
+            let r = job.await;
+            warn!(elapsed_ms = started.elapsed().as_millis() as u64, "slow request finished");
+            r
+        }
+    };
     let frame = match result {
         Ok(Some(frame)) => frame,
         Ok(None) => {
