@@ -80,7 +80,7 @@ where
         }
         let option = r.read_u32().await?;
         let len = r.read_u32().await?;
-        debug!(option, len, "option");
+        debug!(option, name = wire::option_name(option), len, "option");
         if len > MAX_OPTION_LEN {
             if option != wire::OPT_EXPORT_NAME {
                 let msg = format!("option payload of {len} bytes exceeds {MAX_OPTION_LEN}");

@@ -162,7 +162,7 @@ impl Server {
             match tokio::task::spawn_blocking(move || dev.flush()).await {
                 Ok(Ok(())) => info!(export = %export.name, "flushed"),
                 Ok(Err(e)) => warn!(export = %export.name, "flush at shutdown failed: {e}"),
-                Err(e) => warn!(export = %export.name, "flush at shutdown panicked: {e}"),
+                Err(e) => warn!(export = %export.name, "flush at shutdown did not complete: {e}"),
             }
         }
         info!("server stopped");

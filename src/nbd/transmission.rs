@@ -523,10 +523,27 @@ async fn complete<W: AsyncWrite + Unpin + Send + 'static>(
             conn.error_frame(cookie, wire::EIO, "internal error", None)
         }
     };
-    if let Err(e) = conn.send(&frame).await {
-        debug!("reply not sent: {e}");
+    match conn.send(&frame).await {
+        Ok(()) => debug!(error = reply_error(&frame), "replied"),
+        Err(e) => debug!("reply not sent: {e}"),
     }
     conn.stats.release_bytes(cost);
+}
+
+/// The error field of a reply frame this module built, for logs (0 = success).
+fn reply_error(frame: &[u8]) -> u32 {
+    let word = |i: usize| u32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+    match word(0) {
+        wire::SIMPLE_REPLY_MAGIC => word(4),
+        _ => {
+            let kind = u16::from_be_bytes([frame[6], frame[7]]);
+            if kind & 0x8000 != 0 {
+                word(wire::STRUCTURED_HEADER_LEN)
+            } else {
+                0
+            }
+        }
+    }
 }
 
 /// Runs a validated request on the volume (on a blocking thread) and builds its reply frame.

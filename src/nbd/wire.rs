@@ -85,6 +85,24 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 
+/// The name the spec gives an option code, for logs.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        4 => "PEEK_EXPORT",
+        OPT_STARTTLS => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        11 => "EXTENDED_HEADERS",
+        _ => "unknown",
+    }
+}
+
 // Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;

@@ -109,6 +109,9 @@ impl Drop for TestServer {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+        if let Some(rx) = self.done.take() {
+            let _ = rx.recv_timeout(Duration::from_secs(2));
+        }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
