@@ -694,3 +694,120 @@ fn exports_can_appear_at_run_time() {
     srv.exports.set(vec![]).unwrap();
     same(&c.read(0, 2).unwrap(), b"ok");
 }
+
+/// Deterministic xorshift generator: the storm below is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn hostile_request_storm_never_corrupts_data() {
+    const DEV: u64 = 256 * 1024;
+    let dev = mem(DEV);
+    let srv = TestServer::start(
+        vec![Export::new("vol0", dev.clone())],
+        ServerConfig::default(),
+    );
+    let mut model = vec![0u8; DEV as usize];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let connect = |structured: bool| {
+        let mut c = Raw::unix(&srv.sock);
+        c.go("vol0", structured, structured);
+        c
+    };
+    let mut structured = false;
+    let mut c = connect(structured);
+    let mut closes = 0;
+    let mut tally = std::collections::BTreeMap::new();
+    for n in 0..1500u64 {
+        let kind = rng.pick(&[0u16, 0, 1, 1, 1, 3, 4, 4, 5, 6, 6, 7, 8, 9, 200]);
+        let flags = match rng.below(4) {
+            0 => rng.next() as u16,
+            1 => rng.pick(&[
+                wire::CMD_FLAG_FUA,
+                wire::CMD_FLAG_NO_HOLE,
+                wire::CMD_FLAG_FAST_ZERO,
+            ]),
+            _ => 0,
+        };
+        let offset = match rng.below(5) {
+            0 => DEV - rng.below(8),
+            1 => u64::MAX - rng.below(4096),
+            _ => rng.below(DEV),
+        };
+        let len = match rng.below(8) {
+            0 => 0,
+            1 if kind == WRITE => wire::MAX_PAYLOAD + 1 + rng.below(1 << 20) as u32,
+            1 => rng.next() as u32,
+            _ => 1 + rng.below(20_000) as u32,
+        };
+        let (offset, len) = if kind == FLUSH && rng.below(2) == 0 {
+            (0, 0)
+        } else {
+            (offset, len)
+        };
+        let payload: Vec<u8> = if kind == WRITE && len <= wire::MAX_PAYLOAD {
+            (0..len).map(|i| (i as u8) ^ (n as u8)).collect()
+        } else {
+            Vec::new()
+        };
+        let cookie = c.cookie();
+        c.request(kind, flags, cookie, offset, len, &payload);
+        let r = c.reply();
+        assert_eq!(r.cookie, cookie);
+        let allowed = [0, wire::EINVAL, wire::ENOSPC, wire::ENOTSUP];
+        assert!(allowed.contains(&r.error), "request {n}: error {}", r.error);
+        let end = offset.checked_add(len as u64);
+        let in_range = end.is_some_and(|e| e <= DEV);
+        if !in_range || kind > 7 {
+            assert_ne!(
+                r.error, 0,
+                "request {n} (kind {kind}, {offset}+{len}) must fail"
+            );
+        }
+        if kind == WRITE && len > wire::MAX_PAYLOAD {
+            assert_eq!(r.error, wire::EINVAL);
+            assert!(c.is_closed(), "an oversized WRITE ends the connection");
+            closes += 1;
+            structured = !structured;
+            c = connect(structured);
+            continue;
+        }
+        *tally.entry((kind, r.error)).or_insert(0u32) += 1;
+        if r.error != 0 {
+            continue;
+        }
+        let range = offset as usize..(offset + len as u64) as usize;
+        match kind {
+            READ => same(&r.data, &model[range]),
+            WRITE => model[range].copy_from_slice(&payload),
+            TRIM | WRITE_ZEROES => model[range].fill(0),
+            _ => {}
+        }
+    }
+    assert!(closes > 0, "the storm included oversized writes");
+    for kind in [READ, WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS] {
+        assert!(
+            tally.get(&(kind, 0)).is_some_and(|&n| n > 0),
+            "no command {kind} succeeded: {tally:?}"
+        );
+    }
+    let mut got = vec![0u8; DEV as usize];
+    dev.read(0, &mut got).unwrap();
+    same(&got, &model);
+    let mut c = connect(true);
+    same(&c.read(0, DEV as u32).unwrap(), &model);
+}
