@@ -325,7 +325,8 @@ fn fio_random_writes_verify_at_queue_depth_32() {
         return;
     }
     let (srv, dev) = server();
-    let out = run(Command::new("fio").args([
+    // fio leaves a verify state file in its working directory: keep it in the temp dir.
+    let out = run(Command::new("fio").current_dir(srv.dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri("vol0")),
