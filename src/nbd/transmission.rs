@@ -20,9 +20,11 @@
 //!   every request already read runs and is answered, then the connection closes. When the
 //!   client vanishes (EOF or error mid-stream) or stops taking replies for
 //!   `reply_write_timeout`, requests that have not started yet are dropped without running;
-//!   requests already inside the volume finish. See `docs/nbd.md` for why.
+//!   requests already inside the volume finish. See `docs/nbd.md` for why. At shutdown, a
+//!   request still waiting for budget or for its payload is answered `NBD_ESHUTDOWN`.
 //!
-//! Each request runs in a `nbd_request` tracing span carrying its cookie.
+//! Each request runs in a `nbd_request` tracing span carrying its cookie; a request still in
+//! the volume after `slow_request_warning` is logged while it runs, and again when it ends.
 
 use std::io;
 use std::sync::Arc;
