@@ -1,0 +1,744 @@
+//! Transmission phase: reading requests, running them on the volume, sending replies.
+//!
+//! Promises:
+//! - **Pipelining.** Requests of one connection run concurrently on the blocking pool (volume
+//!   calls block); each reply is sent as soon as its request completes, so replies can be out
+//!   of order. Reply frames are serialised by one fair mutex around the socket's write half;
+//!   one reply (all its chunks) is written under one lock hold.
+//! - **Bounded memory.** Before a request's buffer is allocated (write payload, read buffer,
+//!   block-status reply), the reader takes that many bytes from a per-connection budget
+//!   (`ServerConfig::max_in_flight_bytes`) and one slot from a request budget
+//!   (`max_requests_in_flight`); both come back when the reply has been written. When either
+//!   is exhausted the reader stops reading the socket, and the client is pushed back by flow
+//!   control. No allocation depends on a client-given size beyond `MAX_PAYLOAD`.
+//! - **Validation from the header.** Unknown commands, unknown or unadvertised flags, lengths
+//!   over the maximum, ranges past the end and changes to a read-only export are refused
+//!   before the volume sees them. A WRITE refused for any other reason has its payload read
+//!   and discarded so the stream stays in sync; a WRITE longer than `MAX_PAYLOAD` is refused
+//!   with `NBD_EINVAL` and the connection is then closed, since its payload cannot be skipped.
+//! - **Ending.** On `NBD_CMD_DISC`, a bad request magic or server shutdown, the reader stops,
+//!   every request already read runs and is answered, then the connection closes. When the
+//!   client vanishes (EOF or error mid-stream) or stops taking replies for
+//!   `reply_write_timeout`, requests that have not started yet are dropped without running;
+//!   requests already inside the volume finish. See `docs/nbd.md` for why. At shutdown, a
+//!   request still waiting for budget or for its payload is answered `NBD_ESHUTDOWN`.
+//!
+//! Each request runs in a `nbd_request` tracing span carrying its cookie; a request still in
+//! the volume after `slow_request_warning` is logged while it runs, and again when it ends.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
+use tracing::{Instrument, Span, debug, debug_span, info, warn};
+
+use super::config::{BLOCK_STATUS_MAX_EXTENTS, BLOCK_STATUS_MAX_QUERY, ServerConfig, ServerStats};
+use super::errors::{Refusal, error_offset};
+use super::export::Export;
+use super::handshake::Negotiated;
+use super::wire::{self, Command, Request};
+use crate::layout::BLOCK_SIZE_U64;
+use crate::volume::{Extent, VolumeError};
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum End {
+    Disc,
+    Shutdown,
+    BadMagic(u32),
+    /// A WRITE longer than the maximum payload: its data cannot be skipped.
+    Unsyncable,
+    /// EOF or read error: the client is gone.
+    Vanished(io::Error),
+    /// Writing a reply failed or timed out: the client is gone.
+    ReplyFailed,
+}
+
+/// State shared by the reader and the request tasks of one connection.
+struct Conn<W> {
+    writer: Mutex<W>,
+    export: Arc<Export>,
+    structured: bool,
+    base_allocation: Option<u32>,
+    flags: u16,
+    /// Set once the client is known to be gone; requests that have not started are dropped.
+    gone: watch::Sender<bool>,
+    /// Set once a reply write failed: the stream may hold a partial frame, write nothing more.
+    dead: AtomicBool,
+    stats: Arc<ServerStats>,
+    config: ServerConfig,
+}
+
+impl<W: AsyncWrite + Unpin> Conn<W> {
+    fn is_gone(&self) -> bool {
+        *self.gone.borrow()
+    }
+
+    /// Writes one complete reply frame; a failure or time-out marks the client gone. After the
+    /// reader saw EOF, replies of requests that did run are still attempted: a client that
+    /// only shut down its sending side still gets them.
+    async fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock().await;
+        if self.dead.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier reply failed",
+            ));
+        }
+        let res = tokio::time::timeout(self.config.reply_write_timeout, async {
+            w.write_all(frame).await?;
+            w.flush().await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "reply write timed out",
+            ))
+        });
+        if res.is_err() {
+            self.dead.store(true, Ordering::Relaxed);
+            self.gone.send_replace(true);
+        }
+        res
+    }
+
+    /// A complete error reply for `cookie`.
+    fn error_frame(&self, cookie: u64, error: u32, message: &str, offset: Option<u64>) -> Vec<u8> {
+        if self.structured {
+            wire::structured_error(cookie, error, message, offset)
+        } else {
+            wire::simple_reply(error, cookie)
+        }
+    }
+}
+
+/// A validated request, ready for the volume.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    },
+    Cache,
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+        context: u32,
+    },
+}
+
+impl Op {
+    fn command(&self) -> Command {
+        match self {
+            Op::Read { .. } => Command::Read,
+            Op::Write { .. } => Command::Write,
+            Op::Flush => Command::Flush,
+            Op::Trim { .. } => Command::Trim,
+            Op::WriteZeroes { .. } => Command::WriteZeroes,
+            Op::Cache => Command::Cache,
+            Op::BlockStatus { .. } => Command::BlockStatus,
+        }
+    }
+
+    /// Payload bytes this request holds in memory while in flight.
+    fn buffer_bytes(&self) -> u64 {
+        match *self {
+            Op::Read { len, .. } | Op::Write { len, .. } => len as u64,
+            Op::BlockStatus { len, .. } => {
+                let extents = (len as u64).min(BLOCK_STATUS_MAX_QUERY) / BLOCK_SIZE_U64 + 2;
+                8 * extents.min(BLOCK_STATUS_MAX_EXTENTS as u64) + 32
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// Checks a request against the header rules and the export; see the module docs.
+fn validate<W>(conn: &Conn<W>, req: &Request, cmd: Option<Command>) -> Result<Op, Refusal> {
+    let Some(cmd) = cmd else {
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!("unknown command type {}", req.kind),
+        ));
+    };
+    let bad = req.flags & !cmd.allowed_flags();
+    if bad != 0 {
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!("flags {bad:#x} are not valid for {}", cmd.name()),
+        ));
+    }
+    if cmd.modifies() && conn.export.read_only {
+        return Err(Refusal::from_volume(&VolumeError::ReadOnly, cmd));
+    }
+    for (flag, needs) in [
+        (wire::CMD_FLAG_FUA, wire::FLAG_SEND_FUA),
+        (wire::CMD_FLAG_DF, wire::FLAG_SEND_DF),
+        (wire::CMD_FLAG_FAST_ZERO, wire::FLAG_SEND_FAST_ZERO),
+    ] {
+        if req.flags & flag != 0 && conn.flags & needs == 0 {
+            return Err(Refusal::new(
+                wire::EINVAL,
+                format!("flag {flag:#x} was not negotiated"),
+            ));
+        }
+    }
+    let has = |f: u16| req.flags & f != 0;
+    let (offset, len) = (req.offset, req.len);
+    if matches!(cmd, Command::Read | Command::Write) && len > wire::MAX_PAYLOAD {
+        return Err(Refusal::new(
+            wire::EINVAL,
+            format!(
+                "length {len} exceeds the {} byte maximum",
+                wire::MAX_PAYLOAD
+            ),
+        ));
+    }
+    if cmd == Command::Flush {
+        if offset != 0 || len != 0 {
+            return Err(Refusal::new(
+                wire::EINVAL,
+                "FLUSH must have zero offset and length",
+            ));
+        }
+        return Ok(Op::Flush);
+    }
+    let size = conn.export.device.size();
+    if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+        let err = VolumeError::OutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        };
+        return Err(Refusal::from_volume(&err, cmd));
+    }
+    Ok(match cmd {
+        Command::Read => Op::Read { offset, len },
+        Command::Write => Op::Write {
+            offset,
+            len,
+            fua: has(wire::CMD_FLAG_FUA),
+        },
+        Command::Trim => Op::Trim {
+            offset,
+            len,
+            fua: has(wire::CMD_FLAG_FUA),
+        },
+        Command::Cache => Op::Cache,
+        Command::WriteZeroes => {
+            let no_hole = has(wire::CMD_FLAG_NO_HOLE);
+            if has(wire::CMD_FLAG_FAST_ZERO) && !fast_zero_possible(offset, len, no_hole) {
+                return Err(Refusal::new(
+                    wire::ENOTSUP,
+                    "zeroing this range is no faster than writing it",
+                ));
+            }
+            Op::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+                fua: has(wire::CMD_FLAG_FUA),
+            }
+        }
+        Command::BlockStatus => {
+            let Some(context) = conn.base_allocation else {
+                return Err(Refusal::new(
+                    wire::EINVAL,
+                    "no metadata context was negotiated",
+                ));
+            };
+            if len == 0 {
+                return Err(Refusal::new(wire::EINVAL, "BLOCK_STATUS of zero length"));
+            }
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one: has(wire::CMD_FLAG_REQ_ONE),
+                context,
+            }
+        }
+        Command::Flush | Command::Disc => unreachable!("handled above and by the reader"),
+    })
+}
+
+/// `NBD_CMD_FLAG_FAST_ZERO` policy: zeroing is fast only when the volume can drop whole blocks
+/// (no `NO_HOLE`) and the range covers at least one whole 4 KiB block; otherwise it would be a
+/// read-modify-write or a full write of zeros, no faster than a WRITE, so the spec wants
+/// `NBD_ENOTSUP` at once.
+fn fast_zero_possible(offset: u64, len: u32, no_hole: bool) -> bool {
+    let first_whole = offset.div_ceil(BLOCK_SIZE_U64);
+    let end_whole = (offset + len as u64) / BLOCK_SIZE_U64;
+    !no_hole && end_whole > first_whole
+}
+
+/// Runs the transmission phase until the connection ends.
+pub async fn run<R, W>(
+    mut reader: R,
+    writer: W,
+    neg: Negotiated,
+    stats: Arc<ServerStats>,
+    config: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max_requests = config.max_requests_in_flight.max(1);
+    let max_bytes = config.max_in_flight_bytes.max(1);
+    let conn = Arc::new(Conn {
+        writer: Mutex::new(writer),
+        export: neg.export,
+        structured: neg.structured,
+        base_allocation: neg.base_allocation,
+        flags: neg.flags,
+        gone: watch::Sender::new(false),
+        dead: AtomicBool::new(false),
+        stats,
+        config,
+    });
+    let slots = Arc::new(Semaphore::new(max_requests as usize));
+    let bytes = Arc::new(Semaphore::new(max_bytes as usize));
+    let mut gone = conn.gone.subscribe();
+
+    let end = loop {
+        let mut hdr = [0u8; wire::REQUEST_LEN];
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break End::Shutdown,
+            _ = gone.wait_for(|g| *g) => break End::ReplyFailed,
+            r = reader.read_exact(&mut hdr) => r,
+        };
+        if let Err(e) = read {
+            break End::Vanished(e);
+        }
+        let req = match Request::decode(&hdr) {
+            Ok(r) => r,
+            Err(wire::BadMagic(m)) => break End::BadMagic(m),
+        };
+        conn.stats.request_received();
+        let cmd = Command::from_wire(req.kind);
+        if cmd == Some(Command::Disc) {
+            break End::Disc;
+        }
+
+        let op = match validate(&conn, &req, cmd) {
+            Ok(op) => op,
+            Err(refusal) => {
+                debug!(
+                    cookie = req.cookie,
+                    kind = req.kind,
+                    error = refusal.error,
+                    "refused: {}",
+                    refusal.message
+                );
+                let mut end = None;
+                if cmd == Some(Command::Write) {
+                    if req.len > wire::MAX_PAYLOAD {
+                        end = Some(End::Unsyncable);
+                    } else {
+                        match unless_shutdown(&mut shutdown, discard(&mut reader, req.len as u64))
+                            .await
+                        {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => break End::Vanished(e),
+                            None => break End::Shutdown,
+                        }
+                    }
+                }
+                let frame = conn.error_frame(req.cookie, refusal.error, &refusal.message, None);
+                if conn.send(&frame).await.is_err() {
+                    break End::ReplyFailed;
+                }
+                match end {
+                    Some(end) => break end,
+                    None => continue,
+                }
+            }
+        };
+
+        // Back-pressure: wait for a slot and for the bytes before reading or allocating anything
+        // more. A shutdown that arrives meanwhile answers this request NBD_ESHUTDOWN. (The
+        // semaphores are never closed, so acquiring fails only by being interrupted.)
+        let cost = op.buffer_bytes();
+        let permits = cost.min(max_bytes as u64) as u32;
+        let acquired = unless_shutdown(&mut shutdown, async {
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            let budget = bytes.clone().acquire_many_owned(permits).await.ok()?;
+            Some((slot, budget))
+        })
+        .await
+        .flatten();
+        let Some(budget) = acquired else {
+            let frame = conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
+            let _ = conn.send(&frame).await;
+            break End::Shutdown;
+        };
+        conn.stats.hold_bytes(cost);
+
+        let payload = if let Op::Write { len, .. } = op {
+            let mut buf = vec![0u8; len as usize];
+            match unless_shutdown(&mut shutdown, reader.read_exact(&mut buf)).await {
+                Some(Ok(_)) => buf,
+                Some(Err(e)) => {
+                    conn.stats.release_bytes(cost);
+                    break End::Vanished(e);
+                }
+                None => {
+                    conn.stats.release_bytes(cost);
+                    let frame =
+                        conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
+                    let _ = conn.send(&frame).await;
+                    break End::Shutdown;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+
+        let span = debug_span!(
+            "nbd_request",
+            cookie = req.cookie,
+            cmd = op.command().name(),
+            offset = req.offset,
+            len = req.len
+        );
+        tokio::spawn(
+            complete(conn.clone(), req.cookie, op, payload, cost, budget).instrument(span),
+        );
+    };
+
+    match &end {
+        End::Vanished(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            info!("client closed the connection without NBD_CMD_DISC")
+        }
+        End::Vanished(e) => info!("connection lost: {e}"),
+        End::ReplyFailed => info!("client stopped taking replies"),
+        End::BadMagic(m) => warn!("bad request magic {m:#010x}: closing"),
+        End::Unsyncable => warn!("WRITE longer than the maximum payload: closing"),
+        End::Disc => debug!("NBD_CMD_DISC"),
+        End::Shutdown => info!("server shutting down: finishing requests in flight"),
+    }
+    if matches!(end, End::Vanished(_) | End::ReplyFailed) {
+        conn.gone.send_replace(true);
+        conn.stats.connection_lost();
+    }
+    // Every request task holds a slot until its reply is written: taking all of them waits
+    // for the requests in flight.
+    let _all = slots.acquire_many(max_requests).await;
+    if !conn.dead.load(Ordering::Relaxed) {
+        let mut w = conn.writer.lock().await;
+        let _ = tokio::time::timeout(conn.config.reply_write_timeout, w.shutdown()).await;
+    }
+    info!("connection closed");
+}
+
+/// Runs `fut` unless the server starts shutting down first (then `None`): a client that stalls
+/// in the middle of a request cannot hold up shutdown.
+async fn unless_shutdown<F: Future>(
+    shutdown: &mut watch::Receiver<bool>,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|s| *s) => None,
+        out = fut => Some(out),
+    }
+}
+
+/// Reads and drops `len` bytes of a refused WRITE's payload without allocating them.
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "EOF inside a WRITE payload",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one request on the volume and sends its reply; releases its budget at the end.
+async fn complete<W: AsyncWrite + Unpin + Send + 'static>(
+    conn: Arc<Conn<W>>,
+    cookie: u64,
+    op: Op,
+    payload: Vec<u8>,
+    cost: u64,
+    _budget: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) {
+    let started = Instant::now();
+    let job_conn = conn.clone();
+    let span = Span::current();
+    let mut job = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        // Last chance to drop the request if the client went away while it was queued.
+        if job_conn.is_gone() {
+            return None;
+        }
+        Some(execute(&job_conn, cookie, op, payload))
+    });
+    // Warn while the request is still running, so that the log shows a stall before a kernel
+    // client's request timeout fires, and once more when it ends.
+    let warn_after = conn.config.slow_request_warning;
+    let result = tokio::select! {
+        r = &mut job => r,
+        _ = tokio::time::sleep(warn_after) => {
+            conn.stats.slow_request();
+            warn!(after_ms = warn_after.as_millis() as u64, "request still running");
+            let r = job.await;
+            warn!(elapsed_ms = started.elapsed().as_millis() as u64, "slow request finished");
+            r
+        }
+    };
+    let frame = match result {
+        Ok(Some(frame)) => frame,
+        Ok(None) => {
+            conn.stats.request_skipped();
+            debug!("dropped: client gone before the request started");
+            conn.stats.release_bytes(cost);
+            return;
+        }
+        Err(e) => {
+            warn!("request task failed: {e}");
+            conn.error_frame(cookie, wire::EIO, "internal error", None)
+        }
+    };
+    match conn.send(&frame).await {
+        Ok(()) => debug!(error = reply_error(&frame), "replied"),
+        Err(e) => debug!("reply not sent: {e}"),
+    }
+    conn.stats.release_bytes(cost);
+}
+
+/// The error field of a reply frame this module built, for logs (0 = success).
+fn reply_error(frame: &[u8]) -> u32 {
+    let word = |i: usize| u32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+    match word(0) {
+        wire::SIMPLE_REPLY_MAGIC => word(4),
+        _ => {
+            let kind = u16::from_be_bytes([frame[6], frame[7]]);
+            if kind & 0x8000 != 0 {
+                word(wire::STRUCTURED_HEADER_LEN)
+            } else {
+                0
+            }
+        }
+    }
+}
+
+/// Runs a validated request on the volume (on a blocking thread) and builds its reply frame.
+fn execute<W: AsyncWrite + Unpin>(
+    conn: &Conn<W>,
+    cookie: u64,
+    op: Op,
+    payload: Vec<u8>,
+) -> Vec<u8> {
+    let dev = &*conn.export.device;
+    let cmd = op.command();
+    let ok = || {
+        // Replies without data may be simple even when structured replies are on.
+        wire::simple_reply(0, cookie)
+    };
+    let (res, offset, len) = match op {
+        Op::Read { offset, len } => return read(conn, cookie, offset, len),
+        Op::Write { offset, len, fua } => {
+            (dev.write(offset, &payload, fua).map(|_| ok()), offset, len)
+        }
+        Op::Flush => (dev.flush().map(|_| ok()), 0, 0),
+        Op::Trim { offset, len, fua } => {
+            let r = dev
+                .trim(offset, len as u64)
+                .and_then(|_| if fua { dev.flush() } else { Ok(()) });
+            (r.map(|_| ok()), offset, len)
+        }
+        Op::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        } => (
+            dev.write_zeroes(offset, len as u64, no_hole, fua)
+                .map(|_| ok()),
+            offset,
+            len,
+        ),
+        // The volume has no cache to warm: CACHE is an accepted hint that changes nothing.
+        Op::Cache => (Ok(ok()), 0, 0),
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+            context,
+        } => {
+            let query = (len as u64).min(BLOCK_STATUS_MAX_QUERY);
+            let r = dev.block_status(offset, query).map(|ext| {
+                wire::block_status_chunk(cookie, context, &descriptors(&ext, query, req_one))
+            });
+            (r, offset, len)
+        }
+    };
+    res.unwrap_or_else(|e| volume_error_frame(conn, cookie, cmd, &e, offset, len))
+}
+
+fn volume_error_frame<W: AsyncWrite + Unpin>(
+    conn: &Conn<W>,
+    cookie: u64,
+    cmd: Command,
+    err: &VolumeError,
+    offset: u64,
+    len: u32,
+) -> Vec<u8> {
+    let refusal = Refusal::from_volume(err, cmd);
+    debug!(error = refusal.error, "volume error: {err}");
+    let at = if cmd == Command::Flush {
+        None
+    } else {
+        error_offset(err, offset, len as u64)
+    };
+    conn.error_frame(cookie, refusal.error, &refusal.message, at)
+}
+
+/// READ: one buffer holds the reply header followed by the data, so the frame is written in
+/// one piece. Structured replies use one `OFFSET_DATA` chunk (which also satisfies DF).
+fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    if len == 0 {
+        return if conn.structured {
+            wire::structured_done(cookie)
+        } else {
+            wire::simple_reply(0, cookie)
+        };
+    }
+    let prefix = if conn.structured {
+        wire::OFFSET_DATA_PREFIX
+    } else {
+        wire::SIMPLE_REPLY_LEN
+    };
+    let mut frame = vec![0u8; prefix + len as usize];
+    if let Err(e) = conn.export.device.read(offset, &mut frame[prefix..]) {
+        return volume_error_frame(conn, cookie, Command::Read, &e, offset, len);
+    }
+    if conn.structured {
+        wire::structured_header(
+            &mut frame,
+            wire::REPLY_FLAG_DONE,
+            wire::REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            8 + len,
+        );
+        frame[wire::STRUCTURED_HEADER_LEN..prefix].copy_from_slice(&offset.to_be_bytes());
+    } else {
+        wire::simple_reply_header(&mut frame, 0, cookie);
+    }
+    frame
+}
+
+/// `base:allocation` descriptors for extents of a query of `query` bytes: holes read as zeros
+/// (`HOLE | ZERO`), everything else is reported as allocated (0). Runs of equal status are
+/// merged, zero-length extents dropped, the total cut to the query, and the count capped.
+fn descriptors(extents: &[Extent], query: u64, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = query;
+    for e in extents {
+        if left == 0 {
+            break;
+        }
+        let n = e.len.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        let flags = if e.hole {
+            wire::STATE_HOLE | wire::STATE_ZERO
+        } else {
+            0
+        };
+        match out.last_mut() {
+            // query ≤ BLOCK_STATUS_MAX_QUERY < 2^32, so sums fit in u32.
+            Some(last) if last.1 == flags => last.0 += n as u32,
+            _ => {
+                if out.len() == BLOCK_STATUS_MAX_EXTENTS {
+                    break;
+                }
+                out.push((n as u32, flags));
+            }
+        }
+    }
+    if out.is_empty() {
+        // A device that reports nothing: "allocated" is always a safe answer.
+        out.push((query as u32, 0));
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_zero_needs_a_whole_block_and_holes() {
+        assert!(fast_zero_possible(0, 4096, false));
+        assert!(fast_zero_possible(100, 8192, false));
+        assert!(!fast_zero_possible(100, 4096, false));
+        assert!(!fast_zero_possible(0, 4095, false));
+        assert!(!fast_zero_possible(0, 1 << 20, true));
+    }
+
+    #[test]
+    fn descriptors_merge_cut_and_req_one() {
+        let ext = [
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+            Extent {
+                len: 0,
+                hole: false,
+            },
+            Extent {
+                len: 8192,
+                hole: false,
+            },
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+        ];
+        let h = wire::STATE_HOLE | wire::STATE_ZERO;
+        assert_eq!(
+            descriptors(&ext, 20480, false),
+            vec![(8192, h), (8192, 0), (4096, h)]
+        );
+        assert_eq!(descriptors(&ext, 10000, false), vec![(8192, h), (1808, 0)]);
+        assert_eq!(descriptors(&ext, 20480, true), vec![(8192, h)]);
+        assert_eq!(descriptors(&[], 512, false), vec![(512, 0)]);
+    }
+}
