@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use shardvol::pool::{self, CreateOptions, DiskSpec};
 
 #[derive(Parser)]
-#[command(name = "shardvol", version, about = "Encrypted, erasure-coded, self-healing block volumes served over NBD")]
+#[command(name = "shardvol", version, about = "Encrypted, erasure-coded, self-healing block volumes served over NBD", arg_required_else_help = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -71,7 +71,7 @@ struct CreateArgs {
     journal_size: u64,
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 struct ServeArgs {
     /// Pool directory.
     #[arg(long)]
@@ -82,7 +82,21 @@ struct ServeArgs {
     /// A directory of share files (share-*.txt).
     #[arg(long)]
     share_dir: Option<PathBuf>,
+    /// TCP address to listen on; repeat for several. Default 127.0.0.1:10809 unless --socket
+    /// is given. Ignored under systemd socket activation.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Unix socket path to listen on.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Export every volume read-only: writes, trims and zeroes get EPERM.
+    #[arg(long)]
+    read_only: bool,
 }
+
+/// Directory of the demo pool that `shardvol serve` with no arguments uses.
+const DEMO_DIR: &str = "shardvol-data";
+const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 /// Parses sizes such as `4096`, `64K`, `1G`, `1GiB`, `10T` (binary units).
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -192,6 +206,129 @@ fn inspect(pool_dir: PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn demo_pool() -> Result<(PathBuf, Vec<PathBuf>)> {
+    let dir = std::env::current_dir()?.join(DEMO_DIR);
+    let share_dir = dir.join("shares");
+    if !pool::exists(&dir) {
+        eprintln!("creating the demo pool in {} (1 GiB volume vol0, 4+2 over 6 files, 3-of-5 shares)", dir.display());
+        pool::create(&CreateOptions {
+            pool: dir.clone(),
+            volume: "vol0".into(),
+            size: 1 << 30,
+            data: 4,
+            parity: 2,
+            chunk_size: 64 << 10,
+            disks: DiskSpec::Files(6),
+            shares: 5,
+            threshold: 3,
+            share_dir: share_dir.clone(),
+            journal_size: 128 << 20,
+        })
+        .context("cannot create the demo pool")?;
+    }
+    eprintln!();
+    eprintln!("  ************************************************************************");
+    eprintln!("  *  DEMO MODE: the key shares are kept beside the data in                *");
+    eprintln!("  *  {:<68}*", share_dir.display().to_string());
+    eprintln!("  *  Anyone who can read that directory can read the volume. This is for  *");
+    eprintln!("  *  trying shardvol only; see README.md to create a real pool.           *");
+    eprintln!("  ************************************************************************");
+    eprintln!();
+    Ok((dir.clone(), pool::shares_in(&share_dir)?))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: finishing requests in flight, then flushing");
+}
+
+fn serve(a: ServeArgs, demo: bool) -> Result<()> {
+    use shardvol::nbd::{self, Export, ExportTable, Listener, ServerConfig};
+    let (dir, mut shares, listen, socket) = if demo {
+        let (dir, shares) = demo_pool()?;
+        (dir.clone(), shares, vec![DEFAULT_LISTEN.to_string()], Some(dir.join("nbd.sock")))
+    } else {
+        let dir = a.pool.clone().context("--pool DIR is required (or run `shardvol serve` with no arguments for a demo)")?;
+        let listen = if a.listen.is_empty() && a.socket.is_none() { vec![DEFAULT_LISTEN.to_string()] } else { a.listen.clone() };
+        (dir, a.share.clone(), listen, a.socket.clone())
+    };
+    if let Some(d) = &a.share_dir {
+        shares.extend(pool::shares_in(d)?);
+    }
+    if shares.is_empty() {
+        bail!("no shares given: pass --share FILE once per share holder (or --share-dir DIR) to unlock the pool");
+    }
+    let p = pool::Pool::open(&dir, &shares).with_context(|| format!("cannot open pool {}", dir.display()))?;
+    let exports: Vec<Export> = p
+        .volumes
+        .values()
+        .map(|v| {
+            let r = v.record();
+            let g = r.geometry;
+            Export::new(v.name(), v.clone() as std::sync::Arc<dyn shardvol::volume::BlockDevice>)
+                .with_description(format!("shardvol {}+{} chunk {} KiB", g.k, g.m, g.chunk_size / 1024))
+                .with_read_only(a.read_only)
+        })
+        .collect();
+    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+    let table = std::sync::Arc::new(ExportTable::new(exports)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result: Result<()> = rt.block_on(async {
+        let mut listeners = nbd::listeners_from_systemd()?;
+        if listeners.is_empty() {
+            for addr in &listen {
+                listeners.push(Listener::bind_tcp(addr).await.with_context(|| format!("cannot listen on {addr}"))?);
+            }
+            if let Some(path) = &socket {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                }
+                listeners.push(Listener::bind_unix(path).with_context(|| format!("cannot listen on {}", path.display()))?);
+            }
+        }
+        for l in &listeners {
+            eprintln!("listening on {}", l.describe());
+        }
+        if demo {
+            let sock = socket.as_ref().map(|s| s.display().to_string()).unwrap_or_default();
+            eprintln!();
+            eprintln!("attach the demo volume with any of:");
+            eprintln!("  kernel:  modprobe nbd && nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 && mkfs.ext4 /dev/nbd0");
+            eprintln!("  qemu:    qemu-system-x86_64 -m 1G -drive file=nbd+unix:///vol0?socket={sock},format=raw ...");
+            eprintln!("  qemu-io: qemu-io -f raw 'nbd+unix:///vol0?socket={sock}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+            eprintln!("  fio:     fio --name=demo --ioengine=nbd --uri='nbd+unix:///vol0?socket={sock}' --rw=randrw --bs=4k --size=256M");
+            eprintln!();
+        }
+        let _ = nbd::sd_notify_ready();
+        eprintln!("ready: serving {}", names.join(", "));
+        nbd::serve(listeners, table, ServerConfig::default(), shutdown_signal()).await?;
+        Ok(())
+    });
+    if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    let closed = p.close().context("flushing the volumes at shutdown");
+    result?;
+    closed?;
+    eprintln!("stopped cleanly");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG").unwrap_or_else(|_| "info".into()))
@@ -201,7 +338,11 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::Create(a)) => create(a),
         Some(Command::Inspect { pool, json }) => inspect(pool, json),
-        Some(Command::Serve(_)) | None => bail!("serving is not available in this build"),
+        Some(Command::Serve(a)) => {
+            let demo = a.pool.is_none() && a.share.is_empty() && a.share_dir.is_none() && a.listen.is_empty() && a.socket.is_none() && !a.read_only;
+            serve(a, demo)
+        }
+        None => unreachable!("clap prints help when no command is given"),
     }
 }
 
