@@ -29,13 +29,13 @@ URI=$(server_uri)
 
 # ---------------------------------------------------------------------------------------------------
 step "nbdinfo: export list, size and flags"
-nbdinfo --list --json "nbd+unix:///?socket=$SERVER_SOCK" >"$WORK/list.json" ||
+bounded nbdinfo --list --json "nbd+unix:///?socket=$SERVER_SOCK" >"$WORK/list.json" ||
     die "nbdinfo --list failed"
 jq -e --arg n "$EXPORT" '[.exports[]."export-name"] | index($n) != null' "$WORK/list.json" >/dev/null ||
     die "export $EXPORT not in the list: $(jq -c '[.exports[]."export-name"]' "$WORK/list.json")"
 log "exports listed: $(jq -c '[.exports[]."export-name"]' "$WORK/list.json")"
 
-nbdinfo --json "$URI" >"$WORK/info.json" || die "nbdinfo $URI failed"
+bounded nbdinfo --json "$URI" >"$WORK/info.json" || die "nbdinfo $URI failed"
 got_size=$(jq -r '.exports[0]."export-size"' "$WORK/info.json")
 [[ "$got_size" == "$SIZE_BYTES" ]] || die "export size is $got_size, expected $SIZE_BYTES"
 for flag in can_multi_conn can_flush can_trim can_fua; do
@@ -48,10 +48,10 @@ log "size $got_size bytes; flags: $(jq -c '.exports[0] | with_entries(select(.ke
 step "nbdcopy: $COPY_SIZE of random data in and out"
 head -c "$COPY_BYTES" /dev/urandom >"$WORK/random.bin"
 t0=$SECONDS
-nbdcopy --flush "$WORK/random.bin" "$URI" || die "nbdcopy into the export failed"
+bounded nbdcopy --flush "$WORK/random.bin" "$URI" || die "nbdcopy into the export failed"
 log "copied in ($((SECONDS - t0))s)"
 t0=$SECONDS
-nbdcopy "$URI" "$WORK/out.bin" || die "nbdcopy out of the export failed"
+bounded nbdcopy "$URI" "$WORK/out.bin" || die "nbdcopy out of the export failed"
 log "copied out ($((SECONDS - t0))s)"
 out_size=$(stat -c %s "$WORK/out.bin")
 [[ "$out_size" == "$SIZE_BYTES" ]] || die "nbdcopy read $out_size bytes, expected $SIZE_BYTES"
@@ -63,7 +63,7 @@ log "read back identical; the rest reads as zeros"
 
 step "qemu-img compare: file vs export"
 # A shorter image compares as if padded with zeros, which the rest of the volume must be.
-qemu-img compare -f raw -F raw "$WORK/random.bin" "$URI" >"$WORK/compare.log" 2>&1 ||
+bounded qemu-img compare -f raw -F raw "$WORK/random.bin" "$URI" >"$WORK/compare.log" 2>&1 ||
     { cat "$WORK/compare.log" >&2; die "qemu-img compare reports a difference"; }
 log "qemu-img compare: $(grep -v Warning "$WORK/compare.log" | tr '\n' ' ')"
 rm -f "$WORK/random.bin"
@@ -87,7 +87,7 @@ for p in "${PATTERNS[@]}"; do
     wargs+=(-c "write -P $pat $off $len")
 done
 wargs+=(-c "write -z $((B + 9 * MiB + 100)) 20000" -c "flush")
-qemu-io -f raw "$URI" "${wargs[@]}" >"$WORK/qemu-io-write.log" 2>&1 ||
+bounded qemu-io -f raw "$URI" "${wargs[@]}" >"$WORK/qemu-io-write.log" 2>&1 ||
     { cat "$WORK/qemu-io-write.log" >&2; die "qemu-io writes failed"; }
 grep -qiE 'error|fail' "$WORK/qemu-io-write.log" &&
     { cat "$WORK/qemu-io-write.log" >&2; die "qemu-io reported an error while writing"; }
@@ -107,14 +107,14 @@ rargs=(
     -c "read -P 0 $((B + 71000)) 100"
     -c "read -P 0 $((B + 900 * 1000)) 4096"
 )
-qemu-io -f raw "$URI" "${rargs[@]}" >"$WORK/qemu-io-read.log" 2>&1 ||
+bounded qemu-io -f raw "$URI" "${rargs[@]}" >"$WORK/qemu-io-read.log" 2>&1 ||
     { cat "$WORK/qemu-io-read.log" >&2; die "qemu-io read-back failed"; }
 grep -qiE 'error|fail' "$WORK/qemu-io-read.log" &&
     { cat "$WORK/qemu-io-read.log" >&2; die "qemu-io read-back reported a mismatch"; }
 log "${#PATTERNS[@]} patterns and 4 zero ranges read back on a new connection"
 
 step "qemu-io: a wrong pattern must be detected"
-qemu-io -f raw "$URI" -c "read -P 0xee $((B + 1000)) 70000" >"$WORK/qemu-io-neg.log" 2>&1 || true
+bounded qemu-io -f raw "$URI" -c "read -P 0xee $((B + 1000)) 70000" >"$WORK/qemu-io-neg.log" 2>&1 || true
 if ! grep -q 'Pattern verification failed' "$WORK/qemu-io-neg.log"; then
     cat "$WORK/qemu-io-neg.log" >&2
     die "reading with a wrong pattern was not reported: the pattern check cannot fail"
@@ -122,9 +122,9 @@ fi
 log "wrong pattern rejected as expected"
 
 step "qemu-io: trim keeps the neighbours"
-qemu-io -f raw "$URI" -c "discard $((B + MiB + 123 + 65536)) 65536" -c flush >"$WORK/qemu-io-trim.log" 2>&1 ||
+bounded qemu-io -f raw "$URI" -c "discard $((B + MiB + 123 + 65536)) 65536" -c flush >"$WORK/qemu-io-trim.log" 2>&1 ||
     { cat "$WORK/qemu-io-trim.log" >&2; die "qemu-io discard failed"; }
-qemu-io -f raw "$URI" -c "read -P 0x11 $((B + MiB + 123)) 65536" \
+bounded qemu-io -f raw "$URI" -c "read -P 0x11 $((B + MiB + 123)) 65536" \
     -c "read -P 0x11 $((B + MiB + 123 + 131072)) 65536" >"$WORK/qemu-io-trim2.log" 2>&1 ||
     { cat "$WORK/qemu-io-trim2.log" >&2; die "data next to a trimmed range changed"; }
 grep -qiE 'error|fail' "$WORK/qemu-io-trim2.log" && die "data next to a trimmed range changed"
@@ -133,7 +133,7 @@ log "trim accepted; data on both sides intact"
 # ---------------------------------------------------------------------------------------------------
 step "fio: 4 jobs x iodepth 32, random writes 4k-128k, crc32c verify"
 # Each job owns a 64 MiB region from 256 MiB on (offset_increment), one NBD connection each.
-if ! fio --name=verify --ioengine=nbd --uri="$URI" --rw=randwrite --bsrange=4k-128k \
+if ! bounded fio --name=verify --ioengine=nbd --uri="$URI" --rw=randwrite --bsrange=4k-128k \
     --offset=256M --offset_increment=64M --size=64M --numjobs=4 --iodepth=32 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 \
     --group_reporting --output-format=json --output="$WORK/fio.json" >"$WORK/fio.log" 2>&1; then

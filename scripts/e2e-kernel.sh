@@ -64,7 +64,7 @@ fi
 log "guest checks passed"
 
 step "host cross-check: e2fsck and file checksums from the served volume"
-nbdcopy "$(server_uri)" "$WORK/disk.img" || die "nbdcopy of the volume failed"
+bounded nbdcopy "$(server_uri)" "$WORK/disk.img" || die "nbdcopy of the volume failed"
 e2fsck -fn "$WORK/disk.img" >"$WORK/e2fsck.log" 2>&1 || { cat "$WORK/e2fsck.log" >&2; die "e2fsck finds errors in the filesystem the guest wrote"; }
 checked=0
 while read -r _ sum path; do

@@ -28,7 +28,7 @@ make_workdir
 qemu_io_check() {
     local name=$1 what=$2
     shift 2
-    if ! qemu-io -f raw "$(server_uri)" "$@" >"$WORK/$name.log" 2>&1 ||
+    if ! bounded qemu-io -f raw "$(server_uri)" "$@" >"$WORK/$name.log" 2>&1 ||
         grep -qiE 'error|fail' "$WORK/$name.log"; then
         cat "$WORK/$name.log" >&2
         die "$what"
@@ -38,7 +38,7 @@ qemu_io_check() {
 # read_back_random: the first DATA_SIZE bytes of the volume equal random.bin.
 read_back_random() {
     rm -f "$WORK/out.bin"
-    nbdcopy "$(server_uri)" "$WORK/out.bin" || die "nbdcopy out of the export failed"
+    bounded nbdcopy "$(server_uri)" "$WORK/out.bin" || die "nbdcopy out of the export failed"
     cmp -n "$DATA_BYTES" "$WORK/random.bin" "$WORK/out.bin" ||
         die "random data read back after restart differs from what was written"
     rm -f "$WORK/out.bin"
@@ -57,7 +57,7 @@ server_start unix
 
 step "write $DATA_SIZE of random data and patterns, then flush"
 head -c "$DATA_BYTES" /dev/urandom >"$WORK/random.bin"
-nbdcopy --flush "$WORK/random.bin" "$(server_uri)" || die "nbdcopy into the export failed"
+bounded nbdcopy --flush "$WORK/random.bin" "$(server_uri)" || die "nbdcopy into the export failed"
 qemu_io_check write1 "qemu-io writes failed" "${PHASE1[@]}" -c flush
 qemu_io_check read1 "data did not read back before any restart" "${PHASE1_READ[@]}"
 log "written and read back on the first run"

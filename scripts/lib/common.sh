@@ -112,3 +112,7 @@ run_logged() {
         return 1
     fi
 }
+
+# bounded CMD...: run a client command (qemu-io, nbdcopy, fio, ...) with a time limit, so that a
+# server that stops answering fails the test instead of hanging it. CLIENT_TIMEOUT seconds, default 600.
+bounded() { timeout -k 10 "${CLIENT_TIMEOUT:-600}" "$@"; }

@@ -25,7 +25,7 @@ timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -m "${VM_MEM:-1024}" -
     -nographic -no-reboot \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyS0 panic=1 loglevel=4 $*" \
-    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
     </dev/null >"$CONSOLE" 2>&1 &
 vm=$!
 tail -n +1 -f --pid="$vm" "$CONSOLE" 2>/dev/null | tr -d '\r' |

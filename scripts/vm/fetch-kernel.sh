@@ -14,11 +14,21 @@ set -euo pipefail
 
 VM_CACHE=${SHARDVOL_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/shardvol/vm}
 META_PKG=linux-image-cloud-amd64
-# The guest loads these (and whatever they depend on): virtio-net for the network, nbd for /dev/nbd0.
-WANTED=(virtio_pci virtio_net nbd)
-EXPECTED=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net nbd)
+# The guest loads these (and whatever they depend on): virtio-net for the network, virtio-rng so that
+# the guest's random pool is ready at once (nbd-client's TLS library waits for it: minutes under TCG
+# without it), nbd for /dev/nbd0.
+WANTED=(virtio_pci virtio_net virtio-rng nbd)
+EXPECTED=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover
+    virtio_net virtio-rng nbd)
 
-if [[ -f "$VM_CACHE/current/vmlinuz" && -f "$VM_CACHE/current/modules/load-order" ]]; then
+cache_complete() {
+    local m
+    [[ -f "$VM_CACHE/current/vmlinuz" && -f "$VM_CACHE/current/modules/load-order" ]] || return 1
+    for m in "${EXPECTED[@]}"; do
+        grep -qx "$m.ko" "$VM_CACHE/current/modules/load-order" || return 1
+    done
+}
+if cache_complete; then
     log "VM kernel cached: $(readlink "$VM_CACHE/current") in $VM_CACHE"
     exit 0
 fi
