@@ -4,7 +4,9 @@
 #
 #   SERVER=shardvol   target/release/shardvol (or $SHARDVOL_BIN): `create` a pool with shares, `serve` it
 #   SERVER=qemu-nbd   qemu-nbd on a raw image file in the pool directory
+#   SERVER=qemu-nbd-luks  qemu-nbd on a LUKS image (AES-256-XTS) in the pool directory
 #   SERVER=nbdkit     nbdkit's file plugin on a raw image file in the pool directory
+# QEMU_NBD_OPTS adds options to qemu-nbd (e.g. "--cache=none --aio=native").
 #
 # Calls (all in the current shell, never in $(...), so that the server stays our child):
 #   server_create POOL_DIR SIZE        make a pool holding one volume named $EXPORT of SIZE bytes
@@ -21,6 +23,8 @@ SHARDVOL_SHARES=${SHARDVOL_SHARES:-5}
 SHARDVOL_THRESHOLD=${SHARDVOL_THRESHOLD:-3}
 # Extra arguments for `shardvol create` (geometry, disks), split on spaces.
 SHARDVOL_CREATE_ARGS=${SHARDVOL_CREATE_ARGS:-}
+# Passphrase of the LUKS stand-in: a test fixture, not a secret.
+LUKS_SECRET="secret,id=sec0,data=shardvol-test-passphrase"
 SERVER_READY_TIMEOUT=${SERVER_READY_TIMEOUT:-60}
 SERVER_STOP_TIMEOUT=${SERVER_STOP_TIMEOUT:-60}
 
@@ -43,8 +47,9 @@ server_check() {
                 die "shardvol binary not found at $SHARDVOL_BIN (run 'cargo build --release', or set SHARDVOL_BIN)"
             ;;
         qemu-nbd) need_cmd qemu-nbd ;;
+        qemu-nbd-luks) need_cmd qemu-nbd qemu-img ;;
         nbdkit) need_cmd nbdkit ;;
-        *) die "unknown SERVER=$SERVER (shardvol, qemu-nbd or nbdkit)" ;;
+        *) die "unknown SERVER=$SERVER (shardvol, qemu-nbd, qemu-nbd-luks or nbdkit)" ;;
     esac
     need_cmd nbdinfo
     on_exit '_server_kill_on_exit'
@@ -94,6 +99,13 @@ server_create() {
             mkdir -p "$SERVER_POOL"
             truncate -s "$size" "$SERVER_POOL/$EXPORT.img"
             ;;
+        qemu-nbd-luks)
+            mkdir -p "$SERVER_POOL"
+            # iter-time only sets how long unlocking takes, not the data path.
+            run_logged "$SERVER_POOL.create.log" qemu-img create -f luks --object "$LUKS_SECRET" \
+                -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10 \
+                "$SERVER_POOL/$EXPORT.luks" "$size" || die "qemu-img create -f luks failed"
+            ;;
     esac
     log "created pool $SERVER_POOL with volume $EXPORT of $size"
 }
@@ -135,14 +147,20 @@ server_start() {
             cmd=("$SHARDVOL_BIN" serve --pool "$SERVER_POOL" "${shares[@]}"
                 --socket "$SERVER_SOCK" --listen "127.0.0.1:$SERVER_PORT")
             ;;
-        qemu-nbd)
-            cmd=(qemu-nbd -f raw -x "$EXPORT" -t -e 16 ${QEMU_NBD_OPTS:-})
+        qemu-nbd | qemu-nbd-luks)
+            # shellcheck disable=SC2206  # QEMU_NBD_OPTS is a list of words
+            cmd=(qemu-nbd -x "$EXPORT" -t -e 16 ${QEMU_NBD_OPTS:-})
             if [[ "$SERVER_TRANSPORT" == tcp ]]; then
                 cmd+=(-b 127.0.0.1 -p "$SERVER_PORT")
             else
                 cmd+=(-k "$SERVER_SOCK")
             fi
-            cmd+=("$SERVER_POOL/$EXPORT.img")
+            if [[ "$SERVER" == qemu-nbd ]]; then
+                cmd+=(-f raw "$SERVER_POOL/$EXPORT.img")
+            else
+                cmd+=(--object "$LUKS_SECRET" --image-opts
+                    "driver=luks,key-secret=sec0,file.driver=file,file.filename=$SERVER_POOL/$EXPORT.luks")
+            fi
             ;;
         nbdkit)
             # The exportname filter makes nbdkit list and accept exactly one export, named $EXPORT.
