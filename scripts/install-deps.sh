@@ -7,7 +7,7 @@
 #
 # - Debian packages: NBD clients and peers (qemu-utils, libnbd-bin, python3-libnbd, nbdkit, fio),
 #   the VM (qemu-system-x86) and what its initramfs is made of (busybox-static, nbd-client, e2fsprogs,
-#   cpio, kmod, xz-utils, zstd), and jq for reading JSON output.
+#   cpio, kmod, xz-utils, zstd), jq for reading JSON output, systemd for `systemd-analyze verify`.
 # - The VM kernel: Debian's linux-image-cloud-amd64, unpacked into a cache (scripts/vm/fetch-kernel.sh),
 #   never installed into /boot.
 # The Rust toolchain is expected to be there already (cargo).
@@ -18,7 +18,7 @@ PACKAGES=(
     qemu-utils qemu-system-x86
     libnbd-bin python3-libnbd nbdkit fio
     nbd-client busybox-static e2fsprogs cpio kmod xz-utils zstd
-    jq python3 procps
+    jq python3 procps systemd
 )
 
 installed() { [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == installed ]]; }
@@ -56,7 +56,7 @@ fi
 
 step "check the tools"
 need_cmd qemu-io qemu-img qemu-nbd qemu-system-x86_64 nbdinfo nbdcopy nbdsh nbdkit fio nbd-client \
-    mke2fs e2fsck debugfs cpio depmod modprobe jq python3 cargo
+    mke2fs e2fsck debugfs cpio depmod modprobe jq python3 systemd-analyze cargo
 fio --enghelp 2>/dev/null | grep -qw nbd || die "fio has no nbd engine"
 [[ -x /bin/busybox ]] || die "no /bin/busybox (busybox-static)"
 

@@ -3,7 +3,8 @@
 #   1. scripts/install-deps.sh          test dependencies and the VM kernel (fast when present)
 #   2. cargo test                       the whole crate: unit, property and integration tests
 #   3. cargo build --release            target/release/shardvol, used by the end-to-end scripts
-#   4. scripts/e2e-*.sh                 every end-to-end script, each bounded by E2E_TIMEOUT
+#   4. scripts/verify-units.sh          systemd-analyze verify on systemd/
+#   5. scripts/e2e-*.sh                 every end-to-end script, each bounded by E2E_TIMEOUT
 # It prints a line per step with its time, a summary line per end-to-end script, and last the line
 # "N passed, N failed" (counting the end-to-end scripts). The exit code is non-zero if any step failed.
 #
@@ -64,6 +65,8 @@ build_ok=1
 if [[ "$SERVER" == shardvol ]]; then
     run_step "cargo build --release" 3000 cargo build --release || build_ok=0
 fi
+
+run_step verify-units 300 scripts/verify-units.sh || true
 
 passed=0
 failed=0
