@@ -65,8 +65,10 @@ step "random data: $BENCH_SIZE"
 head -c "$SIZE_BYTES" /dev/urandom >"$WORK/random.bin"
 
 for srv in "${servers[@]}"; do
+    # shellcheck disable=SC2034  # read by lib/server.sh
     SERVER=$srv
     LABEL[$srv]=$(server_label "$srv")
+    # shellcheck disable=SC2034  # read by lib/server.sh
     case "$srv" in
         qemu-nbd | qemu-nbd-luks) QEMU_NBD_OPTS="--cache=none --aio=native" ;;
         *) QEMU_NBD_OPTS="" ;;
@@ -89,8 +91,8 @@ for srv in "${servers[@]}"; do
             --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE_BYTES" \
             --time_based --runtime="$BENCH_RUNTIME" --output-format=json --output="$json" \
             >"$WORK/$srv-$name.log" 2>&1 || { cat "$WORK/$srv-$name.log" >&2; die "$srv: fio $name failed"; }
-        dir=read
-        [[ "$rw" == *write ]] && dir=write
+        dir="read"
+        [[ "$rw" == *write ]] && dir="write"
         [[ "$(jq '.jobs[0].error' "$json")" == 0 ]] || die "$srv: fio $name reported an error"
         MBPS[$srv/$name]=$(jq ".jobs[0].$dir.bw_bytes / 1e6" "$json")
         IOPS[$srv/$name]=$(jq ".jobs[0].$dir.iops" "$json")
@@ -99,7 +101,7 @@ for srv in "${servers[@]}"; do
     RSS[$srv]=$(server_peak_rss_kib)
     log "$srv: peak RSS $((RSS[$srv] / 1024)) MiB"
     server_stop TERM
-    rm -rf "$WORK/$srv"
+    rm -rf "${WORK:?}/$srv"
 done
 
 step "results"

@@ -17,7 +17,6 @@
 #   SKIP_DEPS=1, SKIP_CARGO_TEST=1   skip those steps (local iteration)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 SERVER=${SERVER:-shardvol}
 TEST_PROFILE=${TEST_PROFILE:-dev}

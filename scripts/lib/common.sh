@@ -5,6 +5,7 @@
 # Source it after `set -euo pipefail`:   . "$(dirname "$0")/lib/common.sh"
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck disable=SC2034  # used by the scripts that source this file
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 SCRIPT_NAME=$(basename "$0" .sh)
 CURRENT_STEP="start"

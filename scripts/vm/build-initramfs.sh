@@ -14,8 +14,9 @@ KDIR="$VM_CACHE/current"
 need_cmd cpio ldd nbd-client mke2fs fio
 
 BUSYBOX=/bin/busybox
-[[ -x "$BUSYBOX" ]] && ! ldd "$BUSYBOX" >/dev/null 2>&1 ||
+if [[ ! -x "$BUSYBOX" ]] || ldd "$BUSYBOX" >/dev/null 2>&1; then
     die "$BUSYBOX is missing or not static (install busybox-static)"
+fi
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/shardvol-initramfs.XXXXXX")
 on_exit 'rm -rf -- "$stage"'

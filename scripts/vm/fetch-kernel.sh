@@ -37,11 +37,11 @@ need_cmd apt-get apt-cache dpkg-deb depmod modprobe
 mkdir -p "$VM_CACHE"
 
 step "resolve $META_PKG"
-pkg=$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+pkg=$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
 if [[ -z "$pkg" ]]; then
     log "no package lists yet: apt-get update"
     apt-get update -qq >/dev/null
-    pkg=$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    pkg=$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true)
 fi
 [[ -n "$pkg" ]] || die "cannot resolve $META_PKG to a versioned kernel package"
 log "kernel package: $pkg"
