@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Whole-system benchmark: fio's nbd engine over a unix socket against shardvol and its peers, in one
+# run, same data size, same workloads, same machine:
+#   shardvol        a fresh pool with the default geometry (4+2)
+#   qemu-nbd        raw file, cache=none, aio=native
+#   qemu-nbd-luks   LUKS (AES-256-XTS) file, cache=none, aio=native
+#   nbdkit          file plugin (page cache)
+# Each volume is first filled with random data (nbdcopy), so reads move real data rather than holes.
+# Workloads, each --time_based for the runtime: sequential read 1M qd8, random read 4k qd32,
+# sequential write 1M qd8, random write 4k qd32 (reads first, on the random fill).
+# Prints one table: MB/s and IOPS per server and workload, the first server's ratio to each other
+# server (shardvol's to each peer by default), and each server's peak RSS (VmHWM, read at the end).
+#
+#   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."]
+#
+# Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_OUT, BENCH_SERVERS (same as the options).
+# Numbers from one run on a shared 2-core machine are noisy: compare servers within a run only.
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+. "$(dirname "$0")/lib/server.sh"
+
+BENCH_SIZE=${BENCH_SIZE:-1G}
+BENCH_RUNTIME=${BENCH_RUNTIME:-10}
+BENCH_OUT=${BENCH_OUT:-${TMPDIR:-/tmp}/shardvol-bench-results.md}
+BENCH_SERVERS=${BENCH_SERVERS:-shardvol qemu-nbd qemu-nbd-luks nbdkit}
+while (($# > 0)); do
+    case "$1" in
+        --size) BENCH_SIZE=$2; shift 2 ;;
+        --runtime) BENCH_RUNTIME=$2; shift 2 ;;
+        --out) BENCH_OUT=$2; shift 2 ;;
+        --servers) BENCH_SERVERS=$2; shift 2 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+read -r -a servers <<<"$BENCH_SERVERS"
+((${#servers[@]} > 0)) || die "no servers to measure"
+SIZE_BYTES=$(size_bytes "$BENCH_SIZE")
+((BENCH_RUNTIME > 0)) || die "runtime must be a positive number of seconds"
+
+# name  rw  bs  iodepth  metric(for the ratio)  label
+WORKLOADS=(
+    "seqread read 1M 8 bw seq-read-1M-qd8"
+    "randread randread 4k 32 iops rand-read-4k-qd32"
+    "seqwrite write 1M 8 bw seq-write-1M-qd8"
+    "randwrite randwrite 4k 32 iops rand-write-4k-qd32"
+)
+TABLE_ORDER=(seqwrite seqread randwrite randread)
+
+need_cmd fio nbdcopy jq nbdinfo
+make_workdir
+declare -A MBPS IOPS RSS LABEL FILL
+
+server_label() {
+    case "$1" in
+        shardvol) echo "shardvol 4+2" ;;
+        qemu-nbd) echo "qemu-nbd raw" ;;
+        qemu-nbd-luks) echo "qemu-nbd LUKS" ;;
+        nbdkit) echo "nbdkit file" ;;
+        *) echo "$1" ;;
+    esac
+}
+
+step "random data: $BENCH_SIZE"
+head -c "$SIZE_BYTES" /dev/urandom >"$WORK/random.bin"
+
+for srv in "${servers[@]}"; do
+    # shellcheck disable=SC2034  # read by lib/server.sh
+    SERVER=$srv
+    LABEL[$srv]=$(server_label "$srv")
+    # shellcheck disable=SC2034  # read by lib/server.sh
+    case "$srv" in
+        qemu-nbd | qemu-nbd-luks) QEMU_NBD_OPTS="--cache=none --aio=native" ;;
+        *) QEMU_NBD_OPTS="" ;;
+    esac
+    step "$srv: create, start, fill with random data"
+    server_check
+    server_create "$WORK/$srv/pool" "$BENCH_SIZE"
+    server_start unix
+    uri=$(server_uri)
+    t0=$(date +%s.%N)
+    bounded nbdcopy --flush "$WORK/random.bin" "$uri" || die "$srv: filling the volume failed"
+    t1=$(date +%s.%N)
+    FILL[$srv]=$(awk -v b="$SIZE_BYTES" -v a="$t0" -v c="$t1" 'BEGIN {printf "%.0f", b / (c - a) / 1e6}')
+    log "$srv: filled at ${FILL[$srv]} MB/s"
+
+    for w in "${WORKLOADS[@]}"; do
+        read -r name rw bs qd _ label <<<"$w"
+        json="$WORK/$srv-$name.json"
+        timeout -k 10 $((BENCH_RUNTIME + 120)) fio --name="$name" --ioengine=nbd --uri="$uri" \
+            --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE_BYTES" \
+            --time_based --runtime="$BENCH_RUNTIME" --output-format=json --output="$json" \
+            >"$WORK/$srv-$name.log" 2>&1 || { cat "$WORK/$srv-$name.log" >&2; die "$srv: fio $name failed"; }
+        dir="read"
+        [[ "$rw" == *write ]] && dir="write"
+        [[ "$(jq '.jobs[0].error' "$json")" == 0 ]] || die "$srv: fio $name reported an error"
+        MBPS[$srv/$name]=$(jq ".jobs[0].$dir.bw_bytes / 1e6" "$json")
+        IOPS[$srv/$name]=$(jq ".jobs[0].$dir.iops" "$json")
+        log "$srv $label: $(printf '%.0f' "${MBPS[$srv/$name]}") MB/s, $(printf '%.0f' "${IOPS[$srv/$name]}") IOPS"
+    done
+    RSS[$srv]=$(server_peak_rss_kib)
+    log "$srv: peak RSS $((RSS[$srv] / 1024)) MiB"
+    server_stop TERM
+    rm -rf "${WORK:?}/$srv"
+done
+
+step "results"
+ref=${servers[0]}
+{
+    echo "# NBD server benchmark"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)."
+    echo "fio $(fio --version | sed 's/^fio-//') nbd engine over a unix socket, one job, $BENCH_SIZE volume filled with random data, ${BENCH_RUNTIME} s per workload."
+    echo "shardvol: $(if [[ " ${servers[*]} " == *" shardvol "* ]]; then "$SHARDVOL_BIN" --version 2>/dev/null || echo "$SHARDVOL_BIN"; else echo "not measured"; fi);" \
+        "qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'); nbdkit $(nbdkit --version | awk '{print $2}')."
+    echo "Ratio columns: ${LABEL[$ref]} divided by the other server (above 1: ${LABEL[$ref]} is faster)."
+    echo
+    hdr="| workload |"
+    sep="|---|"
+    for s in "${servers[@]}"; do
+        hdr+=" ${LABEL[$s]} |"
+        sep+="---|"
+    done
+    for s in "${servers[@]:1}"; do
+        hdr+=" ${LABEL[$ref]} / ${LABEL[$s]} |"
+        sep+="---|"
+    done
+    echo "$hdr"
+    echo "$sep"
+    for name in "${TABLE_ORDER[@]}"; do
+        for w in "${WORKLOADS[@]}"; do
+            read -r n _ _ _ metric label <<<"$w"
+            [[ "$n" == "$name" ]] && break
+        done
+        row="| $label |"
+        for s in "${servers[@]}"; do
+            row+=" $(printf '%.0f MB/s, %.0f IOPS' "${MBPS[$s/$name]}" "${IOPS[$s/$name]}") |"
+        done
+        for s in "${servers[@]:1}"; do
+            if [[ "$metric" == bw ]]; then a=${MBPS[$ref/$name]} b=${MBPS[$s/$name]}; else a=${IOPS[$ref/$name]} b=${IOPS[$s/$name]}; fi
+            row+=" $(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+        done
+        echo "$row"
+    done
+    row="| fill (nbdcopy write) |"
+    for s in "${servers[@]}"; do row+=" ${FILL[$s]} MB/s |"; done
+    for s in "${servers[@]:1}"; do
+        row+=" $(awk -v a="${FILL[$ref]}" -v b="${FILL[$s]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+    done
+    echo "$row"
+    row="| peak RSS (VmHWM) |"
+    for s in "${servers[@]}"; do row+=" $(awk -v k="${RSS[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
+    for s in "${servers[@]:1}"; do row+=" |"; done
+    echo "$row"
+} >"$WORK/results.md"
+mkdir -p "$(dirname "$BENCH_OUT")"
+cp "$WORK/results.md" "$BENCH_OUT"
+echo
+cat "$BENCH_OUT"
+echo
+log "table written to $BENCH_OUT"
