@@ -53,7 +53,7 @@ declare -A MBPS IOPS RSS LABEL FILL
 
 server_label() {
     case "$1" in
-        shardvol) echo "shardvol 4+2" ;;
+        shardvol) echo "shardvol" ;;
         qemu-nbd) echo "qemu-nbd raw" ;;
         qemu-nbd-luks) echo "qemu-nbd LUKS" ;;
         nbdkit) echo "nbdkit file" ;;
@@ -111,8 +111,13 @@ ref=${servers[0]}
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)."
     echo "fio $(fio --version | sed 's/^fio-//') nbd engine over a unix socket, one job, $BENCH_SIZE volume filled with random data, ${BENCH_RUNTIME} s per workload."
-    echo "shardvol: $(if [[ " ${servers[*]} " == *" shardvol "* ]]; then "$SHARDVOL_BIN" --version 2>/dev/null || echo "$SHARDVOL_BIN"; else echo "not measured"; fi);" \
-        "qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'); nbdkit $(nbdkit --version | awk '{print $2}')."
+    if [[ " ${servers[*]} " == *" shardvol "* ]]; then
+        ver=$("$SHARDVOL_BIN" --version 2>/dev/null | head -n 1 || true)
+        echo "shardvol: ${ver:-$SHARDVOL_BIN}, pool created with ${SHARDVOL_CREATE_ARGS:-the default geometry (4+2)};" \
+            "qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'); nbdkit $(nbdkit --version | awk '{print $2}')."
+    else
+        echo "qemu-nbd $(qemu-nbd --version | awk 'NR==1 {print $2}'); nbdkit $(nbdkit --version | awk '{print $2}')."
+    fi
     echo "Ratio columns: ${LABEL[$ref]} divided by the other server (above 1: ${LABEL[$ref]} is faster)."
     echo
     hdr="| workload |"

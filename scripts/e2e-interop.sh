@@ -135,7 +135,7 @@ step "fio: 4 jobs x iodepth 32, random writes 4k-128k, crc32c verify"
 # Each job owns a 64 MiB region from 256 MiB on (offset_increment), one NBD connection each.
 if ! bounded fio --name=verify --ioengine=nbd --uri="$URI" --rw=randwrite --bsrange=4k-128k \
     --offset=256M --offset_increment=64M --size=64M --numjobs=4 --iodepth=32 \
-    --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 --verify_state_save=0 \
     --group_reporting --output-format=json --output="$WORK/fio.json" >"$WORK/fio.log" 2>&1; then
     cat "$WORK/fio.log" >&2
     [[ -s "$WORK/fio.json" ]] && jq -c '.jobs[] | {error, write: .write.io_bytes, read: .read.io_bytes}' "$WORK/fio.json" >&2

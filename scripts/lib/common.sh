@@ -70,14 +70,15 @@ make_workdir() {
     log "work directory $WORK"
 }
 
-# wait_until SECONDS DESCRIPTION CMD...: run CMD every 0.2 s until it succeeds; give up after
-# SECONDS (returns 1). Each try of CMD is itself bounded by `timeout`.
+# wait_until SECONDS DESCRIPTION CMD...: run CMD (a command or a shell function; bound each try
+# yourself, e.g. with `timeout`) every 0.2 s until it succeeds. Gives up (returns 1) once SECONDS have
+# passed, or after SECONDS*5 tries, whichever comes first.
 wait_until() {
-    local limit=$1 what=$2 tries i
+    local limit=$1 what=$2 i deadline
     shift 2
-    tries=$((limit * 5))
-    for ((i = 0; i < tries; i++)); do
-        if timeout 20 "$@" >/dev/null 2>&1; then return 0; fi
+    deadline=$((SECONDS + limit))
+    for ((i = 0; i < limit * 5 && SECONDS <= deadline; i++)); do
+        if "$@"; then return 0; fi
         sleep 0.2
     done
     log "gave up after ${limit}s waiting for: $what"

@@ -177,27 +177,25 @@ server_start() {
     log "starting $SERVER ($SERVER_TRANSPORT), log $SERVER_LOG"
     "${cmd[@]}" >"$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
-    local uri i ok=0
+    local uri
     uri=$(server_uri)
-    for ((i = 0; i < SERVER_READY_TIMEOUT * 5; i++)); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            local rc=0
-            wait "$SERVER_PID" || rc=$?
-            SERVER_PID=""
-            tail -n 40 "$SERVER_LOG" >&2 || true
-            die "$SERVER exited (code $rc) before it was ready"
-        fi
-        if timeout 10 nbdinfo --size "$uri" >/dev/null 2>&1; then
-            ok=1
-            break
-        fi
-        sleep 0.2
-    done
-    if ((ok == 0)); then
+    if ! wait_until "$SERVER_READY_TIMEOUT" "$SERVER to answer on $uri" _server_answers "$uri"; then
         tail -n 40 "$SERVER_LOG" >&2 || true
         die "$SERVER did not answer on $uri within ${SERVER_READY_TIMEOUT}s"
     fi
     log "$SERVER ready (pid $SERVER_PID) at $uri"
+}
+
+# _server_answers URI: true once the export answers; fails the script if the server has exited.
+_server_answers() {
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        local rc=0
+        wait "$SERVER_PID" || rc=$?
+        SERVER_PID=""
+        tail -n 40 "$SERVER_LOG" >&2 || true
+        die "$SERVER exited (code $rc) before it was ready"
+    fi
+    timeout 10 nbdinfo --size "$1" >/dev/null 2>&1
 }
 
 # server_stop SIGNAL: signal the server and wait (bounded) for it to exit; sets SERVER_RC to its exit
