@@ -35,6 +35,8 @@
 //! hashing alone, 2–2.5 times a whole `place` (measured in `benches/placement.rs`; figures in
 //! `docs/placement.md`).
 
+#![forbid(unsafe_code)]
+
 use super::{DiskId, LayoutError, StripeId};
 
 /// Tables of up to this many disks (and domains) are placed with scratch space on the stack, so
