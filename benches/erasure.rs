@@ -4,8 +4,10 @@
 //! `reed-solomon-simd` with a reused encoder and decoder).
 //!
 //! `cargo bench --bench erasure -- --warm-up-time 1 --measurement-time 2`
+//!
+//! Times are on-CPU time of the benchmarking thread (see `on_cpu`).
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
 use shardvol::erasure::Codec;
 use std::hint::black_box;
@@ -14,6 +16,30 @@ use std::time::{Duration, Instant};
 const K: usize = 4;
 const M: usize = 2;
 const SIZES: [(&str, usize); 3] = [("64B", 64), ("4KiB", 4096), ("64KiB", 65536)];
+
+/// Time spent on a CPU by the calling thread, from `se.sum_exec_runtime` (milliseconds, six
+/// decimals) in `/proc/thread-self/sched`; `None` where that file is missing. The development
+/// machines are shared by several builds, so wall time mostly measures the queue for a core.
+fn thread_cpu_time() -> Option<Duration> {
+    let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+    let line = sched.lines().find(|l| l.starts_with("se.sum_exec_runtime"))?;
+    let ms: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1e3))
+}
+
+/// Runs `f` `iters` times and returns the on-CPU time it took (wall time if the CPU time of the
+/// thread cannot be read). The kernel updates the figure at least every scheduler tick, so
+/// samples are kept long (flat sampling, 20 samples over the measurement time).
+fn on_cpu(iters: u64, mut f: impl FnMut()) -> Duration {
+    let (cpu0, wall0) = (thread_cpu_time(), Instant::now());
+    for _ in 0..iters {
+        f();
+    }
+    match (cpu0, thread_cpu_time()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => wall0.elapsed(),
+    }
+}
 
 fn stripe(len: usize) -> Vec<Vec<u8>> {
     let mut x: u32 = 0x1234_5678;
@@ -43,6 +69,7 @@ fn encoded(codec: &Codec, len: usize) -> Vec<Vec<u8>> {
 fn codec_encode(c: &mut Criterion) {
     let codec = Codec::new(K, M).unwrap();
     let mut g = c.benchmark_group("codec/encode");
+    g.sampling_mode(SamplingMode::Flat).sample_size(20);
     for (name, len) in SIZES {
         let mut s = stripe(len);
         g.throughput(Throughput::Bytes((K * len) as u64));
@@ -50,7 +77,9 @@ fn codec_encode(c: &mut Criterion) {
             let (data, parity) = s.split_at_mut(K);
             let data: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
             let mut parity: Vec<&mut [u8]> = parity.iter_mut().map(|p| p.as_mut_slice()).collect();
-            b.iter(|| codec.encode(black_box(&data), black_box(&mut parity)).unwrap())
+            b.iter_custom(|iters| {
+                on_cpu(iters, || codec.encode(black_box(&data), black_box(&mut parity)).unwrap())
+            })
         });
     }
 }
@@ -61,6 +90,7 @@ fn codec_reconstruct(c: &mut Criterion) {
         for data_only in [false, true] {
             let label = if data_only { "reconstruct_data" } else { "reconstruct" };
             let mut g = c.benchmark_group(format!("codec/{label}_{what}"));
+            g.sampling_mode(SamplingMode::Flat).sample_size(20);
             for (name, len) in SIZES {
                 let mut s = encoded(&codec, len);
                 let mut present = [true; K + M];
@@ -70,12 +100,14 @@ fn codec_reconstruct(c: &mut Criterion) {
                 g.throughput(Throughput::Bytes((K * len) as u64));
                 g.bench_function(BenchmarkId::from_parameter(name), |b| {
                     let mut shards: Vec<&mut [u8]> = s.iter_mut().map(|v| v.as_mut_slice()).collect();
-                    b.iter(|| {
-                        if data_only {
-                            codec.reconstruct_data(black_box(&mut shards), &present).unwrap()
-                        } else {
-                            codec.reconstruct(black_box(&mut shards), &present).unwrap()
-                        }
+                    b.iter_custom(|iters| {
+                        on_cpu(iters, || {
+                            if data_only {
+                                codec.reconstruct_data(black_box(&mut shards), &present).unwrap()
+                            } else {
+                                codec.reconstruct(black_box(&mut shards), &present).unwrap()
+                            }
+                        })
                     })
                 });
             }
@@ -83,48 +115,53 @@ fn codec_reconstruct(c: &mut Criterion) {
     }
 }
 
-/// Two threads reconstructing 4 KiB ranges through one shared codec: time per call, to see
-/// whether the decode-matrix cache's mutex costs anything under contention.
+/// Two threads reconstructing 4 KiB ranges through one shared codec, each timing its own
+/// on-CPU time (the larger of the two is reported): contention on the decode-matrix cache's
+/// mutex would show as more CPU per call than the single-thread figure. Whether the two threads
+/// actually overlap depends on the machine's other load.
 fn codec_reconstruct_shared(c: &mut Criterion) {
     let codec = Codec::new(K, M).unwrap();
     let mut g = c.benchmark_group("codec/reconstruct_1data_2threads");
+    g.sampling_mode(SamplingMode::Flat).sample_size(20);
     g.bench_function("4KiB", |b| {
         b.iter_custom(|iters| {
-            let start = Instant::now();
             std::thread::scope(|scope| {
-                for t in 0..2 {
-                    let codec = &codec;
-                    scope.spawn(move || {
-                        let mut s = encoded(codec, 4096);
-                        let mut shards: Vec<&mut [u8]> = s.iter_mut().map(|v| v.as_mut_slice()).collect();
-                        let mut present = [true; K + M];
-                        present[t] = false;
-                        for _ in 0..iters {
-                            codec.reconstruct(black_box(&mut shards), &present).unwrap();
-                        }
-                    });
-                }
-            });
-            // Two calls run at once: report the wall time per pair of calls.
-            start.elapsed()
+                let workers: Vec<_> = (0..2)
+                    .map(|t| {
+                        let codec = &codec;
+                        scope.spawn(move || {
+                            let mut s = encoded(codec, 4096);
+                            let mut shards: Vec<&mut [u8]> =
+                                s.iter_mut().map(|v| v.as_mut_slice()).collect();
+                            let mut present = [true; K + M];
+                            present[t] = false;
+                            on_cpu(iters, || codec.reconstruct(black_box(&mut shards), &present).unwrap())
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).max().unwrap()
+            })
         })
     });
 }
 
 fn rss_encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("rss/encode");
+    g.sampling_mode(SamplingMode::Flat).sample_size(20);
     for (name, len) in SIZES {
         let s = stripe(len);
         let mut enc = ReedSolomonEncoder::new(K, M, len).unwrap();
         g.throughput(Throughput::Bytes((K * len) as u64));
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                enc.reset(K, M, len).unwrap();
-                for d in &s[..K] {
-                    enc.add_original_shard(d).unwrap();
-                }
-                let r = enc.encode().unwrap();
-                black_box(r.recovery(0).unwrap()[0])
+            b.iter_custom(|iters| {
+                on_cpu(iters, || {
+                    enc.reset(K, M, len).unwrap();
+                    for d in &s[..K] {
+                        enc.add_original_shard(d).unwrap();
+                    }
+                    let r = enc.encode().unwrap();
+                    black_box(r.recovery(0).unwrap()[0]);
+                })
             })
         });
     }
@@ -132,7 +169,7 @@ fn rss_encode(c: &mut Criterion) {
 
 fn rss_reconstruct(c: &mut Criterion) {
     let mut g = c.benchmark_group("rss/decode_1data");
-    g.measurement_time(Duration::from_secs(2));
+    g.sampling_mode(SamplingMode::Flat).sample_size(20);
     for (name, len) in SIZES {
         let s = stripe(len);
         let mut enc = ReedSolomonEncoder::new(K, M, len).unwrap();
@@ -144,14 +181,16 @@ fn rss_reconstruct(c: &mut Criterion) {
         let mut dec = ReedSolomonDecoder::new(K, M, len).unwrap();
         g.throughput(Throughput::Bytes((K * len) as u64));
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                dec.reset(K, M, len).unwrap();
-                for (i, d) in s[..K].iter().enumerate().skip(1) {
-                    dec.add_original_shard(i, d).unwrap();
-                }
-                dec.add_recovery_shard(0, &recovery[0]).unwrap();
-                let r = dec.decode().unwrap();
-                black_box(r.restored_original(0).unwrap()[0])
+            b.iter_custom(|iters| {
+                on_cpu(iters, || {
+                    dec.reset(K, M, len).unwrap();
+                    for (i, d) in s[..K].iter().enumerate().skip(1) {
+                        dec.add_original_shard(i, d).unwrap();
+                    }
+                    dec.add_recovery_shard(0, &recovery[0]).unwrap();
+                    let r = dec.decode().unwrap();
+                    black_box(r.restored_original(0).unwrap()[0]);
+                })
             })
         });
     }

@@ -90,6 +90,21 @@ fn golden_placements_are_pinned() {
 }
 
 #[test]
+fn tables_larger_than_the_stack_scratch_give_the_same_function() {
+    // 100 disks and 70 domains: both above the 64 entries placed on the stack.
+    let seed = [9; 32];
+    for domains in [10, 70] {
+        let disks = table(500, 100, domains);
+        let p = Placement::new(seed, disks.clone()).unwrap();
+        for s in 0..200 {
+            for width in [1, 6, 20] {
+                assert_eq!(p.place(StripeId(s), width).unwrap(), reference(&seed, s, &disks, width));
+            }
+        }
+    }
+}
+
+#[test]
 fn errors_for_too_wide_stripes_and_duplicate_ids() {
     let p = Placement::new([1; 32], table(0, 5, 5)).unwrap();
     assert_eq!(p.place(StripeId(0), 6), Err(LayoutError::NotEnoughDisks { need: 6, have: 5 }));

@@ -31,8 +31,11 @@
 //!
 //! Cost: one BLAKE3 compression per call (the seed keys the whole function through it), then
 //! `disks × (width + 1)` evaluations of `fmix64` (two multiplications each) and as many
-//! comparisons. Hashing every (stripe, disk) pair with BLAKE3 instead measured about ten times
-//! slower at 24 disks; see `docs/placement.md` and `benches/placement.rs`.
+//! comparisons. Hashing every (stripe, disk) pair with keyed BLAKE3 instead costs, for the
+//! hashing alone, 2–2.5 times a whole `place` (measured in `benches/placement.rs`; figures in
+//! `docs/placement.md`).
+
+#![forbid(unsafe_code)]
 
 use super::{DiskId, LayoutError, StripeId};
 
@@ -135,26 +138,24 @@ impl Placement {
         if width == 0 {
             return Ok(());
         }
-        let (k0, k1) = stripe_key(&self.seed, stripe);
+        let key = stripe_key(&self.seed, stripe);
         let (n, domains) = (self.disks.len(), self.domain_sizes.len());
         if n <= STACK_DISKS && domains <= STACK_DISKS {
             let mut free = [(0u64, 0usize); STACK_DISKS];
             let mut in_domain = [0usize; STACK_DISKS];
-            self.select(k0, k1, width, cap, &mut free[..n], &mut in_domain[..domains], out);
+            self.select(key, width, cap, &mut free[..n], &mut in_domain[..domains], out);
         } else {
             let (mut free, mut in_domain) = (vec![(0u64, 0usize); n], vec![0usize; domains]);
-            self.select(k0, k1, width, cap, &mut free, &mut in_domain, out);
+            self.select(key, width, cap, &mut free, &mut in_domain, out);
         }
         Ok(())
     }
 
-    /// Rules 1 and 3 for one stripe: `free` (one slot per disk) and `in_domain` (one per domain)
-    /// are scratch space.
-    #[allow(clippy::too_many_arguments)]
+    /// Rules 1 and 3 for one stripe, given its key `(k0, k1)`: `free` (one slot per disk) and
+    /// `in_domain` (one per domain) are scratch space.
     fn select(
         &self,
-        k0: u64,
-        k1: u64,
+        (k0, k1): (u64, u64),
         width: usize,
         cap: usize,
         free: &mut [(u64, usize)],
