@@ -9,7 +9,7 @@
 //! as one of the versions written after it — nothing else, whichever stripe it shares. In some
 //! cycles `m` disks are then pulled and every block is checked again (degraded reads).
 //!
-//! `SHARDVOL_CRASH_CYCLES` sets the number of cycles (default 600, the test script runs more in
+//! `SHARDVOL_CRASH_CYCLES` sets the number of cycles (default 2000, the test script runs more in
 //! release mode); `SHARDVOL_CRASH_SEED` picks the seed.
 
 use std::collections::HashMap;
@@ -252,7 +252,7 @@ fn check_all(vol: &Volume, model: &mut Model, settle: bool) -> u64 {
 
 #[test]
 fn random_crashes_never_lose_flushed_data_or_show_garbage() {
-    let cycles: u64 = std::env::var("SHARDVOL_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let cycles: u64 = std::env::var("SHARDVOL_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
     let seed: u64 = std::env::var("SHARDVOL_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut counts = Counts::default();
