@@ -74,7 +74,7 @@ pub struct XtsCipher {
 enum Engine {
     AwsLc { key: XtsKey, enc: Mutex<Option<EvpXts>>, dec: Mutex<Option<EvpXts>> },
     AwsLcFresh { key: XtsKey },
-    Soft(SoftXts),
+    Soft(Box<SoftXts>),
 }
 
 impl XtsCipher {
@@ -96,7 +96,7 @@ impl XtsCipher {
                 EvpXts::new(key.bytes(), true)?;
                 Engine::AwsLcFresh { key }
             }
-            XtsBackend::RustCrypto => Engine::Soft(SoftXts::new(&key)?),
+            XtsBackend::RustCrypto => Engine::Soft(Box::new(SoftXts::new(&key)?)),
         };
         Ok(Self { engine })
     }
@@ -160,12 +160,12 @@ impl XtsCipher {
             Engine::AwsLc { key, enc, dec } => {
                 let slot = if dir == Direction::Encrypt { enc } else { dec };
                 match slot.try_lock() {
-                    Ok(mut guard) => run_evp(shared_context(&mut *guard, key, dir)?, units),
+                    Ok(mut guard) => run_evp(shared_context(&mut guard, key, dir)?, units),
                     // A panic cannot happen while the lock is held (`process` returns errors),
                     // but a poisoned context would still be whole: use it.
                     Err(TryLockError::Poisoned(p)) => {
                         let mut guard = p.into_inner();
-                        run_evp(shared_context(&mut *guard, key, dir)?, units)
+                        run_evp(shared_context(&mut guard, key, dir)?, units)
                     }
                     // Another thread is using the shared context: key a private one rather
                     // than wait (re-keying costs less than a 4 KiB block).
