@@ -186,6 +186,12 @@ impl<K: CacheKey, V: Clone> ClockCache<K, V> {
 const _: () = assert!(CACHE_SHARDS.is_power_of_two());
 
 /// Holds the unlocked master keys of a pool and derives (and caches) shard ciphers and tag keys.
+///
+/// Only the HKDF PRK of each master key is kept. Ciphers and tag keys are cached in bounded
+/// CLOCK caches ([`CIPHER_CACHE_ENTRIES`], [`TAG_CACHE_ENTRIES`]); [`KeyRing::remove`] and
+/// [`KeyRing::insert`] over an existing version purge that version's entries before returning,
+/// and nothing derived from a removed key can be handed out afterwards. `Send + Sync`; every
+/// method takes `&self`.
 pub struct KeyRing {
     pool_id: [u8; 16],
     backend: XtsBackend,

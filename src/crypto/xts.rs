@@ -38,10 +38,10 @@ use super::xts_aws_lc::{EvpXts, MAX_DATA_UNIT};
 use super::{CryptoError, XtsKey};
 use crate::layout::BLOCK_SIZE;
 
-/// AES blocks masked and ciphered per `encrypt_blocks` call by the pure-Rust backend: large
-/// enough for the VAES-512 backend of `aes` (which works on 4 × 4 blocks at a time) to stay
-/// busy, small enough for the tweak array (16 bytes per block) to live on the stack.
-pub const SOFT_BATCH_BLOCKS: usize = 64;
+/// AES blocks masked and ciphered per `encrypt_blocks` call by the pure-Rust backend: one whole
+/// 4 KiB block, because the `aes` crate's VAES-512 path pays a fixed cost per call (it
+/// broadcasts the round keys); the mask array (16 bytes per block, 4 KiB) lives on the stack.
+pub const SOFT_BATCH_BLOCKS: usize = 256;
 
 /// Which implementation of AES-256-XTS a cipher uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,7 +74,7 @@ pub struct XtsCipher {
 enum Engine {
     AwsLc { key: XtsKey, enc: Mutex<Option<EvpXts>>, dec: Mutex<Option<EvpXts>> },
     AwsLcFresh { key: XtsKey },
-    Soft(SoftXts),
+    Soft(Box<SoftXts>),
 }
 
 impl XtsCipher {
@@ -96,7 +96,7 @@ impl XtsCipher {
                 EvpXts::new(key.bytes(), true)?;
                 Engine::AwsLcFresh { key }
             }
-            XtsBackend::RustCrypto => Engine::Soft(SoftXts::new(&key)?),
+            XtsBackend::RustCrypto => Engine::Soft(Box::new(SoftXts::new(&key)?)),
         };
         Ok(Self { engine })
     }
@@ -160,12 +160,12 @@ impl XtsCipher {
             Engine::AwsLc { key, enc, dec } => {
                 let slot = if dir == Direction::Encrypt { enc } else { dec };
                 match slot.try_lock() {
-                    Ok(mut guard) => run_evp(shared_context(&mut *guard, key, dir)?, units),
+                    Ok(mut guard) => run_evp(shared_context(&mut guard, key, dir)?, units),
                     // A panic cannot happen while the lock is held (`process` returns errors),
                     // but a poisoned context would still be whole: use it.
                     Err(TryLockError::Poisoned(p)) => {
                         let mut guard = p.into_inner();
-                        run_evp(shared_context(&mut *guard, key, dir)?, units)
+                        run_evp(shared_context(&mut guard, key, dir)?, units)
                     }
                     // Another thread is using the shared context: key a private one rather
                     // than wait (re-keying costs less than a 4 KiB block).
@@ -250,6 +250,19 @@ fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127) * 0x87)
 }
 
+/// Multiplication by α^8: shift left by one byte and fold the byte shifted out, `c`, back in as
+/// c·(x^7+x^2+x+1) (at most 15 bits, so the fold cannot overflow again).
+fn mul_alpha8(t: u128) -> u128 {
+    let c = t >> 120;
+    (t << 8) ^ c ^ (c << 1) ^ (c << 2) ^ (c << 7)
+}
+
+/// Tweak masks are made in [`MASK_LANES`] independent chains (block `j + 8` from block `j` by
+/// α^8) rather than one chain of α steps: one long dependency chain of 128-bit shifts costs more
+/// than the AES rounds themselves.
+const MASK_LANES: usize = 8;
+const _: () = assert!(SOFT_BATCH_BLOCKS.is_multiple_of(MASK_LANES));
+
 impl SoftXts {
     fn new(key: &XtsKey) -> Result<Self, CryptoError> {
         let bad_key = |_| CryptoError::Backend { op: "aes key schedule", code: 0 };
@@ -263,22 +276,48 @@ impl SoftXts {
     fn process(&self, dir: Direction, tweak: [u8; 16], unit: &mut [u8]) {
         let mut t = Array(tweak);
         self.tweak.encrypt_block(&mut t);
-        let mut t = u128::from_le_bytes(t.0);
+        // lanes[i] = tweak mask of the next block at index ≡ i (mod MASK_LANES).
+        let mut lanes = [0u128; MASK_LANES];
+        lanes[0] = u128::from_le_bytes(t.0);
+        for i in 1..MASK_LANES {
+            lanes[i] = mul_alpha(lanes[i - 1]);
+        }
         let mut masks = [0u128; SOFT_BATCH_BLOCKS];
         let (blocks, _partial) = Array::slice_as_chunks_mut(unit);
         for batch in blocks.chunks_mut(SOFT_BATCH_BLOCKS) {
-            for (block, mask) in batch.iter_mut().zip(masks.iter_mut()) {
-                *mask = t;
-                block.0 = (u128::from_le_bytes(block.0) ^ t).to_le_bytes();
-                t = mul_alpha(t);
+            for group in masks[..batch.len().next_multiple_of(MASK_LANES)].chunks_exact_mut(MASK_LANES) {
+                for (mask, lane) in group.iter_mut().zip(lanes.iter_mut()) {
+                    *mask = *lane;
+                    *lane = mul_alpha8(*lane);
+                }
+            }
+            for (block, mask) in batch.iter_mut().zip(&masks) {
+                block.0 = (u128::from_le_bytes(block.0) ^ mask).to_le_bytes();
             }
             match dir {
                 Direction::Encrypt => self.data.encrypt_blocks(batch),
                 Direction::Decrypt => self.data.decrypt_blocks(batch),
             }
-            for (block, mask) in batch.iter_mut().zip(masks.iter()) {
+            for (block, mask) in batch.iter_mut().zip(&masks) {
                 block.0 = (u128::from_le_bytes(block.0) ^ mask).to_le_bytes();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mul_alpha8_is_eight_mul_alpha() {
+        let mut t: u128 = 0x8000_0000_0000_0000_0000_0000_0000_0001;
+        for _ in 0..1000 {
+            let eight = (0..8).fold(t, |x, _| mul_alpha(x));
+            assert_eq!(mul_alpha8(t), eight, "{t:#x}");
+            // Walk through values with all top-byte patterns.
+            t = t.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835).rotate_left(13) ^ 0xff << 120;
+        }
+        assert_eq!(mul_alpha(1 << 127), 0x87);
     }
 }

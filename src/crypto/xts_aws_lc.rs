@@ -39,12 +39,10 @@ unsafe impl Send for EvpXts {}
 
 /// Takes AWS-LC's oldest queued error for this thread, and clears the queue.
 fn take_error(op: &'static str) -> CryptoError {
-    // SAFETY: both functions only touch AWS-LC's thread-local error queue; no pointers involved.
-    let code = unsafe {
-        let code = ffi::ERR_get_error();
-        ffi::ERR_clear_error();
-        code
-    };
+    // SAFETY: reads and pops AWS-LC's thread-local error queue; no arguments, no pointers.
+    let code = unsafe { ffi::ERR_get_error() };
+    // SAFETY: empties AWS-LC's thread-local error queue; no arguments, no pointers.
+    unsafe { ffi::ERR_clear_error() };
     CryptoError::Backend { op, code }
 }
 
@@ -58,13 +56,15 @@ impl EvpXts {
         let ctx = NonNull::new(raw).ok_or_else(|| take_error("EVP_CIPHER_CTX_new"))?;
         // From here on `this` owns the context and frees it on every path.
         let this = Self { ctx };
-        // SAFETY: `ctx` is a valid, freshly initialised context; `EVP_aes_256_xts` returns a
-        // pointer to a static method table; `key` points to 64 readable bytes, the key length
-        // of AES-256-XTS; a NULL engine and a NULL IV are allowed (the IV is set per data unit).
+        // SAFETY: no arguments; returns a pointer to a static, immutable method table.
+        let method = unsafe { ffi::EVP_aes_256_xts() };
+        // SAFETY: `ctx` is a valid, freshly initialised context; `method` is AWS-LC's static
+        // AES-256-XTS table; `key` points to 64 readable bytes, the key length of AES-256-XTS; a
+        // NULL engine and a NULL IV are allowed (the IV is set per data unit).
         let rc = unsafe {
             ffi::EVP_CipherInit_ex(
                 this.ctx.as_ptr(),
-                ffi::EVP_aes_256_xts(),
+                method,
                 ptr::null_mut(),
                 key.as_ptr(),
                 ptr::null(),
