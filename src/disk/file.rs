@@ -229,5 +229,9 @@ pub(crate) fn open_file(path: &Path, name: &str, direct: bool) -> Result<OpenedF
         let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "neither a regular file nor a block device");
         return Err(DiskError::io(name, "open", 0, e));
     };
+    // Chunks, metadata pages and journal records are read exactly where they are: kernel
+    // readahead only reads neighbouring chunks of other stripes (or holes) into the page cache.
+    // Advice failing (some filesystems ignore it) changes nothing but speed.
+    let _ = nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
     Ok(OpenedFile { file, size: size / SECTOR * SECTOR, is_block_device })
 }
