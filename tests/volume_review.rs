@@ -221,7 +221,6 @@ fn assert_matches(vol: &Volume, model: &Model, what: &str) {
 /// stale record behind it is consecutive again and the next replay applies it, over newer
 /// flushed data.
 #[test]
-#[ignore = "bug: replay resurrects a stale journal record left behind by an earlier crash (sequence numbers reused)"]
 fn replay_never_resurrects_records_lost_in_an_earlier_crash() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();
