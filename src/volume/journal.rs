@@ -362,6 +362,44 @@ impl Journal {
         Ok(())
     }
 
+    /// Starts a fresh sequence after open: call once every replayed record is destaged and
+    /// checkpointed (the index holds nothing from the journal). Replay stops at the first invalid
+    /// record, but a crash may have left valid, newer, unflushed records after it (unsynced
+    /// writes are not ordered). Reusing their sequence numbers and positions would make them
+    /// consecutive again as soon as a record of the same length fills the gap, and the next
+    /// replay would apply them over newer data. So the sequence jumps past every number such a
+    /// record can carry, and a checkpoint at the jump, durable before any new record, makes
+    /// replay start there. Bound: every record after the durable checkpoint was live at the
+    /// crash, each takes at least one page, so none has a sequence number above
+    /// `checkpoint + capacity / 4096`.
+    pub fn restart(&self) -> Result<(), JournalError> {
+        let (seq, position, slot) = {
+            let st = self.lock();
+            if !st.in_flight.is_empty() {
+                return Err(JournalError::Failed("journal restart with records in flight".into()));
+            }
+            (st.next_seq - 1 + self.capacity() / BLOCK_SIZE_U64 + 1, st.tail, 1 - st.checkpoint_slot)
+        };
+        let bytes = Checkpoint { seq, position, volume: self.volume }.encode();
+        let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
+        let pending: Vec<_> = self.disks.iter().map(|d| d.submit(vec![IoOp::Write { offset, buf: IoBuf::from_slice(&bytes) }])).collect();
+        if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
+            return Err(JournalError::Failed("checkpoint reached no journal disk".into()));
+        }
+        sync_all(&self.disks).map_err(JournalError::Failed)?;
+        let mut st = self.lock();
+        st.next_seq = seq + 1;
+        st.completed_through = seq;
+        st.durable_through = seq;
+        st.checkpoint_seq = seq;
+        st.checkpoint_slot = slot;
+        // Whatever is still live (wrap markers only: records were destaged) is behind the checkpoint.
+        st.live.clear();
+        st.used = 0;
+        self.changed.notify_all();
+        Ok(())
+    }
+
     /// Frees the space of records up to the last checkpoint. Call after the index no longer
     /// points into them.
     pub fn release(&self) {

@@ -260,6 +260,8 @@ impl Volume {
             info!(volume = %vol.record.name, records = n, "journal replayed; destaging");
             vol.destage_all()?;
         }
+        // Never reuse sequence numbers a crash may have left in the log (see Journal::restart).
+        vol.journal.restart()?;
         let weak = Arc::downgrade(&vol);
         let handle = std::thread::Builder::new()
             .name(format!("destage-{}", vol.record.name))
