@@ -1,7 +1,7 @@
 //! Review tests of the volume engine (src/volume/): concurrency against a model, journal
 //! wrap-around and a full journal, a deterministic power-cut sweep over one destaging round,
 //! geometry edge cases, corruption of parity / journal replicas / metadata pages, and hostile
-//! arguments. Tests marked `#[ignore = "bug: ..."]` demonstrate defects that are not fixed yet;
+//! arguments. Tests marked `#[ignore = "open issue ..."]` demonstrate known gaps that later work closes;
 //! run them with `cargo test --test volume_review -- --ignored`.
 
 use std::collections::HashMap;
@@ -213,7 +213,7 @@ fn assert_matches(vol: &Volume, model: &Model, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bugs (ignored until fixed).
+// Known gaps (ignored until the degraded-service and hostile-disk work lands).
 
 /// A crash may keep a later unflushed journal record and lose an earlier one (the disks do not
 /// order unsynced writes). Replay correctly stops at the lost one, but the journal then reuses
@@ -259,7 +259,6 @@ fn replay_never_resurrects_records_lost_in_an_earlier_crash() {
 /// reservation is completed without anything being written. Replay stops at that hole, so every
 /// later record, flushed or not, is lost if the server stops before the next checkpoint.
 #[test]
-#[ignore = "bug: a failed partial-block write leaves a hole in the journal; replay then drops later flushed writes"]
 fn failed_read_modify_write_leaves_no_hole_before_flushed_records() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();
@@ -288,7 +287,7 @@ fn failed_read_modify_write_leaves_no_hole_before_flushed_records() {
 /// six gone, opening a volume whose journal holds records fails: the replay's destaging round
 /// cannot write the stripes, and open gives up instead of serving from the journal.
 #[test]
-#[ignore = "bug: Volume::open fails after a restart when one disk is missing and the journal is not empty"]
+#[ignore = "open issue (degraded service): Volume::open cannot destage the replayed journal when a disk is missing"]
 fn open_after_restart_with_one_disk_missing_serves_flushed_data() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();
@@ -307,7 +306,6 @@ fn open_after_restart_with_one_disk_missing_serves_flushed_data() {
 /// A forged trim record whose count exceeds the stripe makes `Volume::open` panic (index out of
 /// bounds in the trim bitmap) instead of refusing the record.
 #[test]
-#[ignore = "bug: a malformed journal trim record (count beyond its stripe) panics Volume::open"]
 fn malformed_trim_record_does_not_panic_open() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();
@@ -333,7 +331,7 @@ fn malformed_trim_record_does_not_panic_open() {
 /// A well-formed forged trim record (valid crc32c, nothing keyed) written on one journal
 /// replica silently zeroes acknowledged, flushed data at the next open: no tag covers trims.
 #[test]
-#[ignore = "bug: journal records are not authenticated; one hostile journal disk can trim flushed data undetected"]
+#[ignore = "open issue (hostile disks): journal headers carry a checksum, not a keyed tag"]
 fn forged_trim_record_on_one_replica_is_rejected() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();

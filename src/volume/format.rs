@@ -148,6 +148,9 @@ pub enum RecordKind {
     Trim = 2,
     /// The log continues at its start; nothing else in this record.
     Wrap = 3,
+    /// Reserved space that holds nothing (a write that failed after its space was reserved):
+    /// `trim_count` pages, this header included, are skipped. Keeps the log free of holes.
+    Skip = 4,
 }
 
 /// Magic at the start of every journal record.
@@ -167,10 +170,10 @@ pub const MAX_RECORD_BLOCKS: usize = 256;
 /// | 0 | 8 | magic `SVJRNL01` |
 /// | 8 | 8 | sequence number (consecutive, from 1) |
 /// | 16 | 8 | volume id |
-/// | 24 | 4 | kind (1 write, 2 trim, 3 wrap) |
+/// | 24 | 4 | kind (1 write, 2 trim, 3 wrap, 4 skip) |
 /// | 28 | 4 | n: blocks of payload (write), 0 otherwise |
 /// | 32 | 8 | trim: first lba; otherwise 0 |
-/// | 40 | 8 | trim: block count; otherwise 0 |
+/// | 40 | 8 | trim: block count; skip: pages of the record; otherwise 0 |
 /// | 48 | 4 | crc32c of the payload pages |
 /// | 52 | 4 | crc32c of the header pages with this field zero |
 /// | 56 | 8 | reserved, 0 |
@@ -208,6 +211,9 @@ impl RecordHeader {
 
     /// Total bytes of the record on disk (header pages and payload pages).
     pub fn record_len(&self) -> u64 {
+        if self.kind == RecordKind::Skip {
+            return self.trim_count.max(1) * BLOCK_SIZE_U64;
+        }
         ((self.pages() + self.entries.len()) * BLOCK_SIZE) as u64
     }
 
@@ -264,6 +270,7 @@ impl RecordHeader {
             1 => RecordKind::Write,
             2 => RecordKind::Trim,
             3 => RecordKind::Wrap,
+            4 => RecordKind::Skip,
             _ => return Err(RecordProblem::BadField("kind")),
         };
         if kind != RecordKind::Write && n != 0 {

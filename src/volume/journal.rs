@@ -109,7 +109,9 @@ impl Journal {
 
     /// Opens the journal and reads every valid record after the newest checkpoint.
     /// The caller applies them, destages them and checkpoints; until then they stay live.
-    pub fn open(layout: RegionLayout, volume: u64, disks: Vec<DiskRef>) -> Result<(Self, Vec<Replayed>), JournalError> {
+    /// `valid` checks what the journal cannot: that a record's contents fit the volume. Replay
+    /// stops at the first record that fails it, as at a torn one.
+    pub fn open(layout: RegionLayout, volume: u64, disks: Vec<DiskRef>, valid: &dyn Fn(&RecordHeader) -> bool) -> Result<(Self, Vec<Replayed>), JournalError> {
         let mut best: Option<(Checkpoint, u64)> = None;
         for d in &disks {
             for slot in 0..2u64 {
@@ -133,6 +135,10 @@ impl Journal {
         let mut copies: Vec<(u64, u64, usize)> = Vec::new();
         while used < capacity {
             let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect) else { break };
+            if !valid(&header) {
+                warn!(volume, seq = header.seq, "journal record with a valid checksum does not fit the volume; replay stops there");
+                break;
+            }
             copies.push((pos, len, good));
             if header.kind == RecordKind::Wrap {
                 let waste = layout.log_end() - pos;

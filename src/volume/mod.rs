@@ -221,10 +221,12 @@ impl Volume {
         let layout = Self::layout_of(&parts.record);
         let placement = Self::placement_of(&parts)?;
         let jd = Self::disk_refs(&parts.disks, &Self::journal_disks(&placement, &parts.record)?)?;
-        let (journal, replayed) = Journal::open(layout, parts.record.id, jd)?;
+        let blocks = parts.record.size.div_ceil(BLOCK_SIZE_U64);
+        let bps = layout.geometry.blocks_per_stripe();
+        let valid = |h: &RecordHeader| record_fits(h, blocks, bps);
+        let (journal, replayed) = Journal::open(layout, parts.record.id, jd, &valid)?;
         let codec = Codec::new(usize::from(layout.geometry.k), usize::from(layout.geometry.m))
             .map_err(|e| VolumeError::Config(e.to_string()))?;
-        let bps = layout.geometry.blocks_per_stripe();
         let home: HashMap<u64, Bits> = parts
             .store
             .alloc_load(parts.record.id)
@@ -412,11 +414,28 @@ impl Volume {
                 self.journal.wait_for_space(Duration::from_millis(20));
                 continue;
             };
-            let result = build(&r).and_then(|(record, apply)| {
-                self.journal.write(&r, &record)?;
-                self.apply(stripe, &r, apply);
-                Ok(())
-            });
+            let result = match build(&r) {
+                Ok((record, apply)) => self.journal.write(&r, &record).map_err(VolumeError::from).map(|()| self.apply(stripe, &r, apply)),
+                Err(e) => {
+                    // The space is reserved: fill it with a record that says so, or replay
+                    // would stop here and drop every later record.
+                    let skip = RecordHeader {
+                        seq: r.seq,
+                        volume: self.record.id,
+                        kind: RecordKind::Skip,
+                        trim_lba: 0,
+                        trim_count: r.len / BLOCK_SIZE_U64,
+                        payload_crc: crc32c::crc32c(&[]),
+                        entries: vec![],
+                    };
+                    let mut record = vec![0u8; r.len as usize];
+                    record[..BLOCK_SIZE].copy_from_slice(&skip.encode());
+                    match self.journal.write(&r, &record) {
+                        Ok(()) => Err(e),
+                        Err(j) => Err(VolumeError::Io(format!("{e}; and the journal could not record the failure: {j}"))),
+                    }
+                }
+            };
             self.journal.complete(&r);
             drop(guard);
             if self.journal.used() as f64 > self.journal.capacity() as f64 * DESTAGE_HIGH_WATER {
@@ -483,7 +502,7 @@ impl Volume {
                 let from = h.trim_lba % bps;
                 self.apply(stripe, &res(r.position), RecordApply::Trim { from, to: from + h.trim_count });
             }
-            RecordKind::Wrap => {}
+            RecordKind::Wrap | RecordKind::Skip => {}
         }
     }
 
@@ -618,6 +637,26 @@ impl Volume {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Whether a checksummed record's contents fit the volume: a write covers consecutive blocks
+/// of one stripe with its own sequence number as generation, a trim a non-empty range of one
+/// stripe, both inside the volume.
+fn record_fits(h: &RecordHeader, blocks: u64, bps: u64) -> bool {
+    match h.kind {
+        RecordKind::Write => {
+            let (Some(first), Some(last)) = (h.entries.first(), h.entries.last()) else { return false };
+            h.entries.iter().enumerate().all(|(i, e)| e.lba == first.lba + i as u64 && e.generation == h.seq)
+                && last.lba < blocks
+                && first.lba / bps == last.lba / bps
+        }
+        RecordKind::Trim => {
+            h.trim_count >= 1
+                && h.trim_lba.checked_add(h.trim_count).is_some_and(|end| end <= blocks)
+                && h.trim_lba / bps == (h.trim_lba + h.trim_count - 1) / bps
+        }
+        RecordKind::Wrap | RecordKind::Skip => true,
     }
 }
 
