@@ -334,6 +334,7 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    shardvol::disk::keep_large_buffers_in_heap();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Create(a)) => create(a),

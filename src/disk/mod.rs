@@ -52,7 +52,7 @@ mod pending;
 mod pread;
 pub mod uring;
 
-pub use buf::IoBuf;
+pub use buf::{IoBuf, keep_large_buffers_in_heap};
 pub use fault::{FaultCounts, FaultDisk, FaultHandle, Trigger};
 pub use file::{create_file, open_disk, uring_available, Backend, DiskOptions, BACKEND_ENV};
 pub use mem::{CrashMode, CrashReport, MemDisk, MemDiskStats};
