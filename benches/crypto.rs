@@ -33,8 +33,10 @@ use shardvol::layout::{ChunkIndex, StripeId};
 const KIB: usize = 1024;
 
 fn key() -> XtsKey {
-    XtsKey::from_bytes(std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11)))
-        .expect("halves differ")
+    XtsKey::from_bytes(std::array::from_fn(|i| {
+        (i as u8).wrapping_mul(37).wrapping_add(11)
+    }))
+    .expect("halves differ")
 }
 
 fn data(len: usize) -> Vec<u8> {
@@ -42,7 +44,13 @@ fn data(len: usize) -> Vec<u8> {
 }
 
 fn shard_id(stripe: u64) -> ShardKeyId {
-    ShardKeyId { version: 1, volume: 3, stripe: StripeId(stripe), chunk: ChunkIndex(2), epoch: 9 }
+    ShardKeyId {
+        version: 1,
+        volume: 3,
+        stripe: StripeId(stripe),
+        chunk: ChunkIndex(2),
+        epoch: 9,
+    }
 }
 
 fn xts<M: Measurement>(c: &mut Criterion<M>) {
@@ -58,7 +66,11 @@ fn xts<M: Measurement>(c: &mut Criterion<M>) {
             let cipher = XtsCipher::with_backend(key(), backend).unwrap();
             let mut buf = data(size);
             g.bench_function(format!("{name}/{}KiB", size / KIB), |b| {
-                b.iter(|| cipher.encrypt(black_box(1000), black_box(&mut buf)).unwrap())
+                b.iter(|| {
+                    cipher
+                        .encrypt(black_box(1000), black_box(&mut buf))
+                        .unwrap()
+                })
             });
         }
     }
@@ -70,7 +82,11 @@ fn xts<M: Measurement>(c: &mut Criterion<M>) {
         let cipher = XtsCipher::with_backend(key(), backend).unwrap();
         let mut buf = data(4 * KIB);
         g.bench_function(format!("{name}/4KiB"), |b| {
-            b.iter(|| cipher.decrypt(black_box(1000), black_box(&mut buf)).unwrap())
+            b.iter(|| {
+                cipher
+                    .decrypt(black_box(1000), black_box(&mut buf))
+                    .unwrap()
+            })
         });
     }
     g.finish();
@@ -130,7 +146,9 @@ fn kdf<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("hkdf-expand shard key", |b| {
         b.iter(|| prk.shard_key(black_box(&shard_id(17))).unwrap())
     });
-    g.bench_function("hkdf-expand tag key", |b| b.iter(|| prk.tag_key(black_box(3)).unwrap()));
+    g.bench_function("hkdf-expand tag key", |b| {
+        b.iter(|| prk.tag_key(black_box(3)).unwrap())
+    });
     let ring = KeyRing::new(pool);
     ring.insert(1, MasterKey::from_bytes([0x24; 32]));
     g.bench_function("cache miss: derive + XtsCipher::new (aws-lc)", |b| {
@@ -147,7 +165,9 @@ fn kdf<M: Measurement>(c: &mut Criterion<M>) {
         b.iter(|| ring.shard_cipher(black_box(shard_id(17))).unwrap())
     });
     ring.tag_key(1, 3).unwrap();
-    g.bench_function("tag_key hit", |b| b.iter(|| ring.tag_key(1, black_box(3)).unwrap()));
+    g.bench_function("tag_key hit", |b| {
+        b.iter(|| ring.tag_key(1, black_box(3)).unwrap())
+    });
     g.finish();
 }
 
@@ -155,7 +175,10 @@ fn kdf<M: Measurement>(c: &mut Criterion<M>) {
 struct ThreadCpuTime;
 
 fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable `timespec`; CLOCK_THREAD_CPUTIME_ID is supported by every
     // Linux this project runs on, and the return code is checked.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
@@ -215,7 +238,9 @@ fn run<M: Measurement>(mut c: Criterion<M>) {
 
 fn main() {
     if std::env::var_os("SHARDVOL_BENCH_CLOCK").is_some_and(|v| v == "cpu") {
-        run(Criterion::default().with_measurement(ThreadCpuTime).configure_from_args());
+        run(Criterion::default()
+            .with_measurement(ThreadCpuTime)
+            .configure_from_args());
     } else {
         run(Criterion::default().configure_from_args());
     }

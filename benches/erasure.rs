@@ -7,7 +7,9 @@
 //!
 //! Times are on-CPU time of the benchmarking thread (see `on_cpu`).
 
-use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
 use shardvol::erasure::Codec;
 use std::hint::black_box;
@@ -22,7 +24,9 @@ const SIZES: [(&str, usize); 3] = [("64B", 64), ("4KiB", 4096), ("64KiB", 65536)
 /// machines are shared by several builds, so wall time mostly measures the queue for a core.
 fn thread_cpu_time() -> Option<Duration> {
     let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-    let line = sched.lines().find(|l| l.starts_with("se.sum_exec_runtime"))?;
+    let line = sched
+        .lines()
+        .find(|l| l.starts_with("se.sum_exec_runtime"))?;
     let ms: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
     Some(Duration::from_secs_f64(ms / 1e3))
 }
@@ -78,7 +82,11 @@ fn codec_encode(c: &mut Criterion) {
             let data: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
             let mut parity: Vec<&mut [u8]> = parity.iter_mut().map(|p| p.as_mut_slice()).collect();
             b.iter_custom(|iters| {
-                on_cpu(iters, || codec.encode(black_box(&data), black_box(&mut parity)).unwrap())
+                on_cpu(iters, || {
+                    codec
+                        .encode(black_box(&data), black_box(&mut parity))
+                        .unwrap()
+                })
             })
         });
     }
@@ -88,7 +96,11 @@ fn codec_reconstruct(c: &mut Criterion) {
     let codec = Codec::new(K, M).unwrap();
     for (what, missing) in [("1data", &[1usize][..]), ("2data", &[0, 2][..])] {
         for data_only in [false, true] {
-            let label = if data_only { "reconstruct_data" } else { "reconstruct" };
+            let label = if data_only {
+                "reconstruct_data"
+            } else {
+                "reconstruct"
+            };
             let mut g = c.benchmark_group(format!("codec/{label}_{what}"));
             g.sampling_mode(SamplingMode::Flat).sample_size(20);
             for (name, len) in SIZES {
@@ -99,11 +111,14 @@ fn codec_reconstruct(c: &mut Criterion) {
                 }
                 g.throughput(Throughput::Bytes((K * len) as u64));
                 g.bench_function(BenchmarkId::from_parameter(name), |b| {
-                    let mut shards: Vec<&mut [u8]> = s.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let mut shards: Vec<&mut [u8]> =
+                        s.iter_mut().map(|v| v.as_mut_slice()).collect();
                     b.iter_custom(|iters| {
                         on_cpu(iters, || {
                             if data_only {
-                                codec.reconstruct_data(black_box(&mut shards), &present).unwrap()
+                                codec
+                                    .reconstruct_data(black_box(&mut shards), &present)
+                                    .unwrap()
                             } else {
                                 codec.reconstruct(black_box(&mut shards), &present).unwrap()
                             }
@@ -135,11 +150,17 @@ fn codec_reconstruct_shared(c: &mut Criterion) {
                                 s.iter_mut().map(|v| v.as_mut_slice()).collect();
                             let mut present = [true; K + M];
                             present[t] = false;
-                            on_cpu(iters, || codec.reconstruct(black_box(&mut shards), &present).unwrap())
+                            on_cpu(iters, || {
+                                codec.reconstruct(black_box(&mut shards), &present).unwrap()
+                            })
                         })
                     })
                     .collect();
-                workers.into_iter().map(|w| w.join().unwrap()).max().unwrap()
+                workers
+                    .into_iter()
+                    .map(|w| w.join().unwrap())
+                    .max()
+                    .unwrap()
             })
         })
     });

@@ -17,7 +17,9 @@ const WIDTH: usize = 6;
 /// machines are shared by several builds, so wall time mostly measures the queue for a core.
 fn thread_cpu_time() -> Option<Duration> {
     let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-    let line = sched.lines().find(|l| l.starts_with("se.sum_exec_runtime"))?;
+    let line = sched
+        .lines()
+        .find(|l| l.starts_with("se.sum_exec_runtime"))?;
     let ms: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
     Some(Duration::from_secs_f64(ms / 1e3))
 }
@@ -39,7 +41,10 @@ fn on_cpu(iters: u64, mut f: impl FnMut()) -> Duration {
 /// `n` disks spread round-robin over `domains` failure domains.
 fn table(n: u32, domains: u32) -> Placement {
     let disks = (0..n)
-        .map(|i| PlacementDisk { id: DiskId(100 + i), domain: format!("host-{}", i % domains) })
+        .map(|i| PlacementDisk {
+            id: DiskId(100 + i),
+            domain: format!("host-{}", i % domains),
+        })
         .collect();
     Placement::new([7; 32], disks).unwrap()
 }
@@ -50,14 +55,17 @@ fn place(c: &mut Criterion) {
     for (n, domains) in [(6, 6), (12, 6), (24, 8)] {
         let p = table(n, domains);
         let mut stripe = 0u64;
-        g.bench_function(BenchmarkId::from_parameter(format!("{n}disks_{domains}domains")), |b| {
-            b.iter_custom(|iters| {
-                on_cpu(iters, || {
-                    stripe = stripe.wrapping_add(1);
-                    black_box(p.place(StripeId(black_box(stripe)), WIDTH).unwrap());
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("{n}disks_{domains}domains")),
+            |b| {
+                b.iter_custom(|iters| {
+                    on_cpu(iters, || {
+                        stripe = stripe.wrapping_add(1);
+                        black_box(p.place(StripeId(black_box(stripe)), WIDTH).unwrap());
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     g.finish();
     let mut g = c.benchmark_group("placement/place_into_4+2");
@@ -66,15 +74,19 @@ fn place(c: &mut Criterion) {
         let p = table(n, domains);
         let mut stripe = 0u64;
         let mut out = Vec::with_capacity(WIDTH);
-        g.bench_function(BenchmarkId::from_parameter(format!("{n}disks_{domains}domains")), |b| {
-            b.iter_custom(|iters| {
-                on_cpu(iters, || {
-                    stripe = stripe.wrapping_add(1);
-                    p.place_into(StripeId(black_box(stripe)), WIDTH, &mut out).unwrap();
-                    black_box(out[0]);
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("{n}disks_{domains}domains")),
+            |b| {
+                b.iter_custom(|iters| {
+                    on_cpu(iters, || {
+                        stripe = stripe.wrapping_add(1);
+                        p.place_into(StripeId(black_box(stripe)), WIDTH, &mut out)
+                            .unwrap();
+                        black_box(out[0]);
+                    })
                 })
-            })
-        });
+            },
+        );
     }
 }
 

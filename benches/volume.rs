@@ -32,11 +32,30 @@ fn volume(dir: &std::path::Path, chunk: u32) -> Arc<Volume> {
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();
     let size = record.region_offset + record.region_size;
-    let disks: HashMap<DiskId, DiskRef> = (0..6).map(|i| (DiskId(i), Arc::new(MemDisk::new(format!("m{i}"), size)) as DiskRef)).collect();
-    let table = (0..6).map(|i| PlacementDisk { id: DiskId(i), domain: format!("d{i}") }).collect();
+    let disks: HashMap<DiskId, DiskRef> = (0..6)
+        .map(|i| {
+            (
+                DiskId(i),
+                Arc::new(MemDisk::new(format!("m{i}"), size)) as DiskRef,
+            )
+        })
+        .collect();
+    let table = (0..6)
+        .map(|i| PlacementDisk {
+            id: DiskId(i),
+            domain: format!("d{i}"),
+        })
+        .collect();
     let keys = Arc::new(KeyRing::new([1; 16]));
     keys.insert(1, MasterKey::from_bytes([5; 32]));
-    let parts = VolumeParts { record, disks, table, keys, write_key: Arc::new(WriteKey::new(1, 1)), store };
+    let parts = VolumeParts {
+        record,
+        disks,
+        table,
+        keys,
+        write_key: Arc::new(WriteKey::new(1, 1)),
+        store,
+    };
     Volume::format(&parts).unwrap();
     let vol = Volume::open(parts).unwrap();
     // Fill the volume and cycle the journal once, so that the memory disks have allocated

@@ -7,7 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use shardvol::pool::{self, CreateOptions, DiskSpec};
 
 #[derive(Parser)]
-#[command(name = "shardvol", version, about = "Encrypted, erasure-coded, self-healing block volumes served over NBD", arg_required_else_help = true)]
+#[command(
+    name = "shardvol",
+    version,
+    about = "Encrypted, erasure-coded, self-healing block volumes served over NBD",
+    arg_required_else_help = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -103,8 +108,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1G)"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1G)"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -113,7 +125,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "P" => 50,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G, T)")),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn human(bytes: u64) -> String {
@@ -124,7 +137,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn create(a: CreateArgs) -> Result<()> {
@@ -135,7 +152,9 @@ fn create(a: CreateArgs) -> Result<()> {
             a.disk
                 .iter()
                 .map(|s| match s.rsplit_once(':') {
-                    Some((p, d)) if !d.is_empty() && !d.contains('/') => (PathBuf::from(p), Some(d.to_string())),
+                    Some((p, d)) if !d.is_empty() && !d.contains('/') => {
+                        (PathBuf::from(p), Some(d.to_string()))
+                    }
                     _ => (PathBuf::from(s), None),
                 })
                 .collect(),
@@ -156,20 +175,49 @@ fn create(a: CreateArgs) -> Result<()> {
         share_dir: share_dir.clone(),
         journal_size: a.journal_size,
     };
-    let c = pool::create(&opts).with_context(|| format!("cannot create volume {} in {}", a.volume, a.pool.display()))?;
+    let c = pool::create(&opts)
+        .with_context(|| format!("cannot create volume {} in {}", a.volume, a.pool.display()))?;
     if c.new_pool {
-        println!("created pool {} (id {})", a.pool.display(), pool::hex(&c.pool_id));
-        println!("volume {}: {}, {}+{} over {} disks, chunk {}", a.volume, human(a.size), a.data, a.parity, c.disks.len(), human(a.chunk_size));
-        println!("{} shares written, {} needed to unlock:", c.share_files.len(), a.threshold);
+        println!(
+            "created pool {} (id {})",
+            a.pool.display(),
+            pool::hex(&c.pool_id)
+        );
+        println!(
+            "volume {}: {}, {}+{} over {} disks, chunk {}",
+            a.volume,
+            human(a.size),
+            a.data,
+            a.parity,
+            c.disks.len(),
+            human(a.chunk_size)
+        );
+        println!(
+            "{} shares written, {} needed to unlock:",
+            c.share_files.len(),
+            a.threshold
+        );
         for f in &c.share_files {
             println!("  {}", f.display());
         }
         if a.share_dir.is_none() {
-            eprintln!("warning: the shares are stored inside the pool directory. Anyone who can read the pool and");
-            eprintln!("         {} shares can read the data: hand each share to its holder and delete it here.", a.threshold);
+            eprintln!(
+                "warning: the shares are stored inside the pool directory. Anyone who can read the pool and"
+            );
+            eprintln!(
+                "         {} shares can read the data: hand each share to its holder and delete it here.",
+                a.threshold
+            );
         }
     } else {
-        println!("added volume {} ({}, {}+{}) to pool {}", a.volume, human(a.size), a.data, a.parity, a.pool.display());
+        println!(
+            "added volume {} ({}, {}+{}) to pool {}",
+            a.volume,
+            human(a.size),
+            a.data,
+            a.parity,
+            a.pool.display()
+        );
     }
     Ok(())
 }
@@ -180,7 +228,13 @@ fn inspect(pool_dir: PathBuf, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("pool {}  id {}  unlock: {} of {} shares", pool_dir.display(), info.pool_id, info.threshold, info.shares);
+    println!(
+        "pool {}  id {}  unlock: {} of {} shares",
+        pool_dir.display(),
+        info.pool_id,
+        info.threshold,
+        info.shares
+    );
     println!("volumes:");
     for v in &info.volumes {
         println!(
@@ -197,7 +251,15 @@ fn inspect(pool_dir: PathBuf, json: bool) -> Result<()> {
     }
     println!("disks:");
     for d in &info.disks {
-        println!("  {:>3}  {:<8} {:<12} {:>10}  superblock {}  {}", d.id, d.state, d.domain, human(d.size), d.superblock, d.path);
+        println!(
+            "  {:>3}  {:<8} {:<12} {:>10}  superblock {}  {}",
+            d.id,
+            d.state,
+            d.domain,
+            human(d.size),
+            d.superblock,
+            d.path
+        );
     }
     println!("master keys:");
     for k in &info.keys {
@@ -210,7 +272,10 @@ fn demo_pool() -> Result<(PathBuf, Vec<PathBuf>)> {
     let dir = std::env::current_dir()?.join(DEMO_DIR);
     let share_dir = dir.join("shares");
     if !pool::exists(&dir) {
-        eprintln!("creating the demo pool in {} (1 GiB volume vol0, 4+2 over 6 files, 3-of-5 shares)", dir.display());
+        eprintln!(
+            "creating the demo pool in {} (1 GiB volume vol0, 4+2 over 6 files, 3-of-5 shares)",
+            dir.display()
+        );
         pool::create(&CreateOptions {
             pool: dir.clone(),
             volume: "vol0".into(),
@@ -258,33 +323,57 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
     use shardvol::nbd::{self, Export, ExportTable, Listener, ServerConfig};
     let (dir, mut shares, listen, socket) = if demo {
         let (dir, shares) = demo_pool()?;
-        (dir.clone(), shares, vec![DEFAULT_LISTEN.to_string()], Some(dir.join("nbd.sock")))
+        (
+            dir.clone(),
+            shares,
+            vec![DEFAULT_LISTEN.to_string()],
+            Some(dir.join("nbd.sock")),
+        )
     } else {
-        let dir = a.pool.clone().context("--pool DIR is required (or run `shardvol serve` with no arguments for a demo)")?;
-        let listen = if a.listen.is_empty() && a.socket.is_none() { vec![DEFAULT_LISTEN.to_string()] } else { a.listen.clone() };
+        let dir = a.pool.clone().context(
+            "--pool DIR is required (or run `shardvol serve` with no arguments for a demo)",
+        )?;
+        let listen = if a.listen.is_empty() && a.socket.is_none() {
+            vec![DEFAULT_LISTEN.to_string()]
+        } else {
+            a.listen.clone()
+        };
         (dir, a.share.clone(), listen, a.socket.clone())
     };
     if let Some(d) = &a.share_dir {
         shares.extend(pool::shares_in(d)?);
     }
     if shares.is_empty() {
-        bail!("no shares given: pass --share FILE once per share holder (or --share-dir DIR) to unlock the pool");
+        bail!(
+            "no shares given: pass --share FILE once per share holder (or --share-dir DIR) to unlock the pool"
+        );
     }
-    let p = pool::Pool::open(&dir, &shares).with_context(|| format!("cannot open pool {}", dir.display()))?;
+    let p = pool::Pool::open(&dir, &shares)
+        .with_context(|| format!("cannot open pool {}", dir.display()))?;
     let exports: Vec<Export> = p
         .volumes
         .values()
         .map(|v| {
             let r = v.record();
             let g = r.geometry;
-            Export::new(v.name(), v.clone() as std::sync::Arc<dyn shardvol::volume::BlockDevice>)
-                .with_description(format!("shardvol {}+{} chunk {} KiB", g.k, g.m, g.chunk_size / 1024))
-                .with_read_only(a.read_only)
+            Export::new(
+                v.name(),
+                v.clone() as std::sync::Arc<dyn shardvol::volume::BlockDevice>,
+            )
+            .with_description(format!(
+                "shardvol {}+{} chunk {} KiB",
+                g.k,
+                g.m,
+                g.chunk_size / 1024
+            ))
+            .with_read_only(a.read_only)
         })
         .collect();
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let table = std::sync::Arc::new(ExportTable::new(exports)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result: Result<()> = rt.block_on(async {
         let mut listeners = nbd::listeners_from_systemd()?;
         if listeners.is_empty() {
@@ -331,7 +420,10 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     shardvol::disk::keep_large_buffers_in_heap();
@@ -340,7 +432,12 @@ fn main() -> Result<()> {
         Some(Command::Create(a)) => create(a),
         Some(Command::Inspect { pool, json }) => inspect(pool, json),
         Some(Command::Serve(a)) => {
-            let demo = a.pool.is_none() && a.share.is_empty() && a.share_dir.is_none() && a.listen.is_empty() && a.socket.is_none() && !a.read_only;
+            let demo = a.pool.is_none()
+                && a.share.is_empty()
+                && a.share_dir.is_none()
+                && a.listen.is_empty()
+                && a.socket.is_none()
+                && !a.read_only;
             serve(a, demo)
         }
         None => unreachable!("clap prints help when no command is given"),

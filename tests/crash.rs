@@ -46,7 +46,9 @@ impl Disk for PowerCut {
     }
     fn submit(&self, ops: Vec<IoOp>) -> Pending {
         if self.pulled.load(Ordering::SeqCst) {
-            return Pending::ready(Err(DiskError::Gone { disk: self.name.clone() }));
+            return Pending::ready(Err(DiskError::Gone {
+                disk: self.name.clone(),
+            }));
         }
         let n = ops.len() as i64;
         let before = self.budget.fetch_sub(n, Ordering::SeqCst);
@@ -59,7 +61,9 @@ impl Disk for PowerCut {
             let prefix: Vec<IoOp> = ops.into_iter().take(allowed).collect();
             let _ = self.inner.submit(prefix).wait();
         }
-        Pending::ready(Err(DiskError::Gone { disk: self.name.clone() }))
+        Pending::ready(Err(DiskError::Gone {
+            disk: self.name.clone(),
+        }))
     }
 }
 
@@ -97,25 +101,59 @@ impl Rig {
         store.put_volume(&record).unwrap();
         drop(store);
         let size = record.region_offset + record.region_size;
-        let mems: Vec<Arc<MemDisk>> = (0..6).map(|i| Arc::new(MemDisk::new(format!("mem{i}"), size))).collect();
+        let mems: Vec<Arc<MemDisk>> = (0..6)
+            .map(|i| Arc::new(MemDisk::new(format!("mem{i}"), size)))
+            .collect();
         let budget = Arc::new(AtomicI64::new(UNLIMITED));
         let cuts = mems
             .iter()
             .enumerate()
-            .map(|(i, m)| Arc::new(PowerCut { inner: m.clone(), name: format!("disk{i}"), budget: budget.clone(), pulled: AtomicBool::new(false) }))
+            .map(|(i, m)| {
+                Arc::new(PowerCut {
+                    inner: m.clone(),
+                    name: format!("disk{i}"),
+                    budget: budget.clone(),
+                    pulled: AtomicBool::new(false),
+                })
+            })
             .collect();
         let keys = Arc::new(KeyRing::new([9; 16]));
         keys.insert(1, MasterKey::from_bytes([seed as u8; 32]));
-        let rig = Self { _dir: dir, store_path, mems, cuts, budget, record, keys };
+        let rig = Self {
+            _dir: dir,
+            store_path,
+            mems,
+            cuts,
+            budget,
+            record,
+            keys,
+        };
         Volume::format(&rig.parts()).unwrap();
         rig
     }
 
     fn parts(&self) -> VolumeParts {
-        let disks: HashMap<DiskId, DiskRef> = self.cuts.iter().enumerate().map(|(i, c)| (DiskId(i as u32), c.clone() as DiskRef)).collect();
-        let table = (0..6).map(|i| PlacementDisk { id: DiskId(i), domain: format!("d{i}") }).collect();
+        let disks: HashMap<DiskId, DiskRef> = self
+            .cuts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (DiskId(i as u32), c.clone() as DiskRef))
+            .collect();
+        let table = (0..6)
+            .map(|i| PlacementDisk {
+                id: DiskId(i),
+                domain: format!("d{i}"),
+            })
+            .collect();
         let store = Arc::new(MetaStore::open(&self.store_path).unwrap());
-        VolumeParts { record: self.record.clone(), disks, table, keys: self.keys.clone(), write_key: Arc::new(WriteKey::new(1, 1)), store }
+        VolumeParts {
+            record: self.record.clone(),
+            disks,
+            table,
+            keys: self.keys.clone(),
+            write_key: Arc::new(WriteKey::new(1, 1)),
+            store,
+        }
     }
 
     fn open(&self) -> Arc<Volume> {
@@ -132,7 +170,11 @@ struct Model {
 
 impl Model {
     fn new(blocks: usize) -> Self {
-        Self { latest: vec![vec![0; BS]; blocks], durable: vec![vec![0; BS]; blocks], pending: vec![vec![]; blocks] }
+        Self {
+            latest: vec![vec![0; BS]; blocks],
+            durable: vec![vec![0; BS]; blocks],
+            pending: vec![vec![]; blocks],
+        }
     }
     fn write(&mut self, offset: usize, data: &[u8]) {
         let end = offset + data.len();
@@ -189,8 +231,16 @@ fn run_ops(rng: &mut StdRng, vol: &Volume, model: &mut Model, counts: &mut Count
         let choice = rng.random_range(0..100);
         let r = if choice < 50 {
             let aligned = rng.random_bool(0.6);
-            let len = if aligned { BS * rng.random_range(1..=20) } else { rng.random_range(1..3 * BS) };
-            let offset = if aligned { BS * rng.random_range(0..size / BS) } else { rng.random_range(0..size) };
+            let len = if aligned {
+                BS * rng.random_range(1..=20)
+            } else {
+                rng.random_range(1..3 * BS)
+            };
+            let offset = if aligned {
+                BS * rng.random_range(0..size / BS)
+            } else {
+                rng.random_range(0..size)
+            };
             let len = len.min(size - offset);
             let data = fill(rng, len);
             model.write(offset, &data);
@@ -199,7 +249,11 @@ fn run_ops(rng: &mut StdRng, vol: &Volume, model: &mut Model, counts: &mut Count
             let offset = rng.random_range(0..size);
             let len = rng.random_range(1..=(size - offset).min(40 * BS));
             model.write(offset, &vec![0; len]);
-            if rng.random_bool(0.5) { vol.trim(offset as u64, len as u64) } else { vol.write_zeroes(offset as u64, len as u64, rng.random_bool(0.3), false) }
+            if rng.random_bool(0.5) {
+                vol.trim(offset as u64, len as u64)
+            } else {
+                vol.write_zeroes(offset as u64, len as u64, rng.random_bool(0.3), false)
+            }
         } else if choice < 75 {
             let r = vol.flush();
             if r.is_ok() {
@@ -216,14 +270,21 @@ fn run_ops(rng: &mut StdRng, vol: &Volume, model: &mut Model, counts: &mut Count
             if r.is_ok() {
                 for (i, byte) in buf.iter().enumerate() {
                     let at = offset + i;
-                    assert_eq!(*byte, model.latest[at / BS][at % BS], "read before the crash returned stale data at byte {at}");
+                    assert_eq!(
+                        *byte,
+                        model.latest[at / BS][at % BS],
+                        "read before the crash returned stale data at byte {at}"
+                    );
                 }
             }
             r
         };
         if r.is_err() {
             // Only the power cut makes operations fail here.
-            assert!(vol_budget_exhausted(), "operation failed without a power cut: {r:?}");
+            assert!(
+                vol_budget_exhausted(),
+                "operation failed without a power cut: {r:?}"
+            );
             return;
         }
     }
@@ -234,15 +295,23 @@ thread_local! {
 }
 
 fn vol_budget_exhausted() -> bool {
-    BUDGET.with(|b| b.borrow().as_ref().is_some_and(|b| b.load(Ordering::SeqCst) <= 0))
+    BUDGET.with(|b| {
+        b.borrow()
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::SeqCst) <= 0)
+    })
 }
 
 fn check_all(vol: &Volume, model: &mut Model, settle: bool) -> u64 {
     let blocks = model.latest.len();
     for b in 0..blocks {
         let mut got = vec![0u8; BS];
-        vol.read((b * BS) as u64, &mut got).unwrap_or_else(|e| panic!("block {b} unreadable: {e}"));
-        assert!(model.allowed(b, &got), "block {b} holds neither its flushed content nor a version written after it");
+        vol.read((b * BS) as u64, &mut got)
+            .unwrap_or_else(|e| panic!("block {b} unreadable: {e}"));
+        assert!(
+            model.allowed(b, &got),
+            "block {b} holds neither its flushed content nor a version written after it"
+        );
         if settle {
             model.settle(b, got);
         }
@@ -252,8 +321,14 @@ fn check_all(vol: &Volume, model: &mut Model, settle: bool) -> u64 {
 
 #[test]
 fn random_crashes_never_lose_flushed_data_or_show_garbage() {
-    let cycles: u64 = std::env::var("SHARDVOL_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let seed: u64 = std::env::var("SHARDVOL_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
+    let cycles: u64 = std::env::var("SHARDVOL_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let seed: u64 = std::env::var("SHARDVOL_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut counts = Counts::default();
     let cycles_per_rig = 50;
@@ -265,7 +340,14 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
         let mut vol = rig.open();
         for _ in 0..cycles_per_rig.min(cycles - done) {
             let cut_mid_io = rng.random_bool(0.7);
-            rig.budget.store(if cut_mid_io { rng.random_range(1..600) } else { UNLIMITED }, Ordering::SeqCst);
+            rig.budget.store(
+                if cut_mid_io {
+                    rng.random_range(1..600)
+                } else {
+                    UNLIMITED
+                },
+                Ordering::SeqCst,
+            );
             run_ops(&mut rng, &vol, &mut model, &mut counts);
             if vol_budget_exhausted() {
                 counts.cut_mid_io += 1;
@@ -307,5 +389,8 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
     }
     println!("crash test: {counts:?}");
     assert_eq!(counts.cycles, cycles);
-    assert!(counts.cut_mid_io > 0 && counts.torn > 0 && counts.dropped > 0, "the crash model exercised every case: {counts:?}");
+    assert!(
+        counts.cut_mid_io > 0 && counts.torn > 0 && counts.dropped > 0,
+        "the crash model exercised every case: {counts:?}"
+    );
 }

@@ -10,12 +10,17 @@ use std::path::Path;
 use shardvol::crypto::kdf::Prk;
 use shardvol::crypto::{XtsBackend, XtsCipher, XtsKey};
 
-const BACKENDS: [XtsBackend; 3] =
-    [XtsBackend::AwsLc, XtsBackend::AwsLcFreshContext, XtsBackend::RustCrypto];
+const BACKENDS: [XtsBackend; 3] = [
+    XtsBackend::AwsLc,
+    XtsBackend::AwsLcFreshContext,
+    XtsBackend::RustCrypto,
+];
 
 /// `[Name]` sections of `key = value` lines; `#` starts a comment line.
 fn sections(file: &str) -> Vec<(String, HashMap<String, String>)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out: Vec<(String, HashMap<String, String>)> = Vec::new();
     for line in text.lines().map(str::trim) {
@@ -26,27 +31,47 @@ fn sections(file: &str) -> Vec<(String, HashMap<String, String>)> {
             out.push((name.to_string(), HashMap::new()));
             continue;
         }
-        let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("bad line {line:?}"));
-        let section = out.last_mut().unwrap_or_else(|| panic!("{line:?} before any section"));
-        section.1.insert(key.trim().to_string(), value.trim().to_string());
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let section = out
+            .last_mut()
+            .unwrap_or_else(|| panic!("{line:?} before any section"));
+        section
+            .1
+            .insert(key.trim().to_string(), value.trim().to_string());
     }
     out
 }
 
 fn hex(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2), "odd hex length: {s}");
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 fn field<'a>(name: &str, fields: &'a HashMap<String, String>, key: &str) -> &'a str {
-    fields.get(key).unwrap_or_else(|| panic!("{name}: no {key}"))
+    fields
+        .get(key)
+        .unwrap_or_else(|| panic!("{name}: no {key}"))
 }
 
 #[test]
 fn xts_aes_256_ieee1619_vectors_10_to_14() {
     let vectors = sections("xts_ieee1619.txt");
     let names: Vec<&str> = vectors.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["Vector 10", "Vector 11", "Vector 12", "Vector 13", "Vector 14"]);
+    assert_eq!(
+        names,
+        [
+            "Vector 10",
+            "Vector 11",
+            "Vector 12",
+            "Vector 13",
+            "Vector 14"
+        ]
+    );
     for (name, f) in &vectors {
         let key: [u8; 64] = [hex(field(name, f, "Key1")), hex(field(name, f, "Key2"))]
             .concat()
@@ -58,7 +83,8 @@ fn xts_aes_256_ieee1619_vectors_10_to_14() {
         let ctx = hex(field(name, f, "CTX"));
         assert_eq!((ptx.len(), ctx.len()), (unit, unit), "{name}: lengths");
         for backend in BACKENDS {
-            let cipher = XtsCipher::with_backend(XtsKey::from_bytes(key).unwrap(), backend).unwrap();
+            let cipher =
+                XtsCipher::with_backend(XtsKey::from_bytes(key).unwrap(), backend).unwrap();
             let mut buf = ptx.clone();
             cipher.encrypt_units(unit, dusn, &mut buf).unwrap();
             assert!(buf == ctx, "{name}, {backend:?}: wrong ciphertext");
@@ -74,8 +100,10 @@ fn xts_aes_256_ieee1619_vectors_10_to_14() {
 fn xts_multi_unit_buffer_matches_units_one_by_one() {
     let vectors = sections("xts_ieee1619.txt");
     let (name, f) = &vectors[0];
-    let key: [u8; 64] =
-        [hex(field(name, f, "Key1")), hex(field(name, f, "Key2"))].concat().try_into().unwrap();
+    let key: [u8; 64] = [hex(field(name, f, "Key1")), hex(field(name, f, "Key2"))]
+        .concat()
+        .try_into()
+        .unwrap();
     let dusn = u64::from_str_radix(field(name, f, "DUSN"), 16).unwrap();
     let ptx = hex(field(name, f, "PTX"));
     for backend in BACKENDS {
@@ -108,7 +136,10 @@ fn hkdf_sha256_rfc5869_test_cases_1_to_3() {
         assert_eq!(out, okm, "{name}: extract + expand");
 
         out.fill(0);
-        Prk::from_bytes(&prk).unwrap().expand(&info, &mut out).unwrap();
+        Prk::from_bytes(&prk)
+            .unwrap()
+            .expand(&info, &mut out)
+            .unwrap();
         assert_eq!(out, okm, "{name}: expand from the published PRK");
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
 use shardvol::disk::{
-    self, create_file, open_disk, uring_available, Backend, Disk, DiskError, DiskOptions, DiskRef, IoBuf, IoOp,
-    MemDisk, PreadDisk, UringDisk,
+    self, Backend, Disk, DiskError, DiskOptions, DiskRef, IoBuf, IoOp, MemDisk, PreadDisk,
+    UringDisk, create_file, open_disk, uring_available,
 };
 
 const MIB: u64 = 1 << 20;
@@ -26,7 +26,9 @@ const BOTH: [Which; 2] = [Which::Uring, Which::Pread];
 
 fn open(which: Which, path: &Path, opts: &DiskOptions) -> DiskRef {
     match which {
-        Which::Uring => Arc::new(UringDisk::open(path, opts).expect("io_uring disk (is io_uring allowed here?)")),
+        Which::Uring => Arc::new(
+            UringDisk::open(path, opts).expect("io_uring disk (is io_uring allowed here?)"),
+        ),
         Which::Pread => Arc::new(PreadDisk::open(path, opts).expect("pread disk")),
     }
 }
@@ -47,27 +49,47 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 fn round_trip(which: Which, direct: bool) {
     let (_dir, path) = new_file(8 * MIB);
-    let opts = DiskOptions { direct, ..DiskOptions::default() };
+    let opts = DiskOptions {
+        direct,
+        ..DiskOptions::default()
+    };
     let d = open(which, &path, &opts);
     assert_eq!(d.size(), 8 * MIB);
     assert_eq!(d.name(), path.display().to_string());
     // Sizes from one sector to more than one max_io_bytes transfer, at varied offsets.
-    let cases = [(0u64, 512usize), (4096, 4096), (512 * 17, 64 << 10), (2 * MIB, (1 << 20) + 512 * 3), (8 * MIB - 512, 512)];
+    let cases = [
+        (0u64, 512usize),
+        (4096, 4096),
+        (512 * 17, 64 << 10),
+        (2 * MIB, (1 << 20) + 512 * 3),
+        (8 * MIB - 512, 512),
+    ];
     for (i, &(off, len)) in cases.iter().enumerate() {
         disk::write_at(&*d, off, &pattern(i as u64, len)).unwrap();
     }
     disk::sync(&*d).unwrap();
     for (i, &(off, len)) in cases.iter().enumerate() {
         let got = disk::read_at(&*d, off, len).unwrap();
-        assert!(got[..] == pattern(i as u64, len)[..], "{which:?} direct={direct}: case {i} differs");
+        assert!(
+            got[..] == pattern(i as u64, len)[..],
+            "{which:?} direct={direct}: case {i} differs"
+        );
     }
     // Never-written space reads as zeros.
-    assert!(disk::read_at(&*d, 5 * MIB, 8192).unwrap().iter().all(|&b| b == 0));
+    assert!(
+        disk::read_at(&*d, 5 * MIB, 8192)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
     drop(d);
     // And the bytes really are in the file.
     let file = std::fs::read(&path).unwrap();
     for (i, &(off, len)) in cases.iter().enumerate() {
-        assert!(file[off as usize..off as usize + len] == pattern(i as u64, len)[..], "file case {i}");
+        assert!(
+            file[off as usize..off as usize + len] == pattern(i as u64, len)[..],
+            "file case {i}"
+        );
     }
 }
 
@@ -104,20 +126,43 @@ fn mixed_batch_reads_writes_sync() {
             IoOp::Sync,
             IoOp::write(2 * MIB, &pattern(2, 512)),
             IoOp::read(4096, 60 << 10),
-            IoOp::Discard { offset: 3 * MIB, len: 65536 },
+            IoOp::Discard {
+                offset: 3 * MIB,
+                len: 65536,
+            },
             IoOp::read(0, 0),
         ];
         let ops = d.submit(batch).wait().unwrap();
         let kinds: Vec<&str> = ops.iter().map(IoOp::name).collect();
-        assert_eq!(kinds, ["write", "read", "sync", "write", "read", "discard", "read"], "{which:?}");
+        assert_eq!(
+            kinds,
+            ["write", "read", "sync", "write", "read", "discard", "read"],
+            "{which:?}"
+        );
         let old = pattern(100, 64 << 10);
         assert!(ops[1].buf().unwrap()[..] == old[..4096]);
         assert!(ops[4].buf().unwrap()[..] == old[4096..]);
-        assert!(ops[0].buf().unwrap()[..] == pattern(1, 8192)[..], "write buffers come back untouched");
+        assert!(
+            ops[0].buf().unwrap()[..] == pattern(1, 8192)[..],
+            "write buffers come back untouched"
+        );
         // The next batch sees the writes of the previous one.
-        let ops = d.submit(vec![IoOp::read(MIB, 8192), IoOp::read(2 * MIB, 512), IoOp::Sync]).wait().unwrap();
-        assert!(ops[0].buf().unwrap()[..] == pattern(1, 8192)[..], "{which:?}");
-        assert!(ops[1].buf().unwrap()[..] == pattern(2, 512)[..], "{which:?}");
+        let ops = d
+            .submit(vec![
+                IoOp::read(MIB, 8192),
+                IoOp::read(2 * MIB, 512),
+                IoOp::Sync,
+            ])
+            .wait()
+            .unwrap();
+        assert!(
+            ops[0].buf().unwrap()[..] == pattern(1, 8192)[..],
+            "{which:?}"
+        );
+        assert!(
+            ops[1].buf().unwrap()[..] == pattern(2, 512)[..],
+            "{which:?}"
+        );
     }
 }
 
@@ -127,14 +172,23 @@ fn transfers_split_and_continued() {
     // serves short reads and writes.
     for which in BOTH {
         let (_dir, path) = new_file(4 * MIB);
-        let opts = DiskOptions { max_io_bytes: 4096, ..DiskOptions::default() };
+        let opts = DiskOptions {
+            max_io_bytes: 4096,
+            ..DiskOptions::default()
+        };
         let d = open(which, &path, &opts);
         let data = pattern(7, (MIB + 1536) as usize);
         disk::write_at(&*d, 512, &data).unwrap();
-        assert!(disk::read_at(&*d, 512, data.len()).unwrap()[..] == data[..], "{which:?}");
+        assert!(
+            disk::read_at(&*d, 512, data.len()).unwrap()[..] == data[..],
+            "{which:?}"
+        );
         drop(d);
         let file = std::fs::read(&path).unwrap();
-        assert!(file[512..512 + data.len()] == data[..], "{which:?}: file content");
+        assert!(
+            file[512..512 + data.len()] == data[..],
+            "{which:?}: file content"
+        );
     }
 }
 
@@ -154,7 +208,8 @@ fn concurrent(which: Which) {
                 let mut model: HashMap<u64, Vec<u8>> = HashMap::new();
                 for round in 0..150 {
                     let n = rng.random_range(1..=8usize);
-                    let mut blocks: Vec<u64> = (0..n).map(|_| rng.random_range(0..BLOCKS)).collect();
+                    let mut blocks: Vec<u64> =
+                        (0..n).map(|_| rng.random_range(0..BLOCKS)).collect();
                     blocks.sort_unstable();
                     blocks.dedup();
                     // Half the blocks are written, the others read (never both in one batch).
@@ -168,7 +223,9 @@ fn concurrent(which: Which) {
                             expect.push(None);
                         } else {
                             ops.push(IoOp::read(base + b * 4096, 4096));
-                            expect.push(Some(model.get(&b).cloned().unwrap_or_else(|| vec![0; 4096])));
+                            expect.push(Some(
+                                model.get(&b).cloned().unwrap_or_else(|| vec![0; 4096]),
+                            ));
                         }
                     }
                     if round % 16 == 0 {
@@ -178,7 +235,10 @@ fn concurrent(which: Which) {
                     let done = d.submit(ops).wait().unwrap();
                     for (op, want) in done.iter().zip(&expect) {
                         if let (IoOp::Read { offset, buf }, Some(want)) = (op, want) {
-                            assert!(buf[..] == want[..], "thread {t} round {round}: read at {offset} differs");
+                            assert!(
+                                buf[..] == want[..],
+                                "thread {t} round {round}: read at {offset} differs"
+                            );
                         }
                     }
                 }
@@ -193,7 +253,10 @@ fn concurrent(which: Which) {
         for b in 0..BLOCKS {
             let at = ((t * BLOCKS + b) * 4096) as usize;
             let want = model.get(&b).cloned().unwrap_or_else(|| vec![0; 4096]);
-            assert!(file[at..at + 4096] == want[..], "{which:?}: thread {t} block {b}");
+            assert!(
+                file[at..at + 4096] == want[..],
+                "{which:?}: thread {t} block {b}"
+            );
         }
     }
 }
@@ -211,22 +274,71 @@ fn pread_concurrent_submitters() {
 fn check_invalid(d: &dyn Disk) {
     let size = d.size();
     let e = d.submit(vec![IoOp::read(100, 512)]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::Unaligned { .. }), "{}: {e}", d.backend());
-    let e = d.submit(vec![IoOp::write(0, &[1; 1000])]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::Unaligned { .. }), "{}: {e}", d.backend());
-    let e = d.submit(vec![IoOp::Discard { offset: 0, len: 100 }]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::Unaligned { .. }), "{}: {e}", d.backend());
+    assert!(
+        matches!(e, DiskError::Unaligned { .. }),
+        "{}: {e}",
+        d.backend()
+    );
+    let e = d
+        .submit(vec![IoOp::write(0, &[1; 1000])])
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(e, DiskError::Unaligned { .. }),
+        "{}: {e}",
+        d.backend()
+    );
+    let e = d
+        .submit(vec![IoOp::Discard {
+            offset: 0,
+            len: 100,
+        }])
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(e, DiskError::Unaligned { .. }),
+        "{}: {e}",
+        d.backend()
+    );
     let e = d.submit(vec![IoOp::read(size, 512)]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::OutOfRange { .. }), "{}: {e}", d.backend());
-    let e = d.submit(vec![IoOp::read(size - 512, 1024)]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::OutOfRange { .. }), "{}: {e}", d.backend());
-    let e = d.submit(vec![IoOp::Discard { offset: u64::MAX - 511, len: 1024 }]).wait().unwrap_err();
-    assert!(matches!(e, DiskError::OutOfRange { .. }), "{}: {e}", d.backend());
+    assert!(
+        matches!(e, DiskError::OutOfRange { .. }),
+        "{}: {e}",
+        d.backend()
+    );
+    let e = d
+        .submit(vec![IoOp::read(size - 512, 1024)])
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(e, DiskError::OutOfRange { .. }),
+        "{}: {e}",
+        d.backend()
+    );
+    let e = d
+        .submit(vec![IoOp::Discard {
+            offset: u64::MAX - 511,
+            len: 1024,
+        }])
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(e, DiskError::OutOfRange { .. }),
+        "{}: {e}",
+        d.backend()
+    );
     assert_eq!(e.disk(), d.name());
     // A batch with one bad op is refused whole: its valid write does not happen.
-    let e = d.submit(vec![IoOp::write(0, &[9; 512]), IoOp::read(size, 512)]).wait().unwrap_err();
+    let e = d
+        .submit(vec![IoOp::write(0, &[9; 512]), IoOp::read(size, 512)])
+        .wait()
+        .unwrap_err();
     assert!(matches!(e, DiskError::OutOfRange { .. }));
-    assert!(disk::read_at(d, 0, 512).unwrap().iter().all(|&b| b == 0), "{}: refused batch wrote", d.backend());
+    assert!(
+        disk::read_at(d, 0, 512).unwrap().iter().all(|&b| b == 0),
+        "{}: refused batch wrote",
+        d.backend()
+    );
     // The convenience functions report the same errors.
     assert!(disk::read_at(d, 512, 100).is_err());
     assert!(disk::write_at(d, size, &[0; 512]).is_err());
@@ -256,17 +368,38 @@ fn discard_reads_zeros_and_frees_blocks() {
         disk::write_at(&*d, 0, &pattern(3, 4 * MIB as usize)).unwrap();
         disk::sync(&*d).unwrap();
         let full = blocks(&path);
-        assert!(full >= 4 * MIB / 512, "{which:?}: {full} blocks after writing 4 MiB");
+        assert!(
+            full >= 4 * MIB / 512,
+            "{which:?}: {full} blocks after writing 4 MiB"
+        );
         // Discard 3 MiB in the middle, sector-aligned but not page-aligned at the start.
         disk::discard(&*d, MIB - 512, 3 * MIB).unwrap();
         let got = disk::read_at(&*d, 0, 4 * MIB as usize).unwrap();
         let want = pattern(3, 4 * MIB as usize);
-        assert!(got[..(MIB - 512) as usize] == want[..(MIB - 512) as usize], "{which:?}: before the range");
-        assert!(got[(MIB - 512) as usize..(4 * MIB - 512) as usize].iter().all(|&b| b == 0), "{which:?}: zeros");
-        assert!(got[(4 * MIB - 512) as usize..] == want[(4 * MIB - 512) as usize..], "{which:?}: after the range");
+        assert!(
+            got[..(MIB - 512) as usize] == want[..(MIB - 512) as usize],
+            "{which:?}: before the range"
+        );
+        assert!(
+            got[(MIB - 512) as usize..(4 * MIB - 512) as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "{which:?}: zeros"
+        );
+        assert!(
+            got[(4 * MIB - 512) as usize..] == want[(4 * MIB - 512) as usize..],
+            "{which:?}: after the range"
+        );
         let after = blocks(&path);
-        assert!(after <= full - (3 * MIB - 4096) / 512, "{which:?}: {full} blocks before, {after} after a 3 MiB discard");
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB, "discard keeps the size");
+        assert!(
+            after <= full - (3 * MIB - 4096) / 512,
+            "{which:?}: {full} blocks before, {after} after a 3 MiB discard"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            8 * MIB,
+            "discard keeps the size"
+        );
     }
 }
 
@@ -281,7 +414,10 @@ fn uring_and_pread_give_identical_results() {
         let off = rng.random_range(0..(4 * MIB / 512 - 64)) * 512;
         let sectors = rng.random_range(1..=64usize);
         let batch = |rng: &mut SmallRng| match rng.random_range(0..10) {
-            0 => vec![IoOp::Discard { offset: off, len: sectors as u64 * 512 }],
+            0 => vec![IoOp::Discard {
+                offset: off,
+                len: sectors as u64 * 512,
+            }],
             1 => vec![IoOp::Sync],
             2..=4 => vec![IoOp::read(off, sectors * 512)],
             _ => vec![IoOp::write(off, &pattern(round, sectors * 512))],
@@ -293,16 +429,25 @@ fn uring_and_pread_give_identical_results() {
                 IoOp::Read { offset, buf } => IoOp::read(*offset, buf.len()),
                 IoOp::Write { offset, buf } => IoOp::write(*offset, buf),
                 IoOp::Sync => IoOp::Sync,
-                IoOp::Discard { offset, len } => IoOp::Discard { offset: *offset, len: *len },
+                IoOp::Discard { offset, len } => IoOp::Discard {
+                    offset: *offset,
+                    len: *len,
+                },
             })
             .collect();
-        let (ra, rb) = (a.submit(ops).wait().unwrap(), b.submit(ops2).wait().unwrap());
+        let (ra, rb) = (
+            a.submit(ops).wait().unwrap(),
+            b.submit(ops2).wait().unwrap(),
+        );
         for (x, y) in ra.iter().zip(&rb) {
             assert_eq!(x.buf(), y.buf(), "round {round}: {} differs", x.name());
         }
     }
     drop((a, b));
-    assert!(std::fs::read(&p1).unwrap() == std::fs::read(&p2).unwrap(), "files differ");
+    assert!(
+        std::fs::read(&p1).unwrap() == std::fs::read(&p2).unwrap(),
+        "files differ"
+    );
 }
 
 /// Dropping a `Pending` before waiting must not let the kernel write into freed memory. Fill
@@ -312,13 +457,18 @@ fn uring_and_pread_give_identical_results() {
 fn dropped_pending(which: Which) {
     const LEN: usize = 64 << 10;
     let (_dir, path) = new_file(4 * MIB);
-    let opts = DiskOptions { direct: true, ..DiskOptions::default() };
+    let opts = DiskOptions {
+        direct: true,
+        ..DiskOptions::default()
+    };
     let d = open(which, &path, &opts);
     disk::write_at(&*d, 0, &vec![0xAB; 4 * MIB as usize]).unwrap();
     disk::sync(&*d).unwrap();
     let mut ours: Vec<IoBuf> = Vec::new();
     for i in 0..300u64 {
-        let ops = (0..8).map(|j| IoOp::read(((i * 8 + j) % 64) * LEN as u64, LEN)).collect();
+        let ops = (0..8)
+            .map(|j| IoOp::read(((i * 8 + j) % 64) * LEN as u64, LEN))
+            .collect();
         drop(d.submit(ops));
         for _ in 0..8 {
             let mut b = IoBuf::zeroed(LEN);
@@ -327,18 +477,27 @@ fn dropped_pending(which: Which) {
         }
         if i % 50 == 0 {
             // A write batch dropped in flight must still land whole.
-            drop(d.submit(vec![IoOp::write(3 * MIB + i / 50 * LEN as u64, &vec![i as u8; LEN])]));
+            drop(d.submit(vec![IoOp::write(
+                3 * MIB + i / 50 * LEN as u64,
+                &vec![i as u8; LEN],
+            )]));
         }
     }
     // Dropping the disk waits for every op still in flight.
     drop(d);
     for (k, b) in ours.iter().enumerate() {
-        assert!(b.iter().all(|&x| x == 0x5C), "{which:?}: buffer {k} was written by a dropped read");
+        assert!(
+            b.iter().all(|&x| x == 0x5C),
+            "{which:?}: buffer {k} was written by a dropped read"
+        );
     }
     let file = std::fs::read(&path).unwrap();
     for k in 0..6 {
         let at = 3 * MIB as usize + k * LEN;
-        assert!(file[at..at + LEN].iter().all(|&x| x == (k * 50) as u8), "{which:?}: dropped write {k} missing");
+        assert!(
+            file[at..at + LEN].iter().all(|&x| x == (k * 50) as u8),
+            "{which:?}: dropped write {k} missing"
+        );
     }
 }
 
@@ -359,14 +518,21 @@ fn waiters_complete_when_disk_is_dropped() {
     for which in BOTH {
         let (_dir, path) = new_file(4 * MIB);
         let d = open(which, &path, &DiskOptions::default());
-        let pendings: Vec<_> = (0..32u64).map(|i| d.submit(vec![IoOp::write(i * 65536, &[i as u8; 65536])])).collect();
+        let pendings: Vec<_> = (0..32u64)
+            .map(|i| d.submit(vec![IoOp::write(i * 65536, &[i as u8; 65536])]))
+            .collect();
         drop(d);
         for p in pendings {
             p.wait().unwrap();
         }
         let file = std::fs::read(&path).unwrap();
         for i in 0..32usize {
-            assert!(file[i * 65536..(i + 1) * 65536].iter().all(|&x| x == i as u8), "{which:?}: write {i}");
+            assert!(
+                file[i * 65536..(i + 1) * 65536]
+                    .iter()
+                    .all(|&x| x == i as u8),
+                "{which:?}: write {i}"
+            );
         }
     }
 }
@@ -374,18 +540,36 @@ fn waiters_complete_when_disk_is_dropped() {
 #[test]
 fn open_disk_chooses_backend() {
     let (_dir, path) = new_file(MIB);
-    let pread = open_disk(&path, &DiskOptions { backend: Backend::Pread, ..DiskOptions::default() }).unwrap();
+    let pread = open_disk(
+        &path,
+        &DiskOptions {
+            backend: Backend::Pread,
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(pread.backend(), "pread");
-    let uring = open_disk(&path, &DiskOptions { backend: Backend::Uring, ..DiskOptions::default() });
+    let uring = open_disk(
+        &path,
+        &DiskOptions {
+            backend: Backend::Uring,
+            ..DiskOptions::default()
+        },
+    );
     match uring_available() {
         Ok(()) => assert_eq!(uring.unwrap().backend(), "io_uring"),
         Err(reason) => {
             assert!(!reason.is_empty());
-            assert!(uring.is_err(), "Backend::Uring must fail where io_uring is unavailable");
+            assert!(
+                uring.is_err(),
+                "Backend::Uring must fail where io_uring is unavailable"
+            );
         }
     }
     let auto = open_disk(&path, &DiskOptions::default()).unwrap();
-    let forced = std::env::var(disk::BACKEND_ENV).ok().and_then(|v| Backend::parse(&v));
+    let forced = std::env::var(disk::BACKEND_ENV)
+        .ok()
+        .and_then(|v| Backend::parse(&v));
     let want = match (forced, uring_available()) {
         (Some(Backend::Pread), _) | (_, Err(_)) => "pread",
         _ => "io_uring",
@@ -396,8 +580,18 @@ fn open_disk_chooses_backend() {
     assert_eq!(Backend::parse("auto"), Some(Backend::Auto));
     assert_eq!(Backend::parse("spdk"), None);
     // A named disk uses its name in errors.
-    let named = open_disk(&path, &DiskOptions { name: Some("disk-7".into()), ..DiskOptions::default() }).unwrap();
-    assert_eq!(disk::read_at(&*named, MIB, 512).unwrap_err().disk(), "disk-7");
+    let named = open_disk(
+        &path,
+        &DiskOptions {
+            name: Some("disk-7".into()),
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        disk::read_at(&*named, MIB, 512).unwrap_err().disk(),
+        "disk-7"
+    );
 }
 
 #[test]
@@ -405,9 +599,29 @@ fn open_disk_falls_back_when_a_ring_cannot_be_set_up() {
     // The kernel refuses rings of more than 32768 entries: the same path as a host that
     // refuses io_uring to this disk.
     let (_dir, path) = new_file(MIB);
-    let opts = DiskOptions { ring_depth: 1 << 20, ..DiskOptions::default() };
-    let e = open_disk(&path, &DiskOptions { backend: Backend::Uring, ..opts.clone() }).err().unwrap();
-    assert!(matches!(e, DiskError::Io { op: "io_uring_setup", .. }), "{e}");
+    let opts = DiskOptions {
+        ring_depth: 1 << 20,
+        ..DiskOptions::default()
+    };
+    let e = open_disk(
+        &path,
+        &DiskOptions {
+            backend: Backend::Uring,
+            ..opts.clone()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            e,
+            DiskError::Io {
+                op: "io_uring_setup",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let d = open_disk(&path, &opts).unwrap();
     assert_eq!(d.backend(), "pread");
     disk::write_at(&*d, 0, &[3; 4096]).unwrap();
@@ -421,23 +635,38 @@ fn environment_forces_the_pread_backend() {
     const CHILD: &str = "SHARDVOL_DISK_TEST_CHILD";
     if std::env::var_os(CHILD).is_some() {
         let (_dir, path) = new_file(MIB);
-        assert_eq!(open_disk(&path, &DiskOptions::default()).unwrap().backend(), "pread");
+        assert_eq!(
+            open_disk(&path, &DiskOptions::default()).unwrap().backend(),
+            "pread"
+        );
         // An explicit choice in the options wins over the environment.
         if uring_available().is_ok() {
-            let opts = DiskOptions { backend: Backend::Uring, ..DiskOptions::default() };
+            let opts = DiskOptions {
+                backend: Backend::Uring,
+                ..DiskOptions::default()
+            };
             assert_eq!(open_disk(&path, &opts).unwrap().backend(), "io_uring");
         }
         println!("child checks passed");
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "environment_forces_the_pread_backend", "--test-threads=1", "--nocapture"])
+        .args([
+            "--exact",
+            "environment_forces_the_pread_backend",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CHILD, "1")
         .env(disk::BACKEND_ENV, "pread")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("child checks passed"), "child: {}\n{stdout}", out.status);
+    assert!(
+        out.status.success() && stdout.contains("child checks passed"),
+        "child: {}\n{stdout}",
+        out.status
+    );
 }
 
 #[test]
@@ -446,12 +675,26 @@ fn create_file_and_open_errors() {
     let path = dir.path().join("d");
     create_file(&path, 3 * MIB).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * MIB);
-    assert!(create_file(&path, MIB).is_err(), "an existing disk must not be truncated");
+    assert!(
+        create_file(&path, MIB).is_err(),
+        "an existing disk must not be truncated"
+    );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * MIB);
-    assert!(matches!(create_file(&dir.path().join("e"), 1000), Err(DiskError::Unaligned { .. })));
+    assert!(matches!(
+        create_file(&dir.path().join("e"), 1000),
+        Err(DiskError::Unaligned { .. })
+    ));
     let missing = dir.path().join("missing");
     for which in [Backend::Uring, Backend::Pread] {
-        let e = open_disk(&missing, &DiskOptions { backend: which, ..DiskOptions::default() }).err().unwrap();
+        let e = open_disk(
+            &missing,
+            &DiskOptions {
+                backend: which,
+                ..DiskOptions::default()
+            },
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("missing"), "{e}");
         assert_eq!(e.errno(), libc::ENOENT);
     }
@@ -485,7 +728,8 @@ fn no_lost_wakeups_under_many_small_waits() {
             });
         }
         for _ in 0..4 {
-            rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("{which:?}: submitters hung"));
+            rx.recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{which:?}: submitters hung"));
         }
     }
 }
@@ -500,12 +744,22 @@ fn no_lost_wakeups_under_many_small_waits() {
 fn iops_4k_random_write_qd32() {
     const SIZE: u64 = 256 * MIB;
     const QD: usize = 32;
-    let secs: f64 = std::env::var("IOPS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("IOPS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     for direct in [false, true] {
         for batch in [false, true] {
             for which in BOTH {
                 let (_dir, path) = new_file(SIZE);
-                let d = open(which, &path, &DiskOptions { direct, ..DiskOptions::default() });
+                let d = open(
+                    which,
+                    &path,
+                    &DiskOptions {
+                        direct,
+                        ..DiskOptions::default()
+                    },
+                );
                 // Allocate the file first, so that the run measures overwrites, not allocation.
                 for i in 0..SIZE / (4 * MIB) {
                     disk::write_at(&*d, i * 4 * MIB, &vec![1; 4 * MIB as usize]).unwrap();
@@ -518,7 +772,11 @@ fn iops_4k_random_write_qd32() {
                 let mut done = 0u64;
                 if batch {
                     while start.elapsed() < Duration::from_secs_f64(secs) {
-                        done += d.submit((0..QD).map(|_| next()).collect()).wait().unwrap().len() as u64;
+                        done += d
+                            .submit((0..QD).map(|_| next()).collect())
+                            .wait()
+                            .unwrap()
+                            .len() as u64;
                     }
                 } else {
                     let mut window = std::collections::VecDeque::new();

@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use shardvol::disk::{self, Disk, DiskError, DiskOptions, FaultDisk, IoOp, MemDisk, Trigger, UringDisk};
+use shardvol::disk::{
+    self, Disk, DiskError, DiskOptions, FaultDisk, IoOp, MemDisk, Trigger, UringDisk,
+};
 
 fn setup(size: u64) -> (Arc<MemDisk>, FaultDisk) {
     let mem = Arc::new(MemDisk::new("inner", size));
@@ -16,11 +18,22 @@ fn fails_exactly_n_writes_and_writes_nothing_for_them() {
     let (mem, d) = setup(1 << 20);
     let h = d.handle();
     h.fail_writes(Trigger::always().times(3));
-    let results: Vec<bool> = (0..10u64).map(|i| disk::write_at(&d, i * 4096, &[i as u8 + 1; 4096]).is_ok()).collect();
-    assert_eq!(results, [false, false, false, true, true, true, true, true, true, true]);
+    let results: Vec<bool> = (0..10u64)
+        .map(|i| disk::write_at(&d, i * 4096, &[i as u8 + 1; 4096]).is_ok())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            false, false, false, true, true, true, true, true, true, true
+        ]
+    );
     assert_eq!(h.counts().write_errors, 3);
     assert_eq!(h.counts().errors(), 3);
-    assert_eq!(mem.stats().writes, 7, "failed writes never reach the inner disk");
+    assert_eq!(
+        mem.stats().writes,
+        7,
+        "failed writes never reach the inner disk"
+    );
     assert!(mem.read_bytes(0, 3 * 4096).iter().all(|&b| b == 0));
     assert!(mem.read_bytes(3 * 4096, 4096).iter().all(|&b| b == 4));
     let e = disk::write_at(&d, 0, &[0; 512]);
@@ -35,10 +48,19 @@ fn range_trigger_hits_only_overlapping_ops() {
     assert!(disk::read_at(&d, 0, 4096).is_ok());
     assert!(disk::read_at(&d, 8192, 4096).is_ok());
     let e = disk::read_at(&d, 6144, 512).unwrap_err();
-    assert!(matches!(&e, DiskError::Injected { disk, op: "read", offset: 6144 } if disk == "inner"), "{e}");
-    assert!(disk::read_at(&d, 0, 16384).is_err(), "a read spanning the range fails");
+    assert!(
+        matches!(&e, DiskError::Injected { disk, op: "read", offset: 6144 } if disk == "inner"),
+        "{e}"
+    );
+    assert!(
+        disk::read_at(&d, 0, 16384).is_err(),
+        "a read spanning the range fails"
+    );
     assert!(disk::read_at(&d, 4096, 512).is_err());
-    assert!(disk::write_at(&d, 4096, &[1; 512]).is_ok(), "writes are not affected");
+    assert!(
+        disk::write_at(&d, 4096, &[1; 512]).is_ok(),
+        "writes are not affected"
+    );
     assert_eq!(h.counts().read_errors, 3);
     h.clear();
     assert!(disk::read_at(&d, 4096, 4096).is_ok());
@@ -51,12 +73,19 @@ fn probability_trigger_counts_what_it_injects() {
     let h = d.handle();
     h.reseed(77);
     h.fail_reads(Trigger::probability(0.3));
-    let failed = (0..1000u64).filter(|i| disk::read_at(&d, i % 256 * 4096, 4096).is_err()).count() as u64;
+    let failed = (0..1000u64)
+        .filter(|i| disk::read_at(&d, i % 256 * 4096, 4096).is_err())
+        .count() as u64;
     assert_eq!(failed, h.counts().read_errors);
-    assert!((220..380).contains(&failed), "{failed} of 1000 failed at p = 0.3");
+    assert!(
+        (220..380).contains(&failed),
+        "{failed} of 1000 failed at p = 0.3"
+    );
     // The same seed gives the same faults.
     h.reseed(77);
-    let again = (0..1000u64).filter(|i| disk::read_at(&d, i % 256 * 4096, 4096).is_err()).count() as u64;
+    let again = (0..1000u64)
+        .filter(|i| disk::read_at(&d, i % 256 * 4096, 4096).is_err())
+        .count() as u64;
     assert_eq!(again, failed);
 }
 
@@ -78,8 +107,15 @@ fn bit_flips_are_counted_confined_to_the_range_and_not_stored() {
         }
     }
     assert_eq!(flipped.len() as u64, h.counts().bit_flips);
-    assert_eq!(flipped.len(), 7, "one bit per sector overlapping the range: {flipped:?}");
-    assert!(flipped.iter().all(|&i| (1600..5000).contains(&i)), "{flipped:?}");
+    assert_eq!(
+        flipped.len(),
+        7,
+        "one bit per sector overlapping the range: {flipped:?}"
+    );
+    assert!(
+        flipped.iter().all(|&i| (1600..5000).contains(&i)),
+        "{flipped:?}"
+    );
     let sectors: Vec<usize> = flipped.iter().map(|i| i / 512).collect();
     assert_eq!(sectors, [3, 4, 5, 6, 7, 8, 9]);
     assert_eq!(mem.read_bytes(0, 16384), data, "the disk itself is intact");
@@ -96,7 +132,10 @@ fn gone_fails_everything_until_reinserted() {
     h.set_gone(true);
     assert!(matches!(disk::read_at(&d, 0, 512), Err(DiskError::Gone { disk }) if disk == "inner"));
     assert!(matches!(disk::sync(&d), Err(DiskError::Gone { .. })));
-    assert!(matches!(d.submit(vec![IoOp::write(0, &[1; 512]), IoOp::Sync]).wait(), Err(DiskError::Gone { .. })));
+    assert!(matches!(
+        d.submit(vec![IoOp::write(0, &[1; 512]), IoOp::Sync]).wait(),
+        Err(DiskError::Gone { .. })
+    ));
     assert_eq!(h.counts().gone_batches, 3);
     assert_eq!(mem.stats().batches, 1, "a gone disk passes nothing on");
     h.set_gone(false);
@@ -109,9 +148,29 @@ fn injected_fault_fails_the_batch_but_other_ops_run() {
     let h = d.handle();
     h.fail_writes(Trigger::range(0..4096));
     h.fail_syncs(Trigger::always().times(1));
-    let r = d.submit(vec![IoOp::write(8192, &[2; 4096]), IoOp::write(0, &[1; 4096]), IoOp::Sync]).wait();
-    assert!(matches!(r, Err(DiskError::Injected { op: "write", offset: 0, .. })), "{r:?}");
-    assert_eq!(mem.read_bytes(8192, 4096), vec![2; 4096], "the healthy write landed");
+    let r = d
+        .submit(vec![
+            IoOp::write(8192, &[2; 4096]),
+            IoOp::write(0, &[1; 4096]),
+            IoOp::Sync,
+        ])
+        .wait();
+    assert!(
+        matches!(
+            r,
+            Err(DiskError::Injected {
+                op: "write",
+                offset: 0,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        mem.read_bytes(8192, 4096),
+        vec![2; 4096],
+        "the healthy write landed"
+    );
     assert_eq!(mem.read_bytes(0, 4096), vec![0; 4096]);
     assert_eq!(mem.stats().syncs, 0, "the failed sync was not passed on");
     assert!(disk::sync(&d).is_ok());
@@ -131,12 +190,27 @@ fn works_over_an_async_backend() {
     h.flip_bits(Trigger::always().times(1));
     h.fail_discards(Trigger::always());
     let got = disk::read_at(&d, 0, 8192).unwrap();
-    assert_eq!(got.iter().map(|b| (b ^ 0x11).count_ones()).sum::<u32>(), 16, "one bit in each of 16 sectors");
-    assert!(disk::read_at(&d, 0, 8192).unwrap().iter().all(|&b| b == 0x11));
-    assert!(matches!(disk::discard(&d, 0, 4096), Err(DiskError::Injected { op: "discard", .. })));
+    assert_eq!(
+        got.iter().map(|b| (b ^ 0x11).count_ones()).sum::<u32>(),
+        16,
+        "one bit in each of 16 sectors"
+    );
+    assert!(
+        disk::read_at(&d, 0, 8192)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0x11)
+    );
+    assert!(matches!(
+        disk::discard(&d, 0, 4096),
+        Err(DiskError::Injected { op: "discard", .. })
+    ));
     // Dropping a wrapped Pending in flight is as safe as dropping the inner one.
     for i in 0..100u64 {
-        drop(d.submit(vec![IoOp::read(i % 16 * 4096, 4096), IoOp::write(65536 + i % 16 * 4096, &[i as u8; 4096])]));
+        drop(d.submit(vec![
+            IoOp::read(i % 16 * 4096, 4096),
+            IoOp::write(65536 + i % 16 * 4096, &[i as u8; 4096]),
+        ]));
     }
     assert_eq!(h.counts().discard_errors, 1);
     assert_eq!(d.backend(), "fault");

@@ -21,17 +21,32 @@ fn round_trip_sparse_with_counters() {
     assert_eq!(d.size(), 1 << 40);
     disk::write_at(&d, 0, &pattern(1, 8192)).unwrap();
     disk::write_at(&d, 1 << 39, &pattern(2, 512)).unwrap();
-    assert_eq!(d.stored_bytes(), 3 * 4096, "a 1 TiB disk stores only written pages");
+    assert_eq!(
+        d.stored_bytes(),
+        3 * 4096,
+        "a 1 TiB disk stores only written pages"
+    );
     assert!(disk::read_at(&d, 0, 8192).unwrap()[..] == pattern(1, 8192)[..]);
     assert!(disk::read_at(&d, 1 << 39, 512).unwrap()[..] == pattern(2, 512)[..]);
-    assert!(disk::read_at(&d, 1 << 30, 4096).unwrap().iter().all(|&b| b == 0));
+    assert!(
+        disk::read_at(&d, 1 << 30, 4096)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
     disk::sync(&d).unwrap();
     disk::discard(&d, 0, 8192).unwrap();
     assert_eq!(d.stored_bytes(), 4096, "discard frees whole pages");
     assert!(disk::read_at(&d, 0, 8192).unwrap().iter().all(|&b| b == 0));
     let s = d.stats();
-    assert_eq!((s.batches, s.reads, s.writes, s.syncs, s.discards), (8, 4, 2, 1, 1));
-    assert_eq!((s.bytes_read, s.bytes_written), (8192 + 512 + 4096 + 8192, 8192 + 512));
+    assert_eq!(
+        (s.batches, s.reads, s.writes, s.syncs, s.discards),
+        (8, 4, 2, 1, 1)
+    );
+    assert_eq!(
+        (s.bytes_read, s.bytes_written),
+        (8192 + 512 + 4096 + 8192, 8192 + 512)
+    );
     assert_eq!(s.ops(), 8);
     // Refused batches count nothing.
     assert!(disk::read_at(&d, 1 << 40, 512).is_err());
@@ -61,16 +76,42 @@ fn synced_survives_and_drop_all_loses_every_unsynced_write() {
 
     let drop_all = d.snapshot();
     let report = drop_all.crash(&mut SmallRng::seed_from_u64(0), CrashMode::DropAll);
-    assert_eq!(report, CrashReport { kept: 0, dropped: 3, torn: 0 });
-    assert!(disk::read_at(&drop_all, 0, 64 << 10).unwrap()[..] == synced[..], "synced data changed");
-    assert!(disk::read_at(&drop_all, 512 << 10, 16 << 10).unwrap().iter().all(|&b| b == 0));
-    assert_eq!(drop_all.find(&fresh[..64]), None, "a dropped write must leave no trace");
+    assert_eq!(
+        report,
+        CrashReport {
+            kept: 0,
+            dropped: 3,
+            torn: 0
+        }
+    );
+    assert!(
+        disk::read_at(&drop_all, 0, 64 << 10).unwrap()[..] == synced[..],
+        "synced data changed"
+    );
+    assert!(
+        disk::read_at(&drop_all, 512 << 10, 16 << 10)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert_eq!(
+        drop_all.find(&fresh[..64]),
+        None,
+        "a dropped write must leave no trace"
+    );
     assert_eq!(drop_all.find(&over[..64]), None);
     assert_eq!(drop_all.unsynced(), 0);
 
     let keep_all = d.snapshot();
     let report = keep_all.crash(&mut SmallRng::seed_from_u64(0), CrashMode::KeepAll);
-    assert_eq!(report, CrashReport { kept: 3, dropped: 0, torn: 0 });
+    assert_eq!(
+        report,
+        CrashReport {
+            kept: 3,
+            dropped: 0,
+            torn: 0
+        }
+    );
     let mut want = synced.clone();
     want[8192..12288].copy_from_slice(&over);
     want[32 << 10..36 << 10].fill(0);
@@ -82,7 +123,10 @@ fn synced_survives_and_drop_all_loses_every_unsynced_write() {
         let c = d.snapshot();
         c.crash(&mut SmallRng::seed_from_u64(seed), CrashMode::THIRDS);
         let got = disk::read_at(&c, 0, 64 << 10).unwrap();
-        assert!(got[..8192] == synced[..8192] && got[12288..32 << 10] == synced[12288..32 << 10], "seed {seed}");
+        assert!(
+            got[..8192] == synced[..8192] && got[12288..32 << 10] == synced[12288..32 << 10],
+            "seed {seed}"
+        );
         assert!(got[36 << 10..] == synced[36 << 10..], "seed {seed}");
     }
     // The original is untouched by its snapshots' crashes.
@@ -110,7 +154,10 @@ fn random_crash_leaves_each_sector_old_or_new() {
     for seed in 0..5 {
         let c = d.snapshot();
         let report = c.crash(&mut SmallRng::seed_from_u64(seed), CrashMode::THIRDS);
-        assert_eq!(report.kept + report.dropped + report.torn, writes.len() as u64);
+        assert_eq!(
+            report.kept + report.dropped + report.torn,
+            writes.len() as u64
+        );
         let (mut all_new, mut all_old, mut mixed) = (0u64, 0u64, 0u64);
         for (at, new) in &writes {
             let got = disk::read_at(&c, *at, new.len()).unwrap();
@@ -133,8 +180,14 @@ fn random_crash_leaves_each_sector_old_or_new() {
             }
         }
         // A torn write may by chance keep all or none of its sectors, never the converse.
-        assert!(mixed <= report.torn && all_new >= report.kept && all_old >= report.dropped, "seed {seed}: {report:?}");
-        assert!(mixed > 0 && all_new > 0 && all_old > 0, "seed {seed}: {all_new} new, {all_old} old, {mixed} torn");
+        assert!(
+            mixed <= report.torn && all_new >= report.kept && all_old >= report.dropped,
+            "seed {seed}: {report:?}"
+        );
+        assert!(
+            mixed > 0 && all_new > 0 && all_old > 0,
+            "seed {seed}: {all_new} new, {all_old} old, {mixed} torn"
+        );
         // Gaps between the writes were never written after the sync: they keep the old bytes.
         let all = disk::read_at(&c, 0, 4 << 20).unwrap();
         let mut covered = vec![false; (4 << 20) / SECTOR];
@@ -142,7 +195,10 @@ fn random_crash_leaves_each_sector_old_or_new() {
             covered[*at as usize / SECTOR..(*at as usize + new.len()) / SECTOR].fill(true);
         }
         for (s, _) in covered.iter().enumerate().filter(|(_, c)| !**c) {
-            assert!(all[s * SECTOR..(s + 1) * SECTOR] == old[s * SECTOR..(s + 1) * SECTOR], "seed {seed}: gap sector {s}");
+            assert!(
+                all[s * SECTOR..(s + 1) * SECTOR] == old[s * SECTOR..(s + 1) * SECTOR],
+                "seed {seed}: gap sector {s}"
+            );
         }
     }
 }
@@ -167,12 +223,25 @@ fn overlapping_unsynced_writes_leave_one_of_their_versions() {
     }
     for seed in 0..20 {
         let c = d.snapshot();
-        c.crash(&mut SmallRng::seed_from_u64(seed), CrashMode::Random { keep: 0.5, torn: 0.3 });
+        c.crash(
+            &mut SmallRng::seed_from_u64(seed),
+            CrashMode::Random {
+                keep: 0.5,
+                torn: 0.3,
+            },
+        );
         let got = disk::read_at(&c, 0, 64 << 10).unwrap();
         for (s, allowed) in versions.iter().enumerate() {
             let sector = &got[s * SECTOR..(s + 1) * SECTOR];
-            assert!(sector.iter().all(|&b| b == sector[0]), "seed {seed}: sector {s} mixes versions");
-            assert!(allowed.contains(&sector[0]), "seed {seed}: sector {s} holds {}", sector[0]);
+            assert!(
+                sector.iter().all(|&b| b == sector[0]),
+                "seed {seed}: sector {s} mixes versions"
+            );
+            assert!(
+                allowed.contains(&sector[0]),
+                "seed {seed}: sector {s} holds {}",
+                sector[0]
+            );
         }
     }
 }
@@ -184,12 +253,20 @@ fn sync_covers_only_writes_completed_before_its_batch() {
     let b = pattern(41, 4096);
     disk::write_at(&d, 0, &a).unwrap();
     // One batch: a write and a sync. The sync covers `a` (completed earlier), not `b`.
-    d.submit(vec![IoOp::write(4096, &b), IoOp::Sync]).wait().unwrap();
+    d.submit(vec![IoOp::write(4096, &b), IoOp::Sync])
+        .wait()
+        .unwrap();
     assert_eq!(d.unsynced(), 1);
     let c = d.snapshot();
     c.crash(&mut SmallRng::seed_from_u64(0), CrashMode::DropAll);
     assert!(disk::read_at(&c, 0, 4096).unwrap()[..] == a[..]);
-    assert!(disk::read_at(&c, 4096, 4096).unwrap().iter().all(|&x| x == 0), "b was made durable by its own batch");
+    assert!(
+        disk::read_at(&c, 4096, 4096)
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0),
+        "b was made durable by its own batch"
+    );
     // A later sync covers it.
     disk::sync(&d).unwrap();
     d.crash(&mut SmallRng::seed_from_u64(0), CrashMode::DropAll);
@@ -211,14 +288,32 @@ fn unsynced_discard_is_kept_dropped_or_torn() {
     kept.crash(&mut SmallRng::seed_from_u64(1), CrashMode::KeepAll);
     assert_eq!(kept.stored_bytes(), 0);
     let torn = d.snapshot();
-    assert_eq!(torn.crash(&mut SmallRng::seed_from_u64(1), CrashMode::Random { keep: 0.0, torn: 1.0 }).torn, 1);
+    assert_eq!(
+        torn.crash(
+            &mut SmallRng::seed_from_u64(1),
+            CrashMode::Random {
+                keep: 0.0,
+                torn: 1.0
+            }
+        )
+        .torn,
+        1
+    );
     let got = disk::read_at(&torn, 0, 64 << 10).unwrap();
-    let zeroed = (0..128).filter(|s| got[s * SECTOR..(s + 1) * SECTOR].iter().all(|&x| x == 0)).count();
+    let zeroed = (0..128)
+        .filter(|s| got[s * SECTOR..(s + 1) * SECTOR].iter().all(|&x| x == 0))
+        .count();
     for s in 0..128 {
         let sector = &got[s * SECTOR..(s + 1) * SECTOR];
-        assert!(sector.iter().all(|&x| x == 0) || sector == &data[s * SECTOR..(s + 1) * SECTOR], "sector {s}");
+        assert!(
+            sector.iter().all(|&x| x == 0) || sector == &data[s * SECTOR..(s + 1) * SECTOR],
+            "sector {s}"
+        );
     }
-    assert!(zeroed > 20 && zeroed < 108, "{zeroed} of 128 sectors discarded");
+    assert!(
+        zeroed > 20 && zeroed < 108,
+        "{zeroed} of 128 sectors discarded"
+    );
 }
 
 #[test]
@@ -234,7 +329,11 @@ fn crash_is_deterministic_for_a_seed() {
     assert_eq!(a.contents(), b.contents());
     let other = d.snapshot();
     other.crash(&mut SmallRng::seed_from_u64(10), CrashMode::THIRDS);
-    assert_ne!(a.contents(), other.contents(), "another seed gives another outcome");
+    assert_ne!(
+        a.contents(),
+        other.contents(),
+        "another seed gives another outcome"
+    );
 }
 
 #[test]
@@ -247,9 +346,16 @@ fn find_searches_current_durable_and_unsynced_data() {
     disk::write_at(&d, 8192, &blocks).unwrap();
     assert_eq!(d.find(secret), Some(8192 + 4090));
     disk::write_at(&d, 8192, &[0; 8192]).unwrap();
-    assert!(d.find(secret).is_some(), "overwritten but unsynced data can still resurface after a crash");
+    assert!(
+        d.find(secret).is_some(),
+        "overwritten but unsynced data can still resurface after a crash"
+    );
     disk::sync(&d).unwrap();
-    assert_eq!(d.find(secret), None, "once the overwrite is durable the secret is gone");
+    assert_eq!(
+        d.find(secret),
+        None,
+        "once the overwrite is durable the secret is gone"
+    );
     // Every stored byte can be scanned by a test.
     let total: usize = d.contents().iter().map(|(_, p)| p.len()).sum();
     assert_eq!(total as u64, d.stored_bytes());
@@ -264,7 +370,11 @@ fn tamper_changes_the_medium() {
     let got = disk::read_at(&d, 0, 4096).unwrap();
     assert_eq!(&got[99..104], &[7, 0xFF, 0xFF, 0xFF, 7]);
     d.crash(&mut SmallRng::seed_from_u64(0), CrashMode::DropAll);
-    assert_eq!(disk::read_at(&d, 0, 4096).unwrap()[101], 0xFF, "tampering is durable");
+    assert_eq!(
+        disk::read_at(&d, 0, 4096).unwrap()[101],
+        0xFF,
+        "tampering is durable"
+    );
     assert_eq!(d.stats().writes, 1, "tampering is not an op");
 }
 

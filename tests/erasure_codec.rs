@@ -50,7 +50,13 @@ fn encoding_a_sub_range_gives_the_same_parity_bytes_as_the_whole_chunk() {
     let codec = Codec::new(4, 2).unwrap();
     let full = stripe(&codec, 256 * 1024, 7);
     // 4 KiB block ranges at the start, middle and end, and 64-byte ranges at odd places.
-    for (a, b) in [(0, 4096), (4096 * 17, 4096 * 18), (252 * 1024, 256 * 1024), (64, 128), (4032, 4160)] {
+    for (a, b) in [
+        (0, 4096),
+        (4096 * 17, 4096 * 18),
+        (252 * 1024, 256 * 1024),
+        (64, 128),
+        (4032, 4160),
+    ] {
         let mut part = sub(&full, a, b);
         for p in &mut part[4..] {
             p.fill(0xee);
@@ -86,10 +92,15 @@ fn flipping_one_data_byte_changes_parity_at_that_offset_only() {
         after[shard][offset] ^= 0x01;
         encode(&codec, &mut after);
         for p in 4..6 {
-            let changed: Vec<usize> =
-                (0..before[p].len()).filter(|&o| before[p][o] != after[p][o]).collect();
+            let changed: Vec<usize> = (0..before[p].len())
+                .filter(|&o| before[p][o] != after[p][o])
+                .collect();
             // An MDS code has no zero coefficient: every parity shard changes, exactly there.
-            assert_eq!(changed, vec![offset], "parity {p} after flipping shard {shard} at {offset}");
+            assert_eq!(
+                changed,
+                vec![offset],
+                "parity {p} after flipping shard {shard} at {offset}"
+            );
         }
     }
 }
@@ -127,7 +138,10 @@ fn golden_parity_pins_the_encoding_matrix() {
         }
     }
     // The systematic Vandermonde matrix of Backblaze's and klauspost's Reed-Solomon for 4 + 2.
-    assert_eq!(coeff, vec![vec![0x1b, 0x1c, 0x12, 0x14], vec![0x1c, 0x1b, 0x14, 0x12]]);
+    assert_eq!(
+        coeff,
+        vec![vec![0x1b, 0x1c, 0x12, 0x14], vec![0x1c, 0x1b, 0x14, 0x12]]
+    );
     // Every parity byte is that linear combination over GF(2^8) mod x^8+x^4+x^3+x^2+1.
     let s = stripe(&codec, 4096, 41);
     for o in [0, 1, 63, 64, 2047, 4095] {
@@ -172,13 +186,19 @@ fn more_than_m_missing_is_too_few_shards_and_touches_nothing() {
     let present = [false, true, false, true, false, true];
     assert_eq!(
         reconstruct(&codec, &mut s, &present),
-        Err(ErasureError::TooFewShards { present: 3, needed: 4 })
+        Err(ErasureError::TooFewShards {
+            present: 3,
+            needed: 4
+        })
     );
     assert_eq!(s, orig);
     let mut shards: Vec<&mut [u8]> = s.iter_mut().map(Vec::as_mut_slice).collect();
     assert_eq!(
         codec.reconstruct_data(&mut shards, &present),
-        Err(ErasureError::TooFewShards { present: 3, needed: 4 })
+        Err(ErasureError::TooFewShards {
+            present: 3,
+            needed: 4
+        })
     );
 }
 
@@ -193,7 +213,10 @@ fn m_zero_encodes_nothing_and_reconstructs_only_a_whole_stripe() {
     assert_eq!(s, data);
     assert_eq!(
         reconstruct(&codec, &mut s, &[true, false, true]),
-        Err(ErasureError::TooFewShards { present: 2, needed: 3 })
+        Err(ErasureError::TooFewShards {
+            present: 2,
+            needed: 3
+        })
     );
     // Arguments are still checked.
     let bad: Vec<&[u8]> = vec![&data[0][..], &data[1][..32], &data[2][..]];
@@ -202,9 +225,21 @@ fn m_zero_encodes_nothing_and_reconstructs_only_a_whole_stripe() {
 
 #[test]
 fn bad_shapes_are_bad_shards_or_unsupported() {
-    assert_eq!(Codec::new(0, 2).unwrap_err(), ErasureError::Unsupported { k: 0, m: 2 });
-    assert_eq!(Codec::new(200, 57).unwrap_err(), ErasureError::Unsupported { k: 200, m: 57 });
-    assert_eq!(Codec::new(usize::MAX, 2).unwrap_err(), ErasureError::Unsupported { k: usize::MAX, m: 2 });
+    assert_eq!(
+        Codec::new(0, 2).unwrap_err(),
+        ErasureError::Unsupported { k: 0, m: 2 }
+    );
+    assert_eq!(
+        Codec::new(200, 57).unwrap_err(),
+        ErasureError::Unsupported { k: 200, m: 57 }
+    );
+    assert_eq!(
+        Codec::new(usize::MAX, 2).unwrap_err(),
+        ErasureError::Unsupported {
+            k: usize::MAX,
+            m: 2
+        }
+    );
     assert!(Codec::new(200, 56).is_ok());
 
     let codec = Codec::new(2, 1).unwrap();
@@ -215,20 +250,47 @@ fn bad_shapes_are_bad_shards_or_unsupported() {
     let mut p = vec![0u8; 128];
     let mut p64 = vec![0u8; 64];
     // Lengths differ between data shards, between data and parity, not a multiple of 64, zero.
-    assert_eq!(codec.encode(&[&a, &b], &mut [&mut p]), Err(ErasureError::BadShards));
-    assert_eq!(codec.encode(&[&a, &a], &mut [&mut p64]), Err(ErasureError::BadShards));
-    assert_eq!(codec.encode(&[&c, &c], &mut [&mut p[..100]]), Err(ErasureError::BadShards));
-    assert_eq!(codec.encode(&[&z, &z], &mut [&mut p[..0]]), Err(ErasureError::BadShards));
+    assert_eq!(
+        codec.encode(&[&a, &b], &mut [&mut p]),
+        Err(ErasureError::BadShards)
+    );
+    assert_eq!(
+        codec.encode(&[&a, &a], &mut [&mut p64]),
+        Err(ErasureError::BadShards)
+    );
+    assert_eq!(
+        codec.encode(&[&c, &c], &mut [&mut p[..100]]),
+        Err(ErasureError::BadShards)
+    );
+    assert_eq!(
+        codec.encode(&[&z, &z], &mut [&mut p[..0]]),
+        Err(ErasureError::BadShards)
+    );
     // Wrong shard counts.
-    assert_eq!(codec.encode(&[&a], &mut [&mut p]), Err(ErasureError::BadShards));
-    assert_eq!(codec.encode(&[&a, &a], &mut []), Err(ErasureError::BadShards));
+    assert_eq!(
+        codec.encode(&[&a], &mut [&mut p]),
+        Err(ErasureError::BadShards)
+    );
+    assert_eq!(
+        codec.encode(&[&a, &a], &mut []),
+        Err(ErasureError::BadShards)
+    );
 
     let mut s = vec![vec![0u8; 128], vec![0u8; 64], vec![0u8; 128]];
-    assert_eq!(reconstruct(&codec, &mut s, &[true, false, true]), Err(ErasureError::BadShards));
+    assert_eq!(
+        reconstruct(&codec, &mut s, &[true, false, true]),
+        Err(ErasureError::BadShards)
+    );
     let mut s = vec![vec![0u8; 128]; 3];
-    assert_eq!(reconstruct(&codec, &mut s, &[true, false]), Err(ErasureError::BadShards));
+    assert_eq!(
+        reconstruct(&codec, &mut s, &[true, false]),
+        Err(ErasureError::BadShards)
+    );
     let mut s = vec![vec![0u8; 128]; 2];
-    assert_eq!(reconstruct(&codec, &mut s, &[true, false]), Err(ErasureError::BadShards));
+    assert_eq!(
+        reconstruct(&codec, &mut s, &[true, false]),
+        Err(ErasureError::BadShards)
+    );
 }
 
 #[test]

@@ -17,7 +17,11 @@ use shardvol::volume::BlockDevice;
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.is_dir() { files_under(&p, out) } else { out.push(p) }
+        if p.is_dir() {
+            files_under(&p, out)
+        } else {
+            out.push(p)
+        }
     }
 }
 
@@ -87,7 +91,10 @@ fn no_key_or_plaintext_reaches_any_file_of_the_pool() {
     // Recover the keys the way an attacker with t shares would.
     let store = MetaStore::open(&pool_dir.join(pool::STORE_FILE)).unwrap();
     let rec = store.pool().unwrap();
-    let loaded: Vec<_> = shares[..3].iter().map(|s| kms::load_share_file(s).unwrap()).collect();
+    let loaded: Vec<_> = shares[..3]
+        .iter()
+        .map(|s| kms::load_share_file(s).unwrap())
+        .collect();
     let kek = kms::combine(&loaded, rec.pool_id, rec.split_id, rec.threshold).unwrap();
     let wrapped = store.keys().unwrap()[0].wrapped.clone();
     let master = kms::unwrap_master(&kek, &wrapped, rec.pool_id, 1).unwrap();
@@ -100,15 +107,26 @@ fn no_key_or_plaintext_reaches_any_file_of_the_pool() {
         ("plaintext block", block[16..80].to_vec()),
     ];
     // Hex renderings too: a key printed into a log or a text file is just as leaked.
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>().into_bytes();
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+            .into_bytes()
+    };
     needles.push(("master key (hex)", hex(master.expose())));
     needles.push(("KEK (hex)", hex(kek.expose())));
 
     let mut files = Vec::new();
     files_under(&pool_dir, &mut files);
-    let disk_files = files.iter().filter(|f| f.extension().is_some_and(|e| e == "img")).count();
+    let disk_files = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "img"))
+        .count();
     assert_eq!(disk_files, 6, "every disk file is scanned");
-    assert!(files.iter().any(|f| f.ends_with(pool::STORE_FILE)), "the metadata store is scanned");
+    assert!(
+        files.iter().any(|f| f.ends_with(pool::STORE_FILE)),
+        "the metadata store is scanned"
+    );
     for f in &files {
         for (what, needle) in &needles {
             assert!(!file_contains(f, needle), "{what} found in {}", f.display());
@@ -117,5 +135,8 @@ fn no_key_or_plaintext_reaches_any_file_of_the_pool() {
     // The scan can fail: the plaintext is found once written in the clear.
     let probe = dir.path().join("probe.bin");
     std::fs::write(&probe, &data[..8192]).unwrap();
-    assert!(file_contains(&probe, &needles[2].1), "the scanner finds a planted needle");
+    assert!(
+        file_contains(&probe, &needles[2].1),
+        "the scanner finds a planted needle"
+    );
 }

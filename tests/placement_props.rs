@@ -12,12 +12,17 @@ use shardvol::layout::{DiskId, LayoutError, StripeId};
 use std::collections::{HashMap, HashSet};
 
 fn disk(id: u32, domain: &str) -> PlacementDisk {
-    PlacementDisk { id: DiskId(id), domain: domain.to_string() }
+    PlacementDisk {
+        id: DiskId(id),
+        domain: domain.to_string(),
+    }
 }
 
 /// `n` disks with ids `first..first+n`, spread round-robin over `domains` domains.
 fn table(first: u32, n: u32, domains: u32) -> Vec<PlacementDisk> {
-    (first..first + n).map(|i| disk(i, &format!("rack-{}", i % domains))).collect()
+    (first..first + n)
+        .map(|i| disk(i, &format!("rack-{}", i % domains)))
+        .collect()
 }
 
 /// docs/placement.md, written a second time as plainly as possible: every score computed up
@@ -37,7 +42,9 @@ fn reference(seed: &[u8; 32], stripe: u64, disks: &[PlacementDisk], width: usize
     for d in disks {
         *sizes.entry(d.domain.as_str()).or_default() += 1;
     }
-    let cap = (1..).find(|&c| sizes.values().map(|&s| s.min(c)).sum::<usize>() >= width).unwrap();
+    let cap = (1..)
+        .find(|&c| sizes.values().map(|&s| s.min(c)).sum::<usize>() >= width)
+        .unwrap();
     let mut used: HashMap<&str, usize> = HashMap::new();
     let mut chosen: Vec<DiskId> = Vec::new();
     for i in 0..width as u64 {
@@ -70,7 +77,13 @@ fn golden_placements_are_pinned() {
     let p = Placement::new(seed, disks.clone()).unwrap();
     let got: Vec<Vec<u32>> = [0, 1, 2, 1000, u64::MAX]
         .iter()
-        .map(|&s| p.place(StripeId(s), 6).unwrap().iter().map(|d| d.0).collect())
+        .map(|&s| {
+            p.place(StripeId(s), 6)
+                .unwrap()
+                .iter()
+                .map(|d| d.0)
+                .collect()
+        })
         .collect();
     let expected: Vec<Vec<u32>> = vec![
         vec![8, 13, 55, 21, 5, 3],
@@ -81,11 +94,19 @@ fn golden_placements_are_pinned() {
     ];
     assert_eq!(got, expected);
     // Width 3 over the same table: one chunk per domain at most.
-    let got3: Vec<u32> = p.place(StripeId(7), 3).unwrap().iter().map(|d| d.0).collect();
+    let got3: Vec<u32> = p
+        .place(StripeId(7), 3)
+        .unwrap()
+        .iter()
+        .map(|d| d.0)
+        .collect();
     assert_eq!(got3, vec![3, 34, 89]);
     // And the function is the one docs/placement.md describes.
     for s in [0, 1, 2, 1000, u64::MAX] {
-        assert_eq!(p.place(StripeId(s), 6).unwrap(), reference(&seed, s, &disks, 6));
+        assert_eq!(
+            p.place(StripeId(s), 6).unwrap(),
+            reference(&seed, s, &disks, 6)
+        );
     }
 }
 
@@ -98,7 +119,10 @@ fn tables_larger_than_the_stack_scratch_give_the_same_function() {
         let p = Placement::new(seed, disks.clone()).unwrap();
         for s in 0..200 {
             for width in [1, 6, 20] {
-                assert_eq!(p.place(StripeId(s), width).unwrap(), reference(&seed, s, &disks, width));
+                assert_eq!(
+                    p.place(StripeId(s), width).unwrap(),
+                    reference(&seed, s, &disks, width)
+                );
             }
         }
     }
@@ -107,10 +131,16 @@ fn tables_larger_than_the_stack_scratch_give_the_same_function() {
 #[test]
 fn errors_for_too_wide_stripes_and_duplicate_ids() {
     let p = Placement::new([1; 32], table(0, 5, 5)).unwrap();
-    assert_eq!(p.place(StripeId(0), 6), Err(LayoutError::NotEnoughDisks { need: 6, have: 5 }));
+    assert_eq!(
+        p.place(StripeId(0), 6),
+        Err(LayoutError::NotEnoughDisks { need: 6, have: 5 })
+    );
     assert_eq!(p.place(StripeId(0), 0), Ok(vec![]));
     let empty = Placement::new([1; 32], vec![]).unwrap();
-    assert_eq!(empty.place(StripeId(9), 1), Err(LayoutError::NotEnoughDisks { need: 1, have: 0 }));
+    assert_eq!(
+        empty.place(StripeId(9), 1),
+        Err(LayoutError::NotEnoughDisks { need: 1, have: 0 })
+    );
     let dup = Placement::new([1; 32], vec![disk(1, "a"), disk(2, "b"), disk(1, "c")]);
     assert!(matches!(dup, Err(LayoutError::Geometry(_))));
 }
@@ -120,7 +150,12 @@ fn errors_for_too_wide_stripes_and_duplicate_ids() {
 fn assert_even_load(p: &Placement, stripes: u64, label: &str) {
     let width = 6;
     let n = p.disks().len();
-    let index: HashMap<DiskId, usize> = p.disks().iter().enumerate().map(|(j, d)| (d.id, j)).collect();
+    let index: HashMap<DiskId, usize> = p
+        .disks()
+        .iter()
+        .enumerate()
+        .map(|(j, d)| (d.id, j))
+        .collect();
     let mut per_disk = vec![0u64; n];
     let mut per_slot = vec![0u64; n * width];
     let mut out = Vec::new();
@@ -133,16 +168,25 @@ fn assert_even_load(p: &Placement, stripes: u64, label: &str) {
         }
     }
     let even = (stripes * width as u64) as f64 / n as f64;
-    let worst = per_disk.iter().map(|&c| (c as f64 / even - 1.0).abs()).fold(0.0, f64::max);
+    let worst = per_disk
+        .iter()
+        .map(|&c| (c as f64 / even - 1.0).abs())
+        .fold(0.0, f64::max);
     let even_slot = stripes as f64 / n as f64;
-    let worst_slot = per_slot.iter().map(|&c| (c as f64 / even_slot - 1.0).abs()).fold(0.0, f64::max);
+    let worst_slot = per_slot
+        .iter()
+        .map(|&c| (c as f64 / even_slot - 1.0).abs())
+        .fold(0.0, f64::max);
     println!(
         "{label}: {stripes} stripes, worst disk {:.3}% from even, worst (disk, chunk) {:.3}%",
         worst * 100.0,
         worst_slot * 100.0
     );
     assert!(worst < 0.05, "{label}: per-disk load {per_disk:?}");
-    assert!(worst_slot < 0.05, "{label}: per-(disk, chunk) load {per_slot:?}");
+    assert!(
+        worst_slot < 0.05,
+        "{label}: per-(disk, chunk) load {per_slot:?}"
+    );
 }
 
 #[test]
@@ -169,7 +213,11 @@ fn moved(a: &Placement, b: &Placement, stripes: u64, new_disk: DiskId) -> (f64, 
         on_new += y.iter().filter(|&&d| d == new_disk).count() as u64;
     }
     let all = (stripes * 6) as f64;
-    (chunks as f64 / all, touched as f64 / stripes as f64, on_new as f64 / all)
+    (
+        chunks as f64 / all,
+        touched as f64 / stripes as f64,
+        on_new as f64 / all,
+    )
 }
 
 /// Stripes touched: only stripes in which the new disk wins a chunk change, so the fraction is at
@@ -212,9 +260,15 @@ fn adding_a_disk_moves_about_its_share_of_the_chunks() {
             touched * 100.0,
             bound * 100.0
         );
-        assert!(chunks <= least * cascade, "{n} disks: moved {chunks}, least {least}");
+        assert!(
+            chunks <= least * cascade,
+            "{n} disks: moved {chunks}, least {least}"
+        );
         assert!(chunks <= bound, "{n} disks: moved {chunks}");
-        assert!(touched <= bound * TOUCHED_TOLERANCE, "{n} disks: touched {touched}");
+        assert!(
+            touched <= bound * TOUCHED_TOLERANCE,
+            "{n} disks: touched {touched}"
+        );
     }
 }
 
@@ -223,7 +277,11 @@ fn removing_a_disk_moves_only_about_its_chunks() {
     let stripes = 200_000;
     let seed = [6; 32];
     let before = table(0, 13, 13);
-    let after: Vec<PlacementDisk> = before.iter().filter(|d| d.id != DiskId(4)).cloned().collect();
+    let after: Vec<PlacementDisk> = before
+        .iter()
+        .filter(|d| d.id != DiskId(4))
+        .cloned()
+        .collect();
     let a = Placement::new(seed, before).unwrap();
     let b = Placement::new(seed, after).unwrap();
     // Removing is adding read backwards: the least possible is the removed disk's share, 1/13.
@@ -234,7 +292,10 @@ fn removing_a_disk_moves_only_about_its_chunks() {
         least * 100.0,
         chunks / least
     );
-    assert!(chunks <= least * CASCADE_WIDE_TABLE, "moved {chunks}, least {least}");
+    assert!(
+        chunks <= least * CASCADE_WIDE_TABLE,
+        "moved {chunks}, least {least}"
+    );
     // Every chunk that was not on the removed disk and whose stripe did not hold it stays put.
     for s in 0..10_000 {
         let x = a.place(StripeId(s), 6).unwrap();
@@ -252,7 +313,10 @@ fn any_table() -> impl Strategy<Value = Vec<PlacementDisk>> {
             proptest::collection::vec(0..domains, n),
         )
             .prop_map(|(ids, doms)| {
-                ids.into_iter().zip(doms).map(|(id, d)| disk(id, &format!("dom-{d}"))).collect()
+                ids.into_iter()
+                    .zip(doms)
+                    .map(|(id, d)| disk(id, &format!("dom-{d}")))
+                    .collect()
             })
     })
 }

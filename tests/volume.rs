@@ -36,21 +36,50 @@ fn rig(size: u64, chunk: u32) -> Rig {
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();
     let disk_size = record.region_offset + record.region_size;
-    let mems: Vec<Arc<MemDisk>> = (0..6).map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size))).collect();
-    let fault_disks: Vec<FaultDisk> = mems.iter().enumerate().map(|(i, m)| FaultDisk::with_seed(m.clone() as DiskRef, i as u64)).collect();
+    let mems: Vec<Arc<MemDisk>> = (0..6)
+        .map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size)))
+        .collect();
+    let fault_disks: Vec<FaultDisk> = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| FaultDisk::with_seed(m.clone() as DiskRef, i as u64))
+        .collect();
     let faults = fault_disks.iter().map(|f| f.handle()).collect();
-    let disks: HashMap<DiskId, DiskRef> = fault_disks.into_iter().enumerate().map(|(i, f)| (DiskId(i as u32), Arc::new(f) as DiskRef)).collect();
-    let table = (0..6).map(|i| PlacementDisk { id: DiskId(i), domain: format!("d{i}") }).collect();
+    let disks: HashMap<DiskId, DiskRef> = fault_disks
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| (DiskId(i as u32), Arc::new(f) as DiskRef))
+        .collect();
+    let table = (0..6)
+        .map(|i| PlacementDisk {
+            id: DiskId(i),
+            domain: format!("d{i}"),
+        })
+        .collect();
     let keys = Arc::new(KeyRing::new([2; 16]));
     keys.insert(1, MasterKey::from_bytes([4; 32]));
-    let parts = VolumeParts { record, disks, table, keys, write_key: Arc::new(WriteKey::new(1, 1)), store };
+    let parts = VolumeParts {
+        record,
+        disks,
+        table,
+        keys,
+        write_key: Arc::new(WriteKey::new(1, 1)),
+        store,
+    };
     Volume::format(&parts).unwrap();
     let vol = Volume::open(parts).unwrap();
-    Rig { _dir: dir, mems, faults, vol }
+    Rig {
+        _dir: dir,
+        mems,
+        faults,
+        vol,
+    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
 }
 
 fn read(vol: &Volume, offset: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
@@ -65,7 +94,13 @@ fn never_written_blocks_read_as_zeros_without_disk_io() {
     assert_eq!(read(&r.vol, 12345, 1 << 20).unwrap(), vec![0u8; 1 << 20]);
     let after: u64 = r.mems.iter().map(|m| m.stats().ops()).sum();
     assert_eq!(before, after, "a thin read touched the disks");
-    assert_eq!(r.vol.block_status(0, 16 << 20).unwrap(), vec![Extent { len: 16 << 20, hole: true }]);
+    assert_eq!(
+        r.vol.block_status(0, 16 << 20).unwrap(),
+        vec![Extent {
+            len: 16 << 20,
+            hole: true
+        }]
+    );
 }
 
 #[test]
@@ -78,12 +113,32 @@ fn unaligned_writes_read_back_from_journal_and_from_stripes() {
     let mut expect = vec![0u8; 200_000];
     expect[777..777 + a.len()].copy_from_slice(&a);
     expect[50_000..55_000].copy_from_slice(&b);
-    assert_eq!(read(&r.vol, 0, 200_000).unwrap(), expect, "from the journal");
+    assert_eq!(
+        read(&r.vol, 0, 200_000).unwrap(),
+        expect,
+        "from the journal"
+    );
     assert!(r.vol.destage().unwrap());
     assert_eq!(r.vol.journaled_blocks(), 0);
-    assert_eq!(read(&r.vol, 0, 200_000).unwrap(), expect, "from the stripes");
+    assert_eq!(
+        read(&r.vol, 0, 200_000).unwrap(),
+        expect,
+        "from the stripes"
+    );
     let status = r.vol.block_status(0, 1 << 20).unwrap();
-    assert_eq!(status, vec![Extent { len: 25 * 4096, hole: false }, Extent { len: (1 << 20) - 25 * 4096, hole: true }]);
+    assert_eq!(
+        status,
+        vec![
+            Extent {
+                len: 25 * 4096,
+                hole: false
+            },
+            Extent {
+                len: (1 << 20) - 25 * 4096,
+                hole: true
+            }
+        ]
+    );
 }
 
 #[test]
@@ -112,7 +167,12 @@ fn concurrent_writers_to_one_block_lose_no_bytes() {
     let got = read(&vol, 0, 8192).unwrap();
     for t in 0..8u8 {
         let want = t.wrapping_mul(31).wrapping_add(49);
-        assert!(got[usize::from(t) * 1024..(usize::from(t) + 1) * 1024].iter().all(|b| *b == want), "writer {t}'s bytes were lost");
+        assert!(
+            got[usize::from(t) * 1024..(usize::from(t) + 1) * 1024]
+                .iter()
+                .all(|b| *b == want),
+            "writer {t}'s bytes were lost"
+        );
     }
 }
 
@@ -126,12 +186,26 @@ fn trim_reads_zeros_and_frees_space() {
     r.vol.trim(4096 + 10, (6 << 20) - 20).unwrap();
     let got = read(&r.vol, 0, 8 << 20).unwrap();
     assert_eq!(&got[..4096 + 10], &data[..4096 + 10]);
-    assert!(got[4096 + 10..(6 << 20) + 4096 - 10].iter().all(|b| *b == 0));
-    assert_eq!(&got[(6 << 20) + 4096 - 10..], &data[(6 << 20) + 4096 - 10..]);
+    assert!(
+        got[4096 + 10..(6 << 20) + 4096 - 10]
+            .iter()
+            .all(|b| *b == 0)
+    );
+    assert_eq!(
+        &got[(6 << 20) + 4096 - 10..],
+        &data[(6 << 20) + 4096 - 10..]
+    );
     r.vol.destage().unwrap();
-    assert_eq!(read(&r.vol, 0, 8 << 20).unwrap(), got, "same content after destaging the trim");
+    assert_eq!(
+        read(&r.vol, 0, 8 << 20).unwrap(),
+        got,
+        "same content after destaging the trim"
+    );
     let used_trimmed: u64 = r.mems.iter().map(|m| m.stored_bytes()).sum();
-    assert!(used_trimmed < used_full - (6 << 20), "trim freed too little: {used_full} -> {used_trimmed}");
+    assert!(
+        used_trimmed < used_full - (6 << 20),
+        "trim freed too little: {used_full} -> {used_trimmed}"
+    );
 }
 
 #[test]
@@ -142,12 +216,27 @@ fn bit_rot_on_one_disk_is_detected_rebuilt_and_repaired() {
     r.vol.destage().unwrap();
     // Flip a bit in every sector one disk returns.
     r.faults[2].flip_bits(Trigger::always());
-    assert_eq!(read(&r.vol, 0, 4 << 20).unwrap(), data, "rot returned as data");
+    assert_eq!(
+        read(&r.vol, 0, 4 << 20).unwrap(),
+        data,
+        "rot returned as data"
+    );
     let flips = r.faults[2].counts();
     assert!(flips.bit_flips > 0, "no rot injected: {flips:?}");
-    let repaired = r.vol.stats.blocks_repaired.load(std::sync::atomic::Ordering::Relaxed);
-    let rebuilt = r.vol.stats.blocks_reconstructed.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(rebuilt > 0 && repaired > 0, "rebuilt {rebuilt}, repaired {repaired}");
+    let repaired = r
+        .vol
+        .stats
+        .blocks_repaired
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let rebuilt = r
+        .vol
+        .stats
+        .blocks_reconstructed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        rebuilt > 0 && repaired > 0,
+        "rebuilt {rebuilt}, repaired {repaired}"
+    );
     // Rot stored on the medium: tamper with a data block of disk 3, then read without faults.
     r.faults[2].clear();
     assert_eq!(read(&r.vol, 0, 4 << 20).unwrap(), data);
@@ -163,7 +252,11 @@ fn any_two_disks_lost_reads_everything_three_gives_errors_never_garbage() {
         for b in a + 1..6 {
             r.faults[a].set_gone(true);
             r.faults[b].set_gone(true);
-            assert_eq!(read(&r.vol, 0, 8 << 20).unwrap(), data, "disks {a} and {b} lost");
+            assert_eq!(
+                read(&r.vol, 0, 8 << 20).unwrap(),
+                data,
+                "disks {a} and {b} lost"
+            );
             r.faults[a].set_gone(false);
             r.faults[b].set_gone(false);
         }
@@ -174,7 +267,11 @@ fn any_two_disks_lost_reads_everything_three_gives_errors_never_garbage() {
     let mut errors = 0;
     for blk in 0..(8 << 20) / BS {
         match read(&r.vol, (blk * BS) as u64, BS) {
-            Ok(b) => assert_eq!(b, data[blk * BS..(blk + 1) * BS], "block {blk} returned wrong data"),
+            Ok(b) => assert_eq!(
+                b,
+                data[blk * BS..(blk + 1) * BS],
+                "block {blk} returned wrong data"
+            ),
             Err(VolumeError::Unrecoverable { lba, .. }) => {
                 assert_eq!(lba, blk as u64);
                 errors += 1;

@@ -13,7 +13,9 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, Disk, DiskError, DiskRef, FaultDisk, FaultHandle, IoOp, MemDisk, Pending, Trigger};
+use shardvol::disk::{
+    CrashMode, Disk, DiskError, DiskRef, FaultDisk, FaultHandle, IoOp, MemDisk, Pending, Trigger,
+};
 use shardvol::layout::placement::{Placement, PlacementDisk};
 use shardvol::layout::{DiskId, Geometry, StripeId};
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -49,7 +51,9 @@ impl Disk for PowerCut {
             let prefix: Vec<IoOp> = ops.into_iter().take(allowed).collect();
             let _ = self.inner.submit(prefix).wait();
         }
-        Pending::ready(Err(DiskError::Gone { disk: self.inner.name().to_string() }))
+        Pending::ready(Err(DiskError::Gone {
+            disk: self.inner.name().to_string(),
+        }))
     }
 }
 
@@ -83,18 +87,40 @@ impl Rig {
         store.put_volume(&record).unwrap();
         drop(store);
         let disk_size = record.region_offset + record.region_size;
-        let mems: Vec<Arc<MemDisk>> = (0..ndisks).map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size))).collect();
+        let mems: Vec<Arc<MemDisk>> = (0..ndisks)
+            .map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size)))
+            .collect();
         let budget = Arc::new(AtomicI64::new(UNLIMITED));
         let fault_disks: Vec<FaultDisk> = mems
             .iter()
             .enumerate()
-            .map(|(i, m)| FaultDisk::with_seed(Arc::new(PowerCut { inner: m.clone(), budget: budget.clone() }) as DiskRef, i as u64))
+            .map(|(i, m)| {
+                FaultDisk::with_seed(
+                    Arc::new(PowerCut {
+                        inner: m.clone(),
+                        budget: budget.clone(),
+                    }) as DiskRef,
+                    i as u64,
+                )
+            })
             .collect();
         let faults = fault_disks.iter().map(|f| f.handle()).collect();
-        let disks = fault_disks.into_iter().map(|f| Arc::new(f) as DiskRef).collect();
+        let disks = fault_disks
+            .into_iter()
+            .map(|f| Arc::new(f) as DiskRef)
+            .collect();
         let keys = Arc::new(KeyRing::new([5; 16]));
         keys.insert(1, MasterKey::from_bytes([6; 32]));
-        let rig = Rig { _dir: dir, store_path, mems, disks, faults, budget, record, keys };
+        let rig = Rig {
+            _dir: dir,
+            store_path,
+            mems,
+            disks,
+            faults,
+            budget,
+            record,
+            keys,
+        };
         Volume::format(&rig.parts()).unwrap();
         rig
     }
@@ -105,13 +131,30 @@ impl Rig {
     }
 
     fn table(&self) -> Vec<PlacementDisk> {
-        (0..self.disks.len()).map(|i| PlacementDisk { id: DiskId(i as u32), domain: format!("d{i}") }).collect()
+        (0..self.disks.len())
+            .map(|i| PlacementDisk {
+                id: DiskId(i as u32),
+                domain: format!("d{i}"),
+            })
+            .collect()
     }
 
     fn parts(&self) -> VolumeParts {
-        let disks: HashMap<DiskId, DiskRef> = self.disks.iter().enumerate().map(|(i, d)| (DiskId(i as u32), d.clone())).collect();
+        let disks: HashMap<DiskId, DiskRef> = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (DiskId(i as u32), d.clone()))
+            .collect();
         let store = Arc::new(MetaStore::open(&self.store_path).unwrap());
-        VolumeParts { record: self.record.clone(), disks, table: self.table(), keys: self.keys.clone(), write_key: Arc::new(WriteKey::new(1, 1)), store }
+        VolumeParts {
+            record: self.record.clone(),
+            disks,
+            table: self.table(),
+            keys: self.keys.clone(),
+            write_key: Arc::new(WriteKey::new(1, 1)),
+            store,
+        }
     }
 
     fn try_open(&self) -> Result<Arc<Volume>, VolumeError> {
@@ -141,12 +184,21 @@ impl Rig {
 
     /// Indexes of the journal disks.
     fn journal_disks(&self) -> Vec<usize> {
-        Volume::journal_disks(&self.placement(), &self.record).unwrap().into_iter().map(|d| d.0 as usize).collect()
+        Volume::journal_disks(&self.placement(), &self.record)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.0 as usize)
+            .collect()
     }
 
     /// Indexes of the disks of a stripe, in chunk order.
     fn stripe_disks(&self, s: u64) -> Vec<usize> {
-        self.placement().place(StripeId(s), self.record.geometry.width()).unwrap().into_iter().map(|d| d.0 as usize).collect()
+        self.placement()
+            .place(StripeId(s), self.record.geometry.width())
+            .unwrap()
+            .into_iter()
+            .map(|d| d.0 as usize)
+            .collect()
     }
 
     fn log_start(&self) -> u64 {
@@ -187,7 +239,9 @@ fn bounded<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Sen
             Err(p) => std::panic::resume_unwind(p),
             Ok(()) => unreachable!(),
         },
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (deadlock?)"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: did not finish within {secs} s (deadlock?)")
+        }
     }
 }
 
@@ -208,7 +262,10 @@ fn assert_matches(vol: &Volume, model: &Model, what: &str) {
     let got = read(vol, 0, model.0.len()).unwrap_or_else(|e| panic!("{what}: read failed: {e}"));
     if got != model.0 {
         let at = got.iter().zip(&model.0).position(|(a, b)| a != b).unwrap();
-        panic!("{what}: volume differs from the model at byte {at} (block {})", at / BS);
+        panic!(
+            "{what}: volume differs from the model at byte {at} (block {})",
+            at / BS
+        );
     }
 }
 
@@ -242,7 +299,11 @@ fn replay_never_resurrects_records_lost_in_an_earlier_crash() {
     let vol = rig.open();
     vol.halt();
     assert_eq!(read(&vol, 0, BS).unwrap(), a);
-    assert_eq!(read(&vol, BS as u64, 2 * BS).unwrap(), vec![0u8; 2 * BS], "unflushed writes after the lost record are gone");
+    assert_eq!(
+        read(&vol, BS as u64, 2 * BS).unwrap(),
+        vec![0u8; 2 * BS],
+        "unflushed writes after the lost record are gone"
+    );
     // The client now writes block 2 again and flushes: this is the only durable content.
     let d = pattern(4, BS);
     vol.write(2 * BS as u64, &d, false).unwrap();
@@ -250,7 +311,10 @@ fn replay_never_resurrects_records_lost_in_an_earlier_crash() {
     rig.kill(vol);
     rig.crash(&mut rng, CrashMode::DropAll);
     let vol = rig.open();
-    assert!(read(&vol, 2 * BS as u64, BS).unwrap() == d, "flushed block 2 was replaced by a write lost in the earlier crash");
+    assert!(
+        read(&vol, 2 * BS as u64, BS).unwrap() == d,
+        "flushed block 2 was replaced by a write lost in the earlier crash"
+    );
     rig.kill(vol);
 }
 
@@ -270,7 +334,10 @@ fn failed_read_modify_write_leaves_no_hole_before_flushed_records() {
     for &d in bad {
         rig.faults[d].fail_reads(Trigger::always());
     }
-    assert!(vol.write(100, b"partial", false).is_err(), "a partial write over an unreadable block must fail");
+    assert!(
+        vol.write(100, b"partial", false).is_err(),
+        "a partial write over an unreadable block must fail"
+    );
     for &d in bad {
         rig.faults[d].clear();
     }
@@ -279,7 +346,10 @@ fn failed_read_modify_write_leaves_no_hole_before_flushed_records() {
     vol.write(5 << 20, &x, true).unwrap();
     rig.kill(vol); // server killed before the destager's next round
     let vol = rig.open();
-    assert!(read(&vol, 5 << 20, BS).unwrap() == x, "a flushed write was lost at replay");
+    assert!(
+        read(&vol, 5 << 20, BS).unwrap() == x,
+        "a flushed write was lost at replay"
+    );
     rig.kill(vol);
 }
 
@@ -297,7 +367,9 @@ fn open_after_restart_with_one_disk_missing_serves_flushed_data() {
     rig.kill(vol);
     let j = rig.journal_disks()[0];
     rig.faults[j].set_gone(true);
-    let vol = rig.try_open().unwrap_or_else(|e| panic!("open with one disk of six missing: {e}"));
+    let vol = rig
+        .try_open()
+        .unwrap_or_else(|e| panic!("open with one disk of six missing: {e}"));
     assert!(read(&vol, 0, 1 << 20).unwrap() == data);
     vol.halt();
 }
@@ -324,8 +396,13 @@ fn malformed_trim_record_does_not_panic_open() {
     for j in rig.journal_disks() {
         rig.mems[j].tamper(rig.log_start() + 2 * BS as u64, &forged.encode());
     }
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rig.try_open().map(|v| v.halt())));
-    assert!(r.is_ok(), "Volume::open panicked on a malformed journal record");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rig.try_open().map(|v| v.halt())
+    }));
+    assert!(
+        r.is_ok(),
+        "Volume::open panicked on a malformed journal record"
+    );
 }
 
 /// A well-formed forged trim record (valid crc32c, nothing keyed) written on one journal
@@ -349,10 +426,16 @@ fn forged_trim_record_on_one_replica_is_rejected() {
         entries: vec![],
     };
     let j = rig.journal_disks()[0];
-    rig.mems[j].tamper(rig.log_start() + ((header_pages(4) + 4) * BS) as u64, &forged.encode());
+    rig.mems[j].tamper(
+        rig.log_start() + ((header_pages(4) + 4) * BS) as u64,
+        &forged.encode(),
+    );
     let vol = rig.open();
     match read(&vol, 0, 4 * BS) {
-        Ok(got) => assert!(got == data, "flushed data replaced by zeros through a forged journal record"),
+        Ok(got) => assert!(
+            got == data,
+            "flushed data replaced by zeros through a forged journal record"
+        ),
         Err(_) => {} // detected: acceptable
     }
     vol.halt();
@@ -400,7 +483,8 @@ fn concurrent_random_workload_matches_model_after_destage_and_reopen() {
                     let model = model.clone();
                     std::thread::spawn(move || {
                         let mut rng = StdRng::seed_from_u64(100 + t as u64);
-                        let regions: Vec<usize> = (0..size / REGION).filter(|r| r % THREADS == t).collect();
+                        let regions: Vec<usize> =
+                            (0..size / REGION).filter(|r| r % THREADS == t).collect();
                         let mut mine = Model(vec![0u8; size]);
                         for _ in 0..400 {
                             let r = regions[rng.random_range(0..regions.len())] * REGION;
@@ -417,18 +501,29 @@ fn concurrent_random_workload_matches_model_after_destage_and_reopen() {
                                     mine.zero(off as u64, len as u64);
                                 }
                                 6 => {
-                                    vol.write_zeroes(off as u64, len as u64, rng.random_bool(0.5), false).unwrap();
+                                    vol.write_zeroes(
+                                        off as u64,
+                                        len as u64,
+                                        rng.random_bool(0.5),
+                                        false,
+                                    )
+                                    .unwrap();
                                     mine.zero(off as u64, len as u64);
                                 }
                                 _ => {
                                     let got = read(&vol, off as u64, len).unwrap();
-                                    assert_eq!(got, mine.0[off..off + len], "thread {t}: read at {off}+{len} is not its latest data");
+                                    assert_eq!(
+                                        got,
+                                        mine.0[off..off + len],
+                                        "thread {t}: read at {off}+{len} is not its latest data"
+                                    );
                                 }
                             }
                         }
                         let mut m = model.lock().unwrap();
                         for &r in &regions {
-                            m.0[r * REGION..(r + 1) * REGION].copy_from_slice(&mine.0[r * REGION..(r + 1) * REGION]);
+                            m.0[r * REGION..(r + 1) * REGION]
+                                .copy_from_slice(&mine.0[r * REGION..(r + 1) * REGION]);
                         }
                     })
                 })
@@ -461,7 +556,13 @@ fn concurrent_random_workload_matches_model_after_destage_and_reopen() {
     let vol = rig.open();
     assert_matches(&vol, &model, "after reopen");
     let live = vol.allocated_blocks();
-    let status_live: u64 = vol.block_status(0, size as u64).unwrap().iter().filter(|e| !e.hole).map(|e| e.len).sum();
+    let status_live: u64 = vol
+        .block_status(0, size as u64)
+        .unwrap()
+        .iter()
+        .filter(|e| !e.hole)
+        .map(|e| e.len)
+        .sum();
     assert_eq!(status_live, live * BS as u64);
     vol.close().unwrap();
 }
@@ -473,7 +574,8 @@ fn concurrent_random_workload_matches_model_after_destage_and_reopen() {
 fn reads_racing_destage_and_journal_reuse_see_whole_versions() {
     let rig = Rig::new(8 << 20, 4, 2, 16 << 10, (4 << 20) + 8192, 6);
     let vol = rig.open();
-    let versions: Arc<Vec<Vec<u8>>> = Arc::new((0..16).map(|v| vec![v as u8 + 1; 4 * BS]).collect());
+    let versions: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..16).map(|v| vec![v as u8 + 1; 4 * BS]).collect());
     vol.write(0, &versions[0], false).unwrap();
     bounded(120, "readers vs destager", {
         let vol = vol.clone();
@@ -488,7 +590,12 @@ fn reads_racing_destage_and_journal_reuse_see_whole_versions() {
                     while !stop.load(Ordering::SeqCst) {
                         vol.write(0, &versions[i % 16], false).unwrap();
                         // Fill the journal with other stripes so freed space is reused quickly.
-                        vol.write(((1 + i % 30) * 64 * 1024) as u64, &vec![i as u8; 16 * BS], false).unwrap();
+                        vol.write(
+                            ((1 + i % 30) * 64 * 1024) as u64,
+                            &vec![i as u8; 16 * BS],
+                            false,
+                        )
+                        .unwrap();
                         i += 1;
                     }
                 }));
@@ -506,7 +613,10 @@ fn reads_racing_destage_and_journal_reuse_see_whole_versions() {
                 hs.push(std::thread::spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
                         let got = read(&vol, 0, 4 * BS).expect("read during destaging");
-                        assert!(versions.iter().any(|v| *v == got), "a read returned a mix or a foreign page");
+                        assert!(
+                            versions.iter().any(|v| *v == got),
+                            "a read returned a mix or a foreign page"
+                        );
                     }
                 }));
             }
@@ -536,7 +646,11 @@ fn small_journal_wraps_with_records_of_many_sizes_and_replays() {
     let mut written = 0usize;
     let mut reopens = 0;
     for i in 0..600 {
-        let blocks = if rng.random_bool(0.3) { rng.random_range(200..=256) } else { rng.random_range(1..40) };
+        let blocks = if rng.random_bool(0.3) {
+            rng.random_range(200..=256)
+        } else {
+            rng.random_range(1..40)
+        };
         let off = BS * rng.random_range(0..size / BS - blocks);
         if rng.random_bool(0.1) {
             vol.trim(off as u64, (blocks * BS) as u64).unwrap();
@@ -555,7 +669,10 @@ fn small_journal_wraps_with_records_of_many_sizes_and_replays() {
             assert_matches(&vol, &model, "after a reopen");
         }
     }
-    assert!(written > 8 * (4 << 20), "the journal did not wrap often: {written} bytes");
+    assert!(
+        written > 8 * (4 << 20),
+        "the journal did not wrap often: {written} bytes"
+    );
     assert!(reopens > 5);
     assert_matches(&vol, &model, "at the end");
     vol.close().unwrap();
@@ -588,14 +705,18 @@ fn full_journal_writers_wait_then_succeed() {
                     let datas = datas.clone();
                     std::thread::spawn(move || {
                         for (i, c) in datas[t].chunks(256 << 10).enumerate() {
-                            vol.write(((t << 22) + i * (256 << 10)) as u64, c, false).unwrap();
+                            vol.write(((t << 22) + i * (256 << 10)) as u64, c, false)
+                                .unwrap();
                         }
                     })
                 })
                 .collect();
             // The journal (4 MiB) cannot hold 8 MiB: the writers are stuck now.
             std::thread::sleep(Duration::from_secs(2));
-            assert!(hs.iter().any(|h| !h.is_finished()), "8 MiB fitted into a 4 MiB journal");
+            assert!(
+                hs.iter().any(|h| !h.is_finished()),
+                "8 MiB fitted into a 4 MiB journal"
+            );
             faults.clear();
             for h in hs {
                 h.join().unwrap();
@@ -633,11 +754,13 @@ fn prepare_for_sweep(rig: &Rig) -> (Arc<Volume>, Model) {
     w(3 * stripe + 5, pattern(3, 2 * BS)); // unaligned, 3 blocks of stripe 3
     w(5 * stripe, pattern(4, stripe)); // full stripe 5
     w(7 * stripe + 6 * BS, pattern(5, 4 * BS)); // across a chunk boundary
-    vol.trim((9 * stripe + 2 * BS) as u64, (3 * BS) as u64).unwrap();
+    vol.trim((9 * stripe + 2 * BS) as u64, (3 * BS) as u64)
+        .unwrap();
     model.zero((9 * stripe + 2 * BS) as u64, (3 * BS) as u64);
     vol.trim((11 * stripe) as u64, stripe as u64).unwrap(); // whole stripe discarded
     model.zero((11 * stripe) as u64, stripe as u64);
-    vol.write_zeroes((13 * stripe + BS) as u64, BS as u64, true, false).unwrap();
+    vol.write_zeroes((13 * stripe + BS) as u64, BS as u64, true, false)
+        .unwrap();
     model.zero((13 * stripe + BS) as u64, BS as u64);
     vol.flush().unwrap();
     (vol, model)
@@ -666,7 +789,10 @@ fn power_cut_at_every_op_of_a_destage_round_keeps_every_block() {
             rig.budget.store(n, Ordering::SeqCst);
             let r = vol.destage();
             // The last ops (checkpoint and its sync) succeed with one journal replica of three.
-            assert!(n < ops || r.is_ok(), "cut at op {n} of {ops}: destage returned {r:?}");
+            assert!(
+                n < ops || r.is_ok(),
+                "cut at op {n} of {ops}: destage returned {r:?}"
+            );
             rig.budget.store(0, Ordering::SeqCst);
             rig.kill(vol);
             rig.crash(&mut rng, mode);
@@ -678,7 +804,11 @@ fn power_cut_at_every_op_of_a_destage_round_keeps_every_block() {
             let b = (a + rng.random_range(1..6)) % 6;
             rig.faults[a].set_gone(true);
             rig.faults[b].set_gone(true);
-            assert_matches(&vol, &model, &format!("cut at op {n} of {ops} ({mode:?}), disks {a} and {b} gone"));
+            assert_matches(
+                &vol,
+                &model,
+                &format!("cut at op {n} of {ops} ({mode:?}), disks {a} and {b} gone"),
+            );
             rig.faults[a].set_gone(false);
             rig.faults[b].set_gone(false);
             rig.kill(vol);
@@ -720,14 +850,28 @@ fn exercise_geometry(k: u16, m: u16, chunk: u32, size: u64) {
     vol.destage().unwrap();
     assert_matches(&vol, &model, &format!("{what}: from the stripes"));
     assert_eq!(read(&vol, size - 1, 1).unwrap(), vec![0xa5]);
-    assert!(matches!(vol.read(size - 1, &mut [0u8; 2]), Err(VolumeError::OutOfRange { .. })));
-    assert!(matches!(vol.write(size, &[1], false), Err(VolumeError::OutOfRange { .. })));
+    assert!(matches!(
+        vol.read(size - 1, &mut [0u8; 2]),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.write(size, &[1], false),
+        Err(VolumeError::OutOfRange { .. })
+    ));
     // write_zeroes with no_hole keeps the blocks allocated; without, they become holes.
     let last_block = (size - 1) / BS as u64 * BS as u64;
-    vol.write_zeroes(last_block, size - last_block, true, false).unwrap();
+    vol.write_zeroes(last_block, size - last_block, true, false)
+        .unwrap();
     model.zero(last_block, size - last_block);
     let st = vol.block_status(last_block, size - last_block).unwrap();
-    assert_eq!(st, vec![Extent { len: size - last_block, hole: false }], "{what}: no_hole zeroes became a hole");
+    assert_eq!(
+        st,
+        vec![Extent {
+            len: size - last_block,
+            hole: false
+        }],
+        "{what}: no_hole zeroes became a hole"
+    );
     // Trim: whole blocks become holes. A partial last block (odd size) is zeroed but stays
     // allocated, as in the reference model (volume/mem.rs).
     let trim_from = last_block.saturating_sub(2 * BS as u64);
@@ -735,12 +879,31 @@ fn exercise_geometry(k: u16, m: u16, chunk: u32, size: u64) {
     model.zero(trim_from, size - trim_from);
     let st = vol.block_status(trim_from, last_block - trim_from).unwrap();
     if last_block > trim_from {
-        assert_eq!(st, vec![Extent { len: last_block - trim_from, hole: true }], "{what}: trimmed blocks are not holes");
+        assert_eq!(
+            st,
+            vec![Extent {
+                len: last_block - trim_from,
+                hole: true
+            }],
+            "{what}: trimmed blocks are not holes"
+        );
     }
     let st = vol.block_status(last_block, size - last_block).unwrap();
-    assert_eq!(st, vec![Extent { len: size - last_block, hole: size % BS as u64 == 0 }], "{what}: last block after trim");
+    assert_eq!(
+        st,
+        vec![Extent {
+            len: size - last_block,
+            hole: size % BS as u64 == 0
+        }],
+        "{what}: last block after trim"
+    );
     assert_matches(&vol, &model, &format!("{what}: after zeroes and trim"));
-    let total: u64 = vol.block_status(0, size).unwrap().iter().map(|e| e.len).sum();
+    let total: u64 = vol
+        .block_status(0, size)
+        .unwrap()
+        .iter()
+        .map(|e| e.len)
+        .sum();
     assert_eq!(total, size);
     vol.flush().unwrap();
     rig.kill(vol);
@@ -806,7 +969,11 @@ fn rotten_parity_is_never_used_for_a_rebuild() {
     assert_eq!(read(&vol, 0, size as usize).unwrap(), data, "healthy read");
     for lost in 0..6 {
         rig.faults[lost].set_gone(true);
-        assert_eq!(read(&vol, 0, size as usize).unwrap(), data, "disk {lost} lost, parity 0 rotten");
+        assert_eq!(
+            read(&vol, 0, size as usize).unwrap(),
+            data,
+            "disk {lost} lost, parity 0 rotten"
+        );
         rig.faults[lost].set_gone(false);
     }
     // Two data chunks lost and P0 rotten: only P1 is left, k = 4 needs 4 intact shards of 6.
@@ -847,11 +1014,22 @@ fn damaged_journal_replicas_are_detected_and_bypassed() {
     for &j in &jd[..2] {
         flip(&rig.mems[j], payload0 + 9);
     }
-    assert_eq!(read(&vol, 0, 2 * BS).unwrap(), a, "two rotten replicas (m = 2)");
+    assert_eq!(
+        read(&vol, 0, 2 * BS).unwrap(),
+        a,
+        "two rotten replicas (m = 2)"
+    );
     let orig = rig.mems[jd[2]].read_bytes(payload0, BS);
     rig.mems[jd[2]].tamper(payload0 + 11, &[orig[11] ^ 0xdd]);
-    assert!(matches!(read(&vol, 0, BS), Err(VolumeError::Unrecoverable { .. })), "every replica rotten must be an error");
-    assert_eq!(read(&vol, BS as u64, BS).unwrap(), a[BS..], "the other block of the record is intact");
+    assert!(
+        matches!(read(&vol, 0, BS), Err(VolumeError::Unrecoverable { .. })),
+        "every replica rotten must be an error"
+    );
+    assert_eq!(
+        read(&vol, BS as u64, BS).unwrap(),
+        a[BS..],
+        "the other block of the record is intact"
+    );
     // Repair the payload on the last replica, damage the header on the first two, replay.
     rig.mems[jd[2]].tamper(payload0, &orig);
     for &j in &jd[..2] {
@@ -859,7 +1037,11 @@ fn damaged_journal_replicas_are_detected_and_bypassed() {
     }
     rig.kill(vol);
     let vol = rig.open();
-    assert_eq!(read(&vol, 0, 2 * BS).unwrap(), a, "record replayed from the intact replica");
+    assert_eq!(
+        read(&vol, 0, 2 * BS).unwrap(),
+        a,
+        "record replayed from the intact replica"
+    );
     vol.close().unwrap();
 }
 
@@ -910,7 +1092,12 @@ fn extreme_offsets_and_lengths_are_refused_without_panic() {
     ];
     for (off, len) in cases {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let out = |r: Result<(), VolumeError>| assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{off}+{len}: {r:?}");
+            let out = |r: Result<(), VolumeError>| {
+                assert!(
+                    matches!(r, Err(VolumeError::OutOfRange { .. })),
+                    "{off}+{len}: {r:?}"
+                )
+            };
             out(vol.trim(off, len));
             out(vol.write_zeroes(off, len, false, false));
             out(vol.write_zeroes(off, len, true, true));
@@ -925,6 +1112,12 @@ fn extreme_offsets_and_lengths_are_refused_without_panic() {
     }
     // Zero-length at the very end is fine; the volume is unchanged.
     vol.trim(size, 0).unwrap();
-    assert_eq!(vol.block_status(0, size).unwrap(), vec![Extent { len: size, hole: true }]);
+    assert_eq!(
+        vol.block_status(0, size).unwrap(),
+        vec![Extent {
+            len: size,
+            hole: true
+        }]
+    );
     vol.close().unwrap();
 }

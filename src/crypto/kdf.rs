@@ -77,12 +77,16 @@ impl Prk {
 
     /// A PRK given as bytes (RFC 5869 section 3.3); at least 32 bytes.
     pub fn from_bytes(prk: &[u8]) -> Result<Self, CryptoError> {
-        Hkdf::<Sha256>::from_prk(prk).map(Self).map_err(|_| CryptoError::BadKdfLength(prk.len()))
+        Hkdf::<Sha256>::from_prk(prk)
+            .map(Self)
+            .map_err(|_| CryptoError::BadKdfLength(prk.len()))
     }
 
     /// RFC 5869 HKDF-Expand into `out` (at most 255 × 32 bytes).
     pub fn expand(&self, info: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
-        self.0.expand(info, out).map_err(|_| CryptoError::BadKdfLength(out.len()))
+        self.0
+            .expand(info, out)
+            .map_err(|_| CryptoError::BadKdfLength(out.len()))
     }
 
     /// The 64-byte AES-256-XTS key of shard `id` (`id.version` is not used: it chose `self`).

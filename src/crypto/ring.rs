@@ -100,7 +100,12 @@ struct Shard<K, V> {
 
 impl<K: CacheKey, V: Clone> Shard<K, V> {
     fn new(capacity: usize) -> Self {
-        Self { index: HashMap::new(), slots: Vec::new(), hand: 0, capacity }
+        Self {
+            index: HashMap::new(),
+            slots: Vec::new(),
+            hand: 0,
+            capacity,
+        }
     }
 
     fn get(&mut self, key: &K) -> Option<V> {
@@ -115,7 +120,11 @@ impl<K: CacheKey, V: Clone> Shard<K, V> {
         if let Some(existing) = self.get(&key) {
             return existing;
         }
-        let slot = Slot { key, value: value.clone(), referenced: false };
+        let slot = Slot {
+            key,
+            value: value.clone(),
+            referenced: false,
+        };
         if self.slots.len() < self.capacity {
             self.index.insert(key, self.slots.len());
             self.slots.push(slot);
@@ -136,7 +145,12 @@ impl<K: CacheKey, V: Clone> Shard<K, V> {
 
     fn purge_version(&mut self, version: u32) {
         self.slots.retain(|s| s.key.version() != version);
-        self.index = self.slots.iter().enumerate().map(|(i, s)| (s.key, i)).collect();
+        self.index = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key, i))
+            .collect();
         self.hand = 0;
     }
 }
@@ -150,7 +164,11 @@ impl<K: CacheKey, V: Clone> ClockCache<K, V> {
     /// At least `capacity` entries in total (rounded up to a multiple of the shard count).
     fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(CACHE_SHARDS).max(1);
-        Self { shards: (0..CACHE_SHARDS).map(|_| Mutex::new(Shard::new(per_shard))).collect() }
+        Self {
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+        }
     }
 
     fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, V>> {
@@ -158,7 +176,9 @@ impl<K: CacheKey, V: Clone> ClockCache<K, V> {
         let i = (key.spread() >> (64 - CACHE_SHARDS.trailing_zeros())) as usize;
         // A panic while a shard is locked can only come from an allocation failure, after
         // which the shard is still a valid map: carry on with it.
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn get(&self, key: &K) -> Option<V> {
@@ -171,7 +191,10 @@ impl<K: CacheKey, V: Clone> ClockCache<K, V> {
 
     fn purge_version(&self, version: u32) {
         for shard in &self.shards {
-            shard.lock().unwrap_or_else(PoisonError::into_inner).purge_version(version);
+            shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .purge_version(version);
         }
     }
 
@@ -208,7 +231,11 @@ impl KeyRing {
 
     /// An empty ring with a chosen XTS backend and cipher-cache size (at least
     /// [`CACHE_SHARDS`] entries are kept).
-    pub fn with_options(pool_id: [u8; 16], backend: XtsBackend, cipher_cache_entries: usize) -> Self {
+    pub fn with_options(
+        pool_id: [u8; 16],
+        backend: XtsBackend,
+        cipher_cache_entries: usize,
+    ) -> Self {
         Self {
             pool_id,
             backend,
@@ -224,7 +251,10 @@ impl KeyRing {
     pub fn insert(&self, version: u32, key: MasterKey) {
         let prk = Prk::for_master(&self.pool_id, &key);
         drop(key);
-        let mut versions = self.versions.write().unwrap_or_else(PoisonError::into_inner);
+        let mut versions = self
+            .versions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if versions.insert(version, prk).is_some() {
             self.purge(version);
         }
@@ -233,7 +263,10 @@ impl KeyRing {
     /// Forgets master key `version` and everything derived from it. `false` if it was not
     /// loaded.
     pub fn remove(&self, version: u32) -> bool {
-        let mut versions = self.versions.write().unwrap_or_else(PoisonError::into_inner);
+        let mut versions = self
+            .versions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let removed = versions.remove(&version).is_some();
         self.purge(version);
         removed
@@ -241,7 +274,12 @@ impl KeyRing {
 
     /// Loaded master-key versions, ascending.
     pub fn versions(&self) -> Vec<u32> {
-        self.versions.read().unwrap_or_else(PoisonError::into_inner).keys().copied().collect()
+        self.versions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// The AES-256-XTS cipher of shard `id`, from the cache or derived (then cached).
@@ -250,7 +288,9 @@ impl KeyRing {
             return Ok(cipher);
         }
         let versions = self.versions.read().unwrap_or_else(PoisonError::into_inner);
-        let prk = versions.get(&id.version).ok_or(CryptoError::UnknownVersion(id.version))?;
+        let prk = versions
+            .get(&id.version)
+            .ok_or(CryptoError::UnknownVersion(id.version))?;
         let cipher = Arc::new(XtsCipher::with_backend(prk.shard_key(&id)?, self.backend)?);
         Ok(self.ciphers.insert(id, cipher))
     }
@@ -258,7 +298,9 @@ impl KeyRing {
     /// The cipher of shard `id`, derived afresh and not cached (for checks and measurements).
     pub fn derive_shard_cipher(&self, id: ShardKeyId) -> Result<XtsCipher, CryptoError> {
         let versions = self.versions.read().unwrap_or_else(PoisonError::into_inner);
-        let prk = versions.get(&id.version).ok_or(CryptoError::UnknownVersion(id.version))?;
+        let prk = versions
+            .get(&id.version)
+            .ok_or(CryptoError::UnknownVersion(id.version))?;
         XtsCipher::with_backend(prk.shard_key(&id)?, self.backend)
     }
 
@@ -269,7 +311,9 @@ impl KeyRing {
             return Ok(key);
         }
         let versions = self.versions.read().unwrap_or_else(PoisonError::into_inner);
-        let prk = versions.get(&version).ok_or(CryptoError::UnknownVersion(version))?;
+        let prk = versions
+            .get(&version)
+            .ok_or(CryptoError::UnknownVersion(version))?;
         Ok(self.tags.insert(id, Arc::new(prk.tag_key(volume)?)))
     }
 

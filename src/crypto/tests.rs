@@ -11,8 +11,11 @@ use super::kdf::{self, Prk};
 use super::*;
 use crate::layout::BLOCK_SIZE;
 
-const BACKENDS: [XtsBackend; 3] =
-    [XtsBackend::AwsLc, XtsBackend::AwsLcFreshContext, XtsBackend::RustCrypto];
+const BACKENDS: [XtsBackend; 3] = [
+    XtsBackend::AwsLc,
+    XtsBackend::AwsLcFreshContext,
+    XtsBackend::RustCrypto,
+];
 
 fn test_key(seed: u8) -> XtsKey {
     let mut k = [0u8; 64];
@@ -36,7 +39,13 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn id(version: u32, volume: u64, stripe: u64, chunk: u16, epoch: u32) -> ShardKeyId {
-    ShardKeyId { version, volume, stripe: StripeId(stripe), chunk: ChunkIndex(chunk), epoch }
+    ShardKeyId {
+        version,
+        volume,
+        stripe: StripeId(stripe),
+        chunk: ChunkIndex(chunk),
+        epoch,
+    }
 }
 
 fn ring_with(versions: &[u32]) -> KeyRing {
@@ -112,7 +121,11 @@ fn tweak_sum_does_not_wrap_at_u64_max() {
         let c = XtsCipher::with_backend(test_key(4), backend).unwrap();
         let two = encrypt_copy(&c, u64::MAX, &[block.clone(), block.clone()].concat());
         // Block 1 has tweak 2^64, not 0.
-        assert_ne!(&two[BLOCK_SIZE..], &encrypt_copy(&c, 0, &block)[..], "{backend:?}");
+        assert_ne!(
+            &two[BLOCK_SIZE..],
+            &encrypt_copy(&c, 0, &block)[..],
+            "{backend:?}"
+        );
         assert_eq!(&two[..BLOCK_SIZE], &encrypt_copy(&c, u64::MAX, &block)[..]);
     }
 }
@@ -124,13 +137,27 @@ fn bad_lengths_are_refused_and_buffer_untouched() {
         for len in [0, 16, 4095, 4097, 8191] {
             let mut buf = vec![0xAB; len];
             assert!(matches!(c.encrypt(0, &mut buf), Err(CryptoError::BadLength(l)) if l == len));
-            assert!(matches!(c.decrypt(0, &mut buf), Err(CryptoError::BadLength(_))));
+            assert!(matches!(
+                c.decrypt(0, &mut buf),
+                Err(CryptoError::BadLength(_))
+            ));
             assert!(buf.iter().all(|&b| b == 0xAB));
         }
-        for (unit, len) in [(0, 0), (0, 16), (8, 16), (24, 48), (32, 48), (16, 0), (32 << 20, 32 << 20)] {
+        for (unit, len) in [
+            (0, 0),
+            (0, 16),
+            (8, 16),
+            (24, 48),
+            (32, 48),
+            (16, 0),
+            (32 << 20, 32 << 20),
+        ] {
             let mut buf = vec![0xCD; len];
             assert!(
-                matches!(c.encrypt_units(unit, 0, &mut buf), Err(CryptoError::BadDataUnit { .. })),
+                matches!(
+                    c.encrypt_units(unit, 0, &mut buf),
+                    Err(CryptoError::BadDataUnit { .. })
+                ),
                 "{backend:?} unit {unit} len {len}"
             );
             assert!(buf.iter().all(|&b| b == 0xCD));
@@ -140,7 +167,10 @@ fn bad_lengths_are_refused_and_buffer_untouched() {
 
 #[test]
 fn equal_key_halves_are_refused() {
-    assert!(matches!(XtsKey::from_bytes([7; 64]), Err(CryptoError::WeakXtsKey)));
+    assert!(matches!(
+        XtsKey::from_bytes([7; 64]),
+        Err(CryptoError::WeakXtsKey)
+    ));
     let mut k = [7u8; 64];
     k[63] = 8;
     assert!(XtsKey::from_bytes(k).is_ok());
@@ -154,8 +184,14 @@ fn different_shard_ids_give_different_keys() {
         base,
         ShardKeyId { version: 2, ..base },
         ShardKeyId { volume: 11, ..base },
-        ShardKeyId { stripe: StripeId(21), ..base },
-        ShardKeyId { chunk: ChunkIndex(4), ..base },
+        ShardKeyId {
+            stripe: StripeId(21),
+            ..base
+        },
+        ShardKeyId {
+            chunk: ChunkIndex(4),
+            ..base
+        },
         ShardKeyId { epoch: 5, ..base },
         // Same bytes moved between fields must not collide either.
         id(1, 20, 10, 3, 4),
@@ -167,14 +203,24 @@ fn different_shard_ids_give_different_keys() {
         .collect();
     for i in 0..outputs.len() {
         for j in i + 1..outputs.len() {
-            assert_ne!(outputs[i], outputs[j], "{:?} and {:?} share a key", variants[i], variants[j]);
+            assert_ne!(
+                outputs[i], outputs[j],
+                "{:?} and {:?} share a key",
+                variants[i], variants[j]
+            );
         }
     }
 }
 
 #[test]
 fn shard_info_layout_is_fixed_width_big_endian() {
-    let info = kdf::shard_info(&id(9, 0x0102_0304_0506_0708, 0x1112_1314_1516_1718, 0x2122, 0x3132_3334));
+    let info = kdf::shard_info(&id(
+        9,
+        0x0102_0304_0506_0708,
+        0x1112_1314_1516_1718,
+        0x2122,
+        0x3132_3334,
+    ));
     let mut expected = b"shardvol/xts-key".to_vec();
     expected.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
     expected.extend_from_slice(&[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]);
@@ -198,9 +244,11 @@ fn cached_cipher_equals_freshly_derived() {
     // An independent derivation from the definition: HKDF(salt = pool id, IKM = master key,
     // info = label ‖ fields), 64 bytes, as AES-256-XTS data key ‖ tweak key.
     let mut okm = [0u8; 64];
-    Prk::extract(&[0x42; 16], &[3 ^ 0x5a; 32]).expand(&kdf::shard_info(&sid), &mut okm).unwrap();
-    let by_hand = XtsCipher::with_backend(XtsKey::from_bytes(okm).unwrap(), XtsBackend::RustCrypto)
+    Prk::extract(&[0x42; 16], &[3 ^ 0x5a; 32])
+        .expand(&kdf::shard_info(&sid), &mut okm)
         .unwrap();
+    let by_hand =
+        XtsCipher::with_backend(XtsKey::from_bytes(okm).unwrap(), XtsBackend::RustCrypto).unwrap();
 
     let block = pattern(2 * BLOCK_SIZE, 7);
     let expected = encrypt_copy(&by_hand, 5, &block);
@@ -217,7 +265,10 @@ fn cache_is_bounded_and_keeps_hot_entries() {
     for stripe in 1..2000 {
         ring.shard_cipher(id(1, 1, stripe, 0, 0)).unwrap();
         // Keep using the hot shard: CLOCK must keep it.
-        assert!(Arc::ptr_eq(&ring.shard_cipher(hot).unwrap(), &hot_cipher), "hot entry evicted at {stripe}");
+        assert!(
+            Arc::ptr_eq(&ring.shard_cipher(hot).unwrap(), &hot_cipher),
+            "hot entry evicted at {stripe}"
+        );
     }
     let cached = ring.cached_ciphers();
     assert!(cached <= 64, "cache grew to {cached}");
@@ -237,8 +288,14 @@ fn remove_forgets_version_and_its_derivations() {
     assert!(!ring.remove(1));
     assert_eq!(ring.versions(), vec![2]);
     assert_eq!(ring.cached_ciphers(), 1);
-    assert!(matches!(ring.shard_cipher(id(1, 1, 1, 1, 1)), Err(CryptoError::UnknownVersion(1))));
-    assert!(matches!(ring.tag_key(1, 1), Err(CryptoError::UnknownVersion(1))));
+    assert!(matches!(
+        ring.shard_cipher(id(1, 1, 1, 1, 1)),
+        Err(CryptoError::UnknownVersion(1))
+    ));
+    assert!(matches!(
+        ring.tag_key(1, 1),
+        Err(CryptoError::UnknownVersion(1))
+    ));
     assert!(ring.shard_cipher(id(2, 1, 1, 1, 1)).is_ok());
 }
 
@@ -251,15 +308,24 @@ fn insert_over_a_version_replaces_its_keys() {
     let old = encrypt_copy(&ring.shard_cipher(sid).unwrap(), 0, &block);
     let old_tag = ring.tag_key(1, 1).unwrap().tag(b"h", &block);
     ring.insert(1, MasterKey::from_bytes([2; 32]));
-    assert_ne!(encrypt_copy(&ring.shard_cipher(sid).unwrap(), 0, &block), old);
+    assert_ne!(
+        encrypt_copy(&ring.shard_cipher(sid).unwrap(), 0, &block),
+        old
+    );
     assert_ne!(ring.tag_key(1, 1).unwrap().tag(b"h", &block), old_tag);
 }
 
 #[test]
 fn unknown_version_is_an_error() {
     let ring = ring_with(&[1]);
-    assert!(matches!(ring.shard_cipher(id(7, 0, 0, 0, 0)), Err(CryptoError::UnknownVersion(7))));
-    assert!(matches!(ring.tag_key(7, 0), Err(CryptoError::UnknownVersion(7))));
+    assert!(matches!(
+        ring.shard_cipher(id(7, 0, 0, 0, 0)),
+        Err(CryptoError::UnknownVersion(7))
+    ));
+    assert!(matches!(
+        ring.tag_key(7, 0),
+        Err(CryptoError::UnknownVersion(7))
+    ));
 }
 
 #[test]
@@ -277,7 +343,11 @@ fn tag_changes_with_every_bit_of_header_and_ciphertext() {
     let mut c = ct.clone();
     for bit in 0..c.len() * 8 {
         c[bit / 8] ^= 1 << (bit % 8);
-        assert_ne!(key.tag(&header, &c), tag, "ciphertext bit {bit} not covered");
+        assert_ne!(
+            key.tag(&header, &c),
+            tag,
+            "ciphertext bit {bit} not covered"
+        );
         c[bit / 8] ^= 1 << (bit % 8);
     }
     assert_eq!(key.tag(&header, &ct), tag, "tag is not deterministic");
@@ -302,27 +372,52 @@ fn verify_accepts_the_tag_and_refuses_anything_else() {
     for i in [0, 17, 31] {
         let mut bad = tag;
         bad[i] ^= 0x01;
-        assert!(matches!(key.verify(b"header", &ct, &bad), Err(CryptoError::TagMismatch)));
+        assert!(matches!(
+            key.verify(b"header", &ct, &bad),
+            Err(CryptoError::TagMismatch)
+        ));
     }
-    assert!(matches!(key.verify(b"headeR", &ct, &tag), Err(CryptoError::TagMismatch)));
+    assert!(matches!(
+        key.verify(b"headeR", &ct, &tag),
+        Err(CryptoError::TagMismatch)
+    ));
     // Other volume, other master version: other key.
-    assert!(ring.tag_key(1, 6).unwrap().verify(b"header", &ct, &tag).is_err());
-    assert!(ring.tag_key(2, 5).unwrap().verify(b"header", &ct, &tag).is_err());
-    assert!(Arc::ptr_eq(&ring.tag_key(1, 5).unwrap(), &key), "tag key not cached");
+    assert!(
+        ring.tag_key(1, 6)
+            .unwrap()
+            .verify(b"header", &ct, &tag)
+            .is_err()
+    );
+    assert!(
+        ring.tag_key(2, 5)
+            .unwrap()
+            .verify(b"header", &ct, &tag)
+            .is_err()
+    );
+    assert!(
+        Arc::ptr_eq(&ring.tag_key(1, 5).unwrap(), &key),
+        "tag key not cached"
+    );
 }
 
 /// Every way a key byte could show in `Debug`: hex pairs (both cases) and decimal numbers.
 fn assert_no_key_material(debug: &str, key: &[u8]) {
     assert!(debug.contains("redacted"), "{debug}");
     for pair in key.windows(2) {
-        for hex in [format!("{:02x}{:02x}", pair[0], pair[1]), format!("{:02X}{:02X}", pair[0], pair[1])] {
+        for hex in [
+            format!("{:02x}{:02x}", pair[0], pair[1]),
+            format!("{:02X}{:02X}", pair[0], pair[1]),
+        ] {
             assert!(!debug.contains(&hex), "{debug} contains {hex}");
         }
     }
     for b in key {
         // Key bytes are chosen ≥ 100, so their decimal forms are three digits long.
         assert!(!debug.contains(&b.to_string()), "{debug} contains {b}");
-        assert!(!debug.contains(&format!("{b:#x}")), "{debug} contains {b:#x}");
+        assert!(
+            !debug.contains(&format!("{b:#x}")),
+            "{debug} contains {b:#x}"
+        );
     }
 }
 

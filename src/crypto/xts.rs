@@ -72,8 +72,14 @@ pub struct XtsCipher {
 }
 
 enum Engine {
-    AwsLc { key: XtsKey, enc: Mutex<Option<EvpXts>>, dec: Mutex<Option<EvpXts>> },
-    AwsLcFresh { key: XtsKey },
+    AwsLc {
+        key: XtsKey,
+        enc: Mutex<Option<EvpXts>>,
+        dec: Mutex<Option<EvpXts>>,
+    },
+    AwsLcFresh {
+        key: XtsKey,
+    },
     Soft(Box<SoftXts>),
 }
 
@@ -90,7 +96,11 @@ impl XtsCipher {
                 // Key one context now so that a key AWS-LC refuses is reported here, not on
                 // first use; the decryption context is made when first needed.
                 let enc = EvpXts::new(key.bytes(), true)?;
-                Engine::AwsLc { key, enc: Mutex::new(Some(enc)), dec: Mutex::new(None) }
+                Engine::AwsLc {
+                    key,
+                    enc: Mutex::new(Some(enc)),
+                    dec: Mutex::new(None),
+                }
             }
             XtsBackend::AwsLcFreshContext => {
                 EvpXts::new(key.bytes(), true)?;
@@ -169,14 +179,16 @@ impl XtsCipher {
                     }
                     // Another thread is using the shared context: key a private one rather
                     // than wait (re-keying costs less than a 4 KiB block).
-                    Err(TryLockError::WouldBlock) => {
-                        run_evp(&mut EvpXts::new(key.bytes(), dir == Direction::Encrypt)?, units)
-                    }
+                    Err(TryLockError::WouldBlock) => run_evp(
+                        &mut EvpXts::new(key.bytes(), dir == Direction::Encrypt)?,
+                        units,
+                    ),
                 }
             }
-            Engine::AwsLcFresh { key } => {
-                run_evp(&mut EvpXts::new(key.bytes(), dir == Direction::Encrypt)?, units)
-            }
+            Engine::AwsLcFresh { key } => run_evp(
+                &mut EvpXts::new(key.bytes(), dir == Direction::Encrypt)?,
+                units,
+            ),
             Engine::Soft(soft) => {
                 for (unit, tweak) in units {
                     soft.process(dir, tweak, unit);
@@ -223,7 +235,10 @@ fn check_blocks(buf: &[u8]) -> Result<(), CryptoError> {
 fn check_units(unit_len: usize, buf: &[u8]) -> Result<(), CryptoError> {
     let unit_ok = (16..=MAX_DATA_UNIT).contains(&unit_len) && unit_len.is_multiple_of(16);
     if !unit_ok || buf.is_empty() || !buf.len().is_multiple_of(unit_len) {
-        return Err(CryptoError::BadDataUnit { unit: unit_len, len: buf.len() });
+        return Err(CryptoError::BadDataUnit {
+            unit: unit_len,
+            len: buf.len(),
+        });
     }
     Ok(())
 }
@@ -265,7 +280,10 @@ const _: () = assert!(SOFT_BATCH_BLOCKS.is_multiple_of(MASK_LANES));
 
 impl SoftXts {
     fn new(key: &XtsKey) -> Result<Self, CryptoError> {
-        let bad_key = |_| CryptoError::Backend { op: "aes key schedule", code: 0 };
+        let bad_key = |_| CryptoError::Backend {
+            op: "aes key schedule",
+            code: 0,
+        };
         Ok(Self {
             data: Aes256::new_from_slice(key.data_key()).map_err(bad_key)?,
             tweak: Aes256Enc::new_from_slice(key.tweak_key()).map_err(bad_key)?,
@@ -285,7 +303,9 @@ impl SoftXts {
         let mut masks = [0u128; SOFT_BATCH_BLOCKS];
         let (blocks, _partial) = Array::slice_as_chunks_mut(unit);
         for batch in blocks.chunks_mut(SOFT_BATCH_BLOCKS) {
-            for group in masks[..batch.len().next_multiple_of(MASK_LANES)].chunks_exact_mut(MASK_LANES) {
+            for group in
+                masks[..batch.len().next_multiple_of(MASK_LANES)].chunks_exact_mut(MASK_LANES)
+            {
                 for (mask, lane) in group.iter_mut().zip(lanes.iter_mut()) {
                     *mask = *lane;
                     *lane = mul_alpha8(*lane);
@@ -316,7 +336,10 @@ mod tests {
             let eight = (0..8).fold(t, |x, _| mul_alpha(x));
             assert_eq!(mul_alpha8(t), eight, "{t:#x}");
             // Walk through values with all top-byte patterns.
-            t = t.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835).rotate_left(13) ^ 0xff << 120;
+            t = t
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)
+                .rotate_left(13)
+                ^ 0xff << 120;
         }
         assert_eq!(mul_alpha(1 << 127), 0x87);
     }

@@ -115,7 +115,10 @@ impl EvpXts {
             return Err(take_error("EVP_CipherUpdate"));
         }
         if out_len != len {
-            return Err(CryptoError::Backend { op: "EVP_CipherUpdate(short output)", code: 0 });
+            return Err(CryptoError::Backend {
+                op: "EVP_CipherUpdate(short output)",
+                code: 0,
+            });
         }
         Ok(())
     }

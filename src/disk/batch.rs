@@ -15,7 +15,12 @@ pub(crate) struct Batch {
 impl Batch {
     pub(crate) fn new(ops: Vec<IoOp>, completer: Completer) -> Batch {
         let remaining = ops.len();
-        Batch { ops: ops.into_iter().map(Some).collect(), remaining, error: None, completer: Some(completer) }
+        Batch {
+            ops: ops.into_iter().map(Some).collect(),
+            remaining,
+            error: None,
+            completer: Some(completer),
+        }
     }
 
     pub(crate) fn op_mut(&mut self, idx: usize) -> Option<&mut IoOp> {
@@ -47,7 +52,10 @@ impl Batch {
     pub(crate) fn complete(mut self) {
         let result = match self.error.take() {
             Some((_, e)) => Err(e),
-            None => Ok(std::mem::take(&mut self.ops).into_iter().flatten().collect()),
+            None => Ok(std::mem::take(&mut self.ops)
+                .into_iter()
+                .flatten()
+                .collect()),
         };
         if let Some(c) = self.completer.take() {
             c.complete(result);

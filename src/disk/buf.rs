@@ -37,7 +37,10 @@ impl IoBuf {
         if len == 0 {
             // A dangling pointer, non-null and aligned, is valid for a zero-length slice.
             let ptr = NonNull::new(std::ptr::without_provenance_mut(BUF_ALIGN));
-            return IoBuf { ptr: ptr.unwrap_or(NonNull::dangling()), len };
+            return IoBuf {
+                ptr: ptr.unwrap_or(NonNull::dangling()),
+                len,
+            };
         }
         let layout = Self::layout(len);
         // SAFETY: layout has a non-zero size (len > 0 here).

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use super::{check_batch, Disk, DiskError, DiskRef, IoOp, Pending, SECTOR};
+use super::{Disk, DiskError, DiskRef, IoOp, Pending, SECTOR, check_batch};
 
 /// When a fault fires.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,19 +38,35 @@ pub struct Trigger {
 impl Trigger {
     /// Never fires.
     pub fn never() -> Trigger {
-        Trigger { probability: 0.0, range: None, limit: None }
+        Trigger {
+            probability: 0.0,
+            range: None,
+            limit: None,
+        }
     }
     /// Fires on every op.
     pub fn always() -> Trigger {
-        Trigger { probability: 1.0, range: None, limit: None }
+        Trigger {
+            probability: 1.0,
+            range: None,
+            limit: None,
+        }
     }
     /// Fires on each op with probability `p`.
     pub fn probability(p: f64) -> Trigger {
-        Trigger { probability: p, range: None, limit: None }
+        Trigger {
+            probability: p,
+            range: None,
+            limit: None,
+        }
     }
     /// Fires on every op overlapping `range`.
     pub fn range(range: Range<u64>) -> Trigger {
-        Trigger { probability: 1.0, range: Some(range), limit: None }
+        Trigger {
+            probability: 1.0,
+            range: Some(range),
+            limit: None,
+        }
     }
     /// The same trigger, only within `range`.
     pub fn within(mut self, range: Range<u64>) -> Trigger {
@@ -73,7 +89,11 @@ impl Trigger {
     /// Decide for one op (and consume one of `limit` if it fires).
     fn fire(&mut self, offset: u64, len: u64, ranged: bool, rng: &mut SmallRng) -> bool {
         // A NaN probability never fires.
-        if self.probability.is_nan() || self.probability <= 0.0 || self.limit == Some(0) || (ranged && !self.overlaps(offset, len)) {
+        if self.probability.is_nan()
+            || self.probability <= 0.0
+            || self.limit == Some(0)
+            || (ranged && !self.overlaps(offset, len))
+        {
             return false;
         }
         let hit = self.probability >= 1.0 || rng.random_bool(self.probability);
@@ -210,7 +230,10 @@ impl FaultDisk {
             bit_flips: AtomicU64::new(0),
             gone_batches: AtomicU64::new(0),
         };
-        FaultDisk { inner, ctl: FaultHandle(Arc::new(ctl)) }
+        FaultDisk {
+            inner,
+            ctl: FaultHandle(Arc::new(ctl)),
+        }
     }
 
     pub fn handle(&self) -> FaultHandle {
@@ -239,7 +262,9 @@ impl Disk for FaultDisk {
         let c = &self.ctl.0;
         if self.ctl.is_gone() {
             c.gone_batches.fetch_add(1, Ordering::SeqCst);
-            return Pending::ready(Err(DiskError::Gone { disk: self.name().to_owned() }));
+            return Pending::ready(Err(DiskError::Gone {
+                disk: self.name().to_owned(),
+            }));
         }
         if let Err(e) = check_batch(self.name(), self.size(), &ops) {
             return Pending::ready(Err(e));
@@ -262,11 +287,18 @@ impl Disk for FaultDisk {
                 if trigger.fire(offset, len, ranged, rng) {
                     counter.fetch_add(1, Ordering::SeqCst);
                     if injected.is_none() {
-                        injected = Some(DiskError::Injected { disk: self.name().to_owned(), op: op.name(), offset });
+                        injected = Some(DiskError::Injected {
+                            disk: self.name().to_owned(),
+                            op: op.name(),
+                            offset,
+                        });
                     }
                     continue;
                 }
-                if matches!(op, IoOp::Read { .. }) && len > 0 && rules.flip.fire(offset, len, true, rng) {
+                if matches!(op, IoOp::Read { .. })
+                    && len > 0
+                    && rules.flip.fire(offset, len, true, rng)
+                {
                     let (lo, hi) = match &rules.flip.range {
                         Some(r) => (offset.max(r.start), (offset + len).min(r.end)),
                         None => (offset, offset + len),
@@ -277,7 +309,11 @@ impl Disk for FaultDisk {
                         let a = s.max(lo);
                         let b = (s + SECTOR).min(hi);
                         let at = rng.random_range(a..b);
-                        flips.push((passed.len(), (at - offset) as usize, rng.random_range(0..8u8)));
+                        flips.push((
+                            passed.len(),
+                            (at - offset) as usize,
+                            rng.random_range(0..8u8),
+                        ));
                         s += SECTOR;
                     }
                 }

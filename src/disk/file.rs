@@ -13,9 +13,9 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use io_uring::{opcode, IoUring};
+use io_uring::{IoUring, opcode};
 
-use super::{DiskError, DiskRef, PreadDisk, UringDisk, SECTOR};
+use super::{DiskError, DiskRef, PreadDisk, SECTOR, UringDisk};
 
 /// Environment variable that forces a backend when [`DiskOptions::backend`] is `Auto`.
 pub const BACKEND_ENV: &str = "SHARDVOL_DISK_BACKEND";
@@ -81,30 +81,44 @@ impl Default for DiskOptions {
 
 impl DiskOptions {
     pub(crate) fn name_for(&self, path: &Path) -> String {
-        self.name.clone().unwrap_or_else(|| path.display().to_string())
+        self.name
+            .clone()
+            .unwrap_or_else(|| path.display().to_string())
     }
 
     /// `max_io_bytes` made usable: at least one sector, a multiple of 4096 when above it.
     pub(crate) fn max_transfer(&self) -> u64 {
         let m = u64::from(self.max_io_bytes).max(SECTOR);
-        if m >= 4096 { m / 4096 * 4096 } else { m / SECTOR * SECTOR }
+        if m >= 4096 {
+            m / 4096 * 4096
+        } else {
+            m / SECTOR * SECTOR
+        }
     }
 }
 
 /// Whether io_uring works in this process; the reason if not. Probed once, then cached.
 pub fn uring_available() -> Result<(), &'static str> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(probe_uring).as_ref().map(|_| ()).map_err(String::as_str)
+    PROBE
+        .get_or_init(probe_uring)
+        .as_ref()
+        .map(|_| ())
+        .map_err(String::as_str)
 }
 
 fn probe_uring() -> Result<(), String> {
     let mut ring = IoUring::new(4).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSYS) => format!("io_uring_setup: not implemented by this kernel ({e})"),
-        Some(libc::EPERM) => format!("io_uring_setup: denied (seccomp or kernel.io_uring_disabled) ({e})"),
+        Some(libc::EPERM) => {
+            format!("io_uring_setup: denied (seccomp or kernel.io_uring_disabled) ({e})")
+        }
         _ => format!("io_uring_setup: {e}"),
     })?;
     let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| format!("io_uring opcode probe: {e}"))?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring opcode probe: {e}"))?;
     for (code, name) in [
         (opcode::Read::CODE, "READ"),
         (opcode::Write::CODE, "WRITE"),
@@ -113,16 +127,23 @@ fn probe_uring() -> Result<(), String> {
         (opcode::PollAdd::CODE, "POLL_ADD"),
     ] {
         if !probe.is_supported(code) {
-            return Err(format!("io_uring: opcode {name} not supported by this kernel"));
+            return Err(format!(
+                "io_uring: opcode {name} not supported by this kernel"
+            ));
         }
     }
     let nop = opcode::Nop::new().build().user_data(7);
     // SAFETY: a NOP references no memory.
-    unsafe { ring.submission().push(&nop) }.map_err(|_| "io_uring: cannot queue a NOP".to_owned())?;
-    ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter: {e}"))?;
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| "io_uring: cannot queue a NOP".to_owned())?;
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring_enter: {e}"))?;
     match ring.completion().next() {
         Some(cqe) if cqe.user_data() == 7 && cqe.result() >= 0 => Ok(()),
-        Some(cqe) => Err(format!("io_uring: NOP failed: {}", std::io::Error::from_raw_os_error(-cqe.result()))),
+        Some(cqe) => Err(format!(
+            "io_uring: NOP failed: {}",
+            std::io::Error::from_raw_os_error(-cqe.result())
+        )),
         None => Err("io_uring: NOP did not complete".to_owned()),
     }
 }
@@ -138,7 +159,9 @@ fn resolve_auto() -> Backend {
             }
             Some(b) => b,
             None => {
-                tracing::warn!("{BACKEND_ENV}={value} is not one of auto, io_uring, pread: ignored");
+                tracing::warn!(
+                    "{BACKEND_ENV}={value} is not one of auto, io_uring, pread: ignored"
+                );
                 Backend::Auto
             }
         },
@@ -158,14 +181,20 @@ pub fn open_disk(path: &Path, opts: &DiskOptions) -> Result<DiskRef, DiskError> 
         Backend::Auto => {
             static WARNED: OnceLock<()> = OnceLock::new();
             if let Err(reason) = uring_available() {
-                WARNED.get_or_init(|| tracing::warn!("io_uring unavailable, disks use the pread backend: {reason}"));
+                WARNED.get_or_init(|| {
+                    tracing::warn!("io_uring unavailable, disks use the pread backend: {reason}")
+                });
                 return Ok(Arc::new(PreadDisk::open(path, opts)?));
             }
             match UringDisk::open(path, opts) {
                 Ok(d) => Ok(Arc::new(d)),
                 // The probe passed but this ring could not be set up (locked-memory limit on
                 // older kernels, too many rings): this disk falls back alone.
-                Err(DiskError::Io { op: "io_uring_setup", source, .. }) => {
+                Err(DiskError::Io {
+                    op: "io_uring_setup",
+                    source,
+                    ..
+                }) => {
                     tracing::warn!(disk = %opts.name_for(path), "io_uring setup failed, using the pread backend: {source}");
                     Ok(Arc::new(PreadDisk::open(path, opts)?))
                 }
@@ -189,8 +218,10 @@ pub fn create_file(path: &Path, size: u64) -> Result<(), DiskError> {
         .create_new(true)
         .open(path)
         .map_err(|e| DiskError::io(&name, "create", 0, e))?;
-    file.set_len(size).map_err(|e| DiskError::io(&name, "set length", size, e))?;
-    file.sync_all().map_err(|e| DiskError::io(&name, "sync", 0, e))?;
+    file.set_len(size)
+        .map_err(|e| DiskError::io(&name, "set length", size, e))?;
+    file.sync_all()
+        .map_err(|e| DiskError::io(&name, "sync", 0, e))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -218,20 +249,37 @@ pub(crate) fn open_file(path: &Path, name: &str, direct: bool) -> Result<OpenedF
         flags |= libc::O_EXCL;
     }
     options.custom_flags(flags);
-    let mut file = options.open(path).map_err(|e| DiskError::io(name, "open", 0, e))?;
-    let meta = file.metadata().map_err(|e| DiskError::io(name, "stat", 0, e))?;
+    let mut file = options
+        .open(path)
+        .map_err(|e| DiskError::io(name, "open", 0, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| DiskError::io(name, "stat", 0, e))?;
     let is_block_device = meta.file_type().is_block_device();
     let size = if is_block_device {
-        file.seek(SeekFrom::End(0)).map_err(|e| DiskError::io(name, "size", 0, e))?
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| DiskError::io(name, "size", 0, e))?
     } else if meta.is_file() {
         meta.len()
     } else {
-        let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "neither a regular file nor a block device");
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "neither a regular file nor a block device",
+        );
         return Err(DiskError::io(name, "open", 0, e));
     };
     // Chunks, metadata pages and journal records are read exactly where they are: kernel
     // readahead only reads neighbouring chunks of other stripes (or holes) into the page cache.
     // Advice failing (some filesystems ignore it) changes nothing but speed.
-    let _ = nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
-    Ok(OpenedFile { file, size: size / SECTOR * SECTOR, is_block_device })
+    let _ = nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+    );
+    Ok(OpenedFile {
+        file,
+        size: size / SECTOR * SECTOR,
+        is_block_device,
+    })
 }

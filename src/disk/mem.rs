@@ -30,7 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rand::{Rng, RngExt};
 
-use super::{check_batch, Disk, IoOp, Pending, SECTOR};
+use super::{Disk, IoOp, Pending, SECTOR, check_batch};
 
 const PAGE: usize = 4096;
 type Page = Box<[u8; PAGE]>;
@@ -50,7 +50,10 @@ pub enum CrashMode {
 
 impl CrashMode {
     /// A third each of kept, torn and dropped.
-    pub const THIRDS: CrashMode = CrashMode::Random { keep: 1.0 / 3.0, torn: 1.0 / 3.0 };
+    pub const THIRDS: CrashMode = CrashMode::Random {
+        keep: 1.0 / 3.0,
+        torn: 1.0 / 3.0,
+    };
 }
 
 /// What a crash did to the unsynced changes (counts of changes, not sectors).
@@ -104,7 +107,11 @@ pub struct MemDisk {
 impl MemDisk {
     /// An empty (all zero, all durable) disk of `size` bytes, rounded down to a multiple of 512.
     pub fn new(name: impl Into<String>, size: u64) -> MemDisk {
-        MemDisk { name: name.into(), size: size / SECTOR * SECTOR, state: Mutex::new(State::default()) }
+        MemDisk {
+            name: name.into(),
+            size: size / SECTOR * SECTOR,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,8 +160,15 @@ impl MemDisk {
     /// counters: crash the copy in several ways without disturbing the original.
     pub fn snapshot(&self) -> MemDisk {
         let st = self.lock();
-        let state = State { stats: MemDiskStats::default(), ..st.clone() };
-        MemDisk { name: self.name.clone(), size: self.size, state: Mutex::new(state) }
+        let state = State {
+            stats: MemDiskStats::default(),
+            ..st.clone()
+        };
+        MemDisk {
+            name: self.name.clone(),
+            size: self.size,
+            state: Mutex::new(state),
+        }
     }
 
     /// Counters of executed ops.
@@ -207,12 +221,16 @@ impl MemDisk {
             return Some(0);
         }
         let st = self.lock();
-        find_in_image(&st.current, pattern).or_else(|| find_in_image(&st.durable, pattern)).or_else(|| {
-            st.unsynced.iter().find_map(|c| match c {
-                Change::Write { offset, data } => find_in(data, pattern).map(|p| offset + p as u64),
-                Change::Discard { .. } => None,
+        find_in_image(&st.current, pattern)
+            .or_else(|| find_in_image(&st.durable, pattern))
+            .or_else(|| {
+                st.unsynced.iter().find_map(|c| match c {
+                    Change::Write { offset, data } => {
+                        find_in(data, pattern).map(|p| offset + p as u64)
+                    }
+                    Change::Discard { .. } => None,
+                })
             })
-        })
     }
 
     /// Overwrite bytes of the medium directly, in both images, as an attacker or a failing
@@ -250,7 +268,10 @@ fn apply_torn<R: Rng + ?Sized>(image: &mut Image, change: &Change, rng: &mut R) 
         Change::Discard { offset, len } => {
             // Only sectors of stored pages can change; visit those (a discard may span the disk).
             let end = offset + len;
-            let pages: Vec<u64> = image.range(offset / PAGE as u64..end.div_ceil(PAGE as u64)).map(|(&p, _)| p).collect();
+            let pages: Vec<u64> = image
+                .range(offset / PAGE as u64..end.div_ceil(PAGE as u64))
+                .map(|(&p, _)| p)
+                .collect();
             for p in pages {
                 let page_start = p * PAGE as u64;
                 for s in (page_start..page_start + PAGE as u64).step_by(sector) {
@@ -291,7 +312,10 @@ fn read_into(image: &Image, offset: u64, out: &mut [u8]) {
 
 fn zero_range(image: &mut Image, offset: u64, len: u64) {
     let end = offset + len;
-    let pages: Vec<u64> = image.range(offset / PAGE as u64..end.div_ceil(PAGE as u64)).map(|(&p, _)| p).collect();
+    let pages: Vec<u64> = image
+        .range(offset / PAGE as u64..end.div_ceil(PAGE as u64))
+        .map(|(&p, _)| p)
+        .collect();
     for p in pages {
         let (start, stop) = (p * PAGE as u64, (p + 1) * PAGE as u64);
         if offset <= start && stop <= end {
@@ -305,7 +329,10 @@ fn zero_range(image: &mut Image, offset: u64, len: u64) {
 }
 
 fn pages_of(image: &Image) -> Vec<(u64, Vec<u8>)> {
-    image.iter().map(|(&p, d)| (p * PAGE as u64, d.to_vec())).collect()
+    image
+        .iter()
+        .map(|(&p, d)| (p * PAGE as u64, d.to_vec()))
+        .collect()
 }
 
 fn find_in(haystack: &[u8], pattern: &[u8]) -> Option<usize> {
@@ -339,7 +366,11 @@ fn find_in_image(image: &Image, pattern: &[u8]) -> Option<u64> {
         run.extend_from_slice(&data[..]);
         next_page = Some(p + 1);
     }
-    if run.is_empty() { None } else { search(&mut run, run_start) }
+    if run.is_empty() {
+        None
+    } else {
+        search(&mut run, run_start)
+    }
 }
 
 impl Disk for MemDisk {
@@ -372,7 +403,10 @@ impl Disk for MemDisk {
                     st.stats.bytes_written += buf.len() as u64;
                     if !buf.is_empty() {
                         write_bytes(&mut st.current, *offset, buf);
-                        st.unsynced.push(Change::Write { offset: *offset, data: buf.to_vec() });
+                        st.unsynced.push(Change::Write {
+                            offset: *offset,
+                            data: buf.to_vec(),
+                        });
                     }
                 }
                 IoOp::Sync => {
@@ -386,7 +420,10 @@ impl Disk for MemDisk {
                     st.stats.discards += 1;
                     if *len > 0 {
                         zero_range(&mut st.current, *offset, *len);
-                        st.unsynced.push(Change::Discard { offset: *offset, len: *len });
+                        st.unsynced.push(Change::Discard {
+                            offset: *offset,
+                            len: *len,
+                        });
                     }
                 }
             }

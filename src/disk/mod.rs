@@ -54,7 +54,7 @@ pub mod uring;
 
 pub use buf::{IoBuf, keep_large_buffers_in_heap};
 pub use fault::{FaultCounts, FaultDisk, FaultHandle, Trigger};
-pub use file::{create_file, open_disk, uring_available, Backend, DiskOptions, BACKEND_ENV};
+pub use file::{BACKEND_ENV, Backend, DiskOptions, create_file, open_disk, uring_available};
 pub use mem::{CrashMode, CrashReport, MemDisk, MemDiskStats};
 pub use pending::{Completer, Pending};
 pub use pread::PreadDisk;
@@ -70,9 +70,20 @@ pub const BUF_ALIGN: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("disk {disk}: {op} at offset {offset}: {source}")]
-    Io { disk: String, op: &'static str, offset: u64, source: std::io::Error },
+    Io {
+        disk: String,
+        op: &'static str,
+        offset: u64,
+        source: std::io::Error,
+    },
     #[error("disk {disk}: {op} at offset {offset} length {len} is outside the disk ({size} bytes)")]
-    OutOfRange { disk: String, op: &'static str, offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        disk: String,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("disk {disk}: offset or length not aligned to 512 bytes")]
     Unaligned { disk: String },
     /// The disk no longer answers: its backend stopped, or it was pulled ([`FaultDisk`]).
@@ -80,7 +91,11 @@ pub enum DiskError {
     Gone { disk: String },
     /// A fault injected by [`FaultDisk`] on command.
     #[error("disk {disk}: injected {op} error at offset {offset}")]
-    Injected { disk: String, op: &'static str, offset: u64 },
+    Injected {
+        disk: String,
+        op: &'static str,
+        offset: u64,
+    },
 }
 
 impl DiskError {
@@ -105,31 +120,51 @@ impl DiskError {
     }
 
     pub(crate) fn io(disk: &str, op: &'static str, offset: u64, source: std::io::Error) -> Self {
-        DiskError::Io { disk: disk.to_owned(), op, offset, source }
+        DiskError::Io {
+            disk: disk.to_owned(),
+            op,
+            offset,
+            source,
+        }
     }
 }
 
 /// One operation on a disk.
 #[derive(Debug)]
 pub enum IoOp {
-    Read { offset: u64, buf: IoBuf },
-    Write { offset: u64, buf: IoBuf },
+    Read {
+        offset: u64,
+        buf: IoBuf,
+    },
+    Write {
+        offset: u64,
+        buf: IoBuf,
+    },
     /// Make durable every write that completed before this op's batch was submitted
     /// (`fdatasync` on files).
     Sync,
     /// Free the range (punch a hole); reads of it return zeros afterwards.
-    Discard { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl IoOp {
     /// A read of `len` bytes at `offset` into a fresh zeroed buffer.
     pub fn read(offset: u64, len: usize) -> IoOp {
-        IoOp::Read { offset, buf: IoBuf::zeroed(len) }
+        IoOp::Read {
+            offset,
+            buf: IoBuf::zeroed(len),
+        }
     }
 
     /// A write of a copy of `data` at `offset`.
     pub fn write(offset: u64, data: &[u8]) -> IoOp {
-        IoOp::Write { offset, buf: IoBuf::from_slice(data) }
+        IoOp::Write {
+            offset,
+            buf: IoBuf::from_slice(data),
+        }
     }
 
     /// "read", "write", "sync" or "discard": the word used in errors and logs.
@@ -145,7 +180,9 @@ impl IoOp {
     /// Byte offset on the disk (0 for `Sync`).
     pub fn offset(&self) -> u64 {
         match self {
-            IoOp::Read { offset, .. } | IoOp::Write { offset, .. } | IoOp::Discard { offset, .. } => *offset,
+            IoOp::Read { offset, .. }
+            | IoOp::Write { offset, .. }
+            | IoOp::Discard { offset, .. } => *offset,
             IoOp::Sync => 0,
         }
     }
@@ -207,10 +244,18 @@ pub fn check_batch(disk: &str, size: u64, ops: &[IoOp]) -> Result<(), DiskError>
         }
         let (offset, len) = (op.offset(), op.len());
         if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
-            return Err(DiskError::Unaligned { disk: disk.to_owned() });
+            return Err(DiskError::Unaligned {
+                disk: disk.to_owned(),
+            });
         }
         if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DiskError::OutOfRange { disk: disk.to_owned(), op: op.name(), offset, len, size });
+            return Err(DiskError::OutOfRange {
+                disk: disk.to_owned(),
+                op: op.name(),
+                offset,
+                len,
+                size,
+            });
         }
     }
     Ok(())
@@ -218,7 +263,12 @@ pub fn check_batch(disk: &str, size: u64, ops: &[IoOp]) -> Result<(), DiskError>
 
 /// An error for a backend that answered a batch with ops other than those submitted.
 fn mismatch(disk: &dyn Disk, op: &'static str, offset: u64) -> DiskError {
-    DiskError::io(disk.name(), op, offset, std::io::Error::other("backend returned other ops than submitted"))
+    DiskError::io(
+        disk.name(),
+        op,
+        offset,
+        std::io::Error::other("backend returned other ops than submitted"),
+    )
 }
 
 /// Read `len` bytes at `offset`.
@@ -232,7 +282,9 @@ pub fn read_at(disk: &dyn Disk, offset: u64, len: usize) -> Result<IoBuf, DiskEr
 
 /// Write `data` at `offset` (copied into an aligned buffer first).
 pub fn write_at(disk: &dyn Disk, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-    disk.submit(vec![IoOp::write(offset, data)]).wait().map(drop)
+    disk.submit(vec![IoOp::write(offset, data)])
+        .wait()
+        .map(drop)
 }
 
 /// Make durable every write that completed before this call.
@@ -242,7 +294,9 @@ pub fn sync(disk: &dyn Disk) -> Result<(), DiskError> {
 
 /// Discard `len` bytes at `offset`: they read back as zeros afterwards.
 pub fn discard(disk: &dyn Disk, offset: u64, len: u64) -> Result<(), DiskError> {
-    disk.submit(vec![IoOp::Discard { offset, len }]).wait().map(drop)
+    disk.submit(vec![IoOp::Discard { offset, len }])
+        .wait()
+        .map(drop)
 }
 
 #[cfg(test)]
@@ -251,16 +305,38 @@ mod tests {
 
     #[test]
     fn check_batch_rejects_unaligned_and_out_of_range() {
-        let ok = [IoOp::read(0, 512), IoOp::Sync, IoOp::Discard { offset: 512, len: 512 }];
+        let ok = [
+            IoOp::read(0, 512),
+            IoOp::Sync,
+            IoOp::Discard {
+                offset: 512,
+                len: 512,
+            },
+        ];
         assert!(check_batch("d", 1024, &ok).is_ok());
         let unaligned = [IoOp::read(0, 512), IoOp::read(100, 512)];
-        assert!(matches!(check_batch("d", 4096, &unaligned), Err(DiskError::Unaligned { .. })));
+        assert!(matches!(
+            check_batch("d", 4096, &unaligned),
+            Err(DiskError::Unaligned { .. })
+        ));
         let short = [IoOp::read(0, 100)];
-        assert!(matches!(check_batch("d", 4096, &short), Err(DiskError::Unaligned { .. })));
+        assert!(matches!(
+            check_batch("d", 4096, &short),
+            Err(DiskError::Unaligned { .. })
+        ));
         let past_end = [IoOp::write(4096, &[0; 512])];
-        assert!(matches!(check_batch("d", 4096, &past_end), Err(DiskError::OutOfRange { .. })));
-        let overflow = [IoOp::Discard { offset: u64::MAX - 511, len: 1024 }];
-        assert!(matches!(check_batch("d", 4096, &overflow), Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(
+            check_batch("d", 4096, &past_end),
+            Err(DiskError::OutOfRange { .. })
+        ));
+        let overflow = [IoOp::Discard {
+            offset: u64::MAX - 511,
+            len: 1024,
+        }];
+        assert!(matches!(
+            check_batch("d", 4096, &overflow),
+            Err(DiskError::OutOfRange { .. })
+        ));
         let empty_at_end = [IoOp::read(4096, 0)];
         assert!(check_batch("d", 4096, &empty_at_end).is_ok());
     }

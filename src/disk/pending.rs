@@ -41,8 +41,17 @@ impl Pending {
     /// `disk` names the disk in the [`DiskError::Gone`] that the caller gets if the completer
     /// is dropped without completing (a backend thread that stopped).
     pub fn channel(disk: &str) -> (Pending, Completer) {
-        let slot = Arc::new(Slot { result: Mutex::new(None), ready: Condvar::new() });
-        (Pending(State::Waiting(slot.clone())), Completer { slot: Some(slot), disk: disk.to_owned() })
+        let slot = Arc::new(Slot {
+            result: Mutex::new(None),
+            ready: Condvar::new(),
+        });
+        (
+            Pending(State::Waiting(slot.clone())),
+            Completer {
+                slot: Some(slot),
+                disk: disk.to_owned(),
+            },
+        )
     }
 
     /// A batch whose result is `f` applied to this batch's result, run inside `wait`.
@@ -64,7 +73,10 @@ impl Pending {
                     if let Some(result) = guard.take() {
                         return result;
                     }
-                    guard = slot.ready.wait(guard).unwrap_or_else(PoisonError::into_inner);
+                    guard = slot
+                        .ready
+                        .wait(guard)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
             }
         }
@@ -75,14 +87,22 @@ impl Pending {
         match &self.0 {
             State::Ready(_) => true,
             State::Then(_) => false,
-            State::Waiting(slot) => slot.result.lock().unwrap_or_else(PoisonError::into_inner).is_some(),
+            State::Waiting(slot) => slot
+                .result
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some(),
         }
     }
 }
 
 impl fmt::Debug for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_complete() { "Pending(complete)" } else { "Pending(in flight)" })
+        f.write_str(if self.is_complete() {
+            "Pending(complete)"
+        } else {
+            "Pending(in flight)"
+        })
     }
 }
 
@@ -145,10 +165,12 @@ mod tests {
 
     #[test]
     fn then_maps_the_result() {
-        let p = Pending::ready(Ok(vec![])).then(|r| r.map(|mut v| {
-            v.push(IoOp::Sync);
-            v
-        }));
+        let p = Pending::ready(Ok(vec![])).then(|r| {
+            r.map(|mut v| {
+                v.push(IoOp::Sync);
+                v
+            })
+        });
         assert_eq!(p.wait().unwrap().len(), 1);
     }
 }

@@ -20,12 +20,12 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
-use nix::fcntl::{fallocate, FallocateFlags};
+use nix::fcntl::{FallocateFlags, fallocate};
 use nix::sys::uio::{pread, pwrite};
 
 use super::batch::Batch;
-use super::file::{open_file, DiskOptions};
-use super::{check_batch, Disk, DiskError, IoBuf, IoOp, Pending};
+use super::file::{DiskOptions, open_file};
+use super::{Disk, DiskError, IoBuf, IoOp, Pending, check_batch};
 
 type SharedBatch = Arc<Mutex<Option<Batch>>>;
 
@@ -59,13 +59,20 @@ impl PreadDisk {
         let shared = Arc::new(Shared {
             name: name.clone(),
             file: opened.file,
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
             work: Condvar::new(),
             punch: AtomicBool::new(true),
             zeros: IoBuf::zeroed(opts.max_transfer().min(1 << 20) as usize),
             max_transfer: opts.max_transfer(),
         });
-        let mut disk = PreadDisk { size: opened.size, shared, workers: Vec::new() };
+        let mut disk = PreadDisk {
+            size: opened.size,
+            shared,
+            workers: Vec::new(),
+        };
         for _ in 0..opts.pread_workers.clamp(1, 64) {
             let shared = disk.shared.clone();
             let t = std::thread::Builder::new()
@@ -104,7 +111,11 @@ impl Disk for PreadDisk {
         let (pending, completer) = Pending::channel(&self.shared.name);
         let n = ops.len();
         let batch = Arc::new(Mutex::new(Some(Batch::new(ops, completer))));
-        let mut q = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut q = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         q.jobs.extend((0..n).map(|i| (batch.clone(), i)));
         drop(q);
         if n == 1 {
@@ -122,7 +133,11 @@ impl Disk for PreadDisk {
 
 impl Drop for PreadDisk {
     fn drop(&mut self) {
-        self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
         self.shared.work.notify_all();
         for t in self.workers.drain(..) {
             let _ = t.join();
@@ -145,13 +160,25 @@ impl Shared {
                     q = self.work.wait(q).unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            let op = batch.lock().unwrap_or_else(PoisonError::into_inner).as_mut().and_then(|b| b.take_op(idx));
+            let op = batch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+                .and_then(|b| b.take_op(idx));
             let (op, result) = match op {
                 Some(mut op) => {
                     let result = self.execute(&mut op);
                     (Some(op), result)
                 }
-                None => (None, Err(DiskError::io(&self.name, "op", 0, std::io::Error::other("internal: op missing")))),
+                None => (
+                    None,
+                    Err(DiskError::io(
+                        &self.name,
+                        "op",
+                        0,
+                        std::io::Error::other("internal: op missing"),
+                    )),
+                ),
             };
             let mut guard = batch.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(b) = guard.as_mut() else { continue };
@@ -169,13 +196,20 @@ impl Shared {
 
     fn execute(&self, op: &mut IoOp) -> Result<(), DiskError> {
         match op {
-            IoOp::Read { offset, buf } => self.transfer(*offset, buf.len(), "read", |done, chunk, pos| {
-                pread(&self.file, &mut buf[done..done + chunk], pos)
-            }),
-            IoOp::Write { offset, buf } => self.transfer(*offset, buf.len(), "write", |done, chunk, pos| {
-                pwrite(&self.file, &buf[done..done + chunk], pos)
-            }),
-            IoOp::Sync => self.file.sync_data().map_err(|e| DiskError::io(&self.name, "sync", 0, e)),
+            IoOp::Read { offset, buf } => {
+                self.transfer(*offset, buf.len(), "read", |done, chunk, pos| {
+                    pread(&self.file, &mut buf[done..done + chunk], pos)
+                })
+            }
+            IoOp::Write { offset, buf } => {
+                self.transfer(*offset, buf.len(), "write", |done, chunk, pos| {
+                    pwrite(&self.file, &buf[done..done + chunk], pos)
+                })
+            }
+            IoOp::Sync => self
+                .file
+                .sync_data()
+                .map_err(|e| DiskError::io(&self.name, "sync", 0, e)),
             IoOp::Discard { offset, len } => self.discard(*offset, *len),
         }
     }
@@ -194,7 +228,11 @@ impl Shared {
             let pos = offset + done as u64;
             match f(done, chunk, pos as i64) {
                 Ok(0) => {
-                    let kind = if op == "read" { std::io::ErrorKind::UnexpectedEof } else { std::io::ErrorKind::WriteZero };
+                    let kind = if op == "read" {
+                        std::io::ErrorKind::UnexpectedEof
+                    } else {
+                        std::io::ErrorKind::WriteZero
+                    };
                     return Err(DiskError::io(&self.name, op, pos, kind.into()));
                 }
                 Ok(n) => done += n,
@@ -228,7 +266,9 @@ impl Shared {
         let end = offset + len;
         while pos < end {
             let chunk = (end - pos).min(self.zeros.len() as u64) as usize;
-            self.transfer(pos, chunk, "discard", |done, n, at| pwrite(&self.file, &self.zeros[done..done + n], at))?;
+            self.transfer(pos, chunk, "discard", |done, n, at| {
+                pwrite(&self.file, &self.zeros[done..done + n], at)
+            })?;
             pos += chunk as u64;
         }
         Ok(())

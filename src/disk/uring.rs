@@ -51,15 +51,15 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{IoUring, opcode, types};
 
 use super::batch::Batch;
-use super::file::{open_file, DiskOptions};
-use super::{check_batch, Completer, Disk, DiskError, IoBuf, IoOp, Pending};
+use super::file::{DiskOptions, open_file};
+use super::{Completer, Disk, DiskError, IoBuf, IoOp, Pending, check_batch};
 
 /// user_data of the eventfd poll; op slots use their index, which never comes near it.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -112,10 +112,17 @@ impl UringDisk {
         let name = opts.name_for(path);
         let opened = open_file(path, &name, opts.direct)?;
         let eventfd = eventfd().map_err(|e| DiskError::io(&name, "eventfd", 0, e))?;
-        let wake = Arc::new(Wake { eventfd, sleeping: AtomicBool::new(false) });
+        let wake = Arc::new(Wake {
+            eventfd,
+            sleeping: AtomicBool::new(false),
+        });
         // The kernel refuses more than 32768 entries (EINVAL): that is reported as a setup
         // failure like any other, so open_disk falls back rather than silently shrinking.
-        let depth = opts.ring_depth.max(4).checked_next_power_of_two().unwrap_or(u32::MAX);
+        let depth = opts
+            .ring_depth
+            .max(4)
+            .checked_next_power_of_two()
+            .unwrap_or(u32::MAX);
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let worker_wake = wake.clone();
@@ -160,7 +167,12 @@ impl UringDisk {
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(DiskError::io(&name, "io_uring_setup", 0, std::io::Error::other("ring thread died")));
+                return Err(DiskError::io(
+                    &name,
+                    "io_uring_setup",
+                    0,
+                    std::io::Error::other("ring thread died"),
+                ));
             }
         }
         tracing::debug!(
@@ -171,7 +183,13 @@ impl UringDisk {
             direct = opts.direct,
             "opened with io_uring"
         );
-        Ok(UringDisk { name, size: opened.size, tx: Some(tx), wake, thread: Some(thread) })
+        Ok(UringDisk {
+            name,
+            size: opened.size,
+            tx: Some(tx),
+            wake,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -246,7 +264,10 @@ struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { entries: Vec::new(), free: Vec::new() }
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
     }
 }
 
@@ -350,9 +371,12 @@ impl Worker {
                 break;
             }
             if open && !poll_armed {
-                let poll = opcode::PollAdd::new(types::Fd(self.wake.eventfd.as_raw_fd()), libc::POLLIN as u32)
-                    .build()
-                    .user_data(WAKE_TOKEN);
+                let poll = opcode::PollAdd::new(
+                    types::Fd(self.wake.eventfd.as_raw_fd()),
+                    libc::POLLIN as u32,
+                )
+                .build()
+                .user_data(WAKE_TOKEN);
                 // SAFETY: a poll references no memory; the eventfd is kept open by self.wake
                 // for as long as the ring exists.
                 poll_armed = unsafe { self.ring.submission().push(&poll) }.is_ok();
@@ -384,7 +408,8 @@ impl Worker {
                 }
             }
             self.wake.sleeping.store(false, Ordering::SeqCst);
-            self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             let mut cqes = std::mem::take(&mut self.cqes);
             for (user_data, result) in cqes.drain(..) {
                 if user_data == WAKE_TOKEN {
@@ -423,7 +448,14 @@ impl Worker {
                 }
                 continue;
             }
-            let slot = self.ops.insert(InFlight { batch: b, idx, kind, offset, len, done: 0 });
+            let slot = self.ops.insert(InFlight {
+                batch: b,
+                idx,
+                kind,
+                offset,
+                len,
+                done: 0,
+            });
             self.backlog.push_back(slot);
         }
         if all_done && let Some(batch) = self.batches.remove(b) {
@@ -433,7 +465,9 @@ impl Worker {
 
     fn fill_ring(&mut self) {
         while self.in_ring < self.max_in_ring {
-            let Some(&slot) = self.backlog.front() else { break };
+            let Some(&slot) = self.backlog.front() else {
+                break;
+            };
             let Some(entry) = self.entry(slot) else {
                 // Cannot happen: every backlog slot has an op and a batch. Fail it rather
                 // than spin.
@@ -470,16 +504,24 @@ impl Worker {
                     _ => return None,
                 };
                 if kind == Kind::Read {
-                    opcode::Read::new(fd, buf.as_mut_ptr().wrapping_add(done), chunk).offset(pos).build()
+                    opcode::Read::new(fd, buf.as_mut_ptr().wrapping_add(done), chunk)
+                        .offset(pos)
+                        .build()
                 } else {
-                    opcode::Write::new(fd, buf.as_ptr().wrapping_add(done), chunk).offset(pos).build()
+                    opcode::Write::new(fd, buf.as_ptr().wrapping_add(done), chunk)
+                        .offset(pos)
+                        .build()
                 }
             }
             Kind::Zero => {
                 let chunk = rest.min(self.zeros.len() as u64).min(self.max_transfer) as u32;
-                opcode::Write::new(fd, self.zeros.as_ptr(), chunk).offset(pos).build()
+                opcode::Write::new(fd, self.zeros.as_ptr(), chunk)
+                    .offset(pos)
+                    .build()
             }
-            Kind::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Kind::Sync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             Kind::Punch => opcode::Fallocate::new(fd, op.len)
                 .offset(op.offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
@@ -530,8 +572,12 @@ impl Worker {
     }
 
     fn finish(&mut self, slot: usize, result: std::io::Result<()>) {
-        let Some(op) = self.ops.remove(slot) else { return };
-        let Some(batch) = self.batches.get_mut(op.batch) else { return };
+        let Some(op) = self.ops.remove(slot) else {
+            return;
+        };
+        let Some(batch) = self.batches.get_mut(op.batch) else {
+            return;
+        };
         let name = match op.kind {
             Kind::Read => "read",
             Kind::Write => "write",

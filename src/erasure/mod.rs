@@ -59,7 +59,9 @@ pub const MAX_SHARDS: usize = 256;
 pub enum ErasureError {
     #[error("unsupported code {k}+{m}")]
     Unsupported { k: usize, m: usize },
-    #[error("wrong number of shards, or shard lengths differ or are not a positive multiple of 64 bytes")]
+    #[error(
+        "wrong number of shards, or shard lengths differ or are not a positive multiple of 64 bytes"
+    )]
     BadShards,
     #[error("only {present} of the {needed} shards needed are present")]
     TooFewShards { present: usize, needed: usize },
@@ -76,7 +78,10 @@ pub struct Codec {
 
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Codec").field("k", &self.k).field("m", &self.m).finish()
+        f.debug_struct("Codec")
+            .field("k", &self.k)
+            .field("m", &self.m)
+            .finish()
     }
 }
 
@@ -117,13 +122,19 @@ impl Codec {
         }
         match &self.rs {
             None => Ok(()),
-            Some(rs) => rs.encode_sep(data, parity).map_err(|_| ErasureError::BadShards),
+            Some(rs) => rs
+                .encode_sep(data, parity)
+                .map_err(|_| ErasureError::BadShards),
         }
     }
 
     /// `shards`: all k + m shards in chunk order; `present[i] == false` marks shard `i` unknown.
     /// Fills every missing shard (data and parity) from any k present ones.
-    pub fn reconstruct(&self, shards: &mut [&mut [u8]], present: &[bool]) -> Result<(), ErasureError> {
+    pub fn reconstruct(
+        &self,
+        shards: &mut [&mut [u8]],
+        present: &[bool],
+    ) -> Result<(), ErasureError> {
         self.reconstruct_inner(shards, present, false)
     }
 
@@ -155,7 +166,10 @@ impl Codec {
         }
         let have = present.iter().filter(|&&p| p).count();
         if have < self.k {
-            return Err(ErasureError::TooFewShards { present: have, needed: self.k });
+            return Err(ErasureError::TooFewShards {
+                present: have,
+                needed: self.k,
+            });
         }
         let missing_wanted = if data_only {
             present[..self.k].iter().any(|&p| !p)
@@ -167,15 +181,26 @@ impl Codec {
         }
         // `have >= k` and something is missing, so `m > 0` and the coder exists.
         let Some(rs) = &self.rs else {
-            return Err(ErasureError::TooFewShards { present: have, needed: n });
+            return Err(ErasureError::TooFewShards {
+                present: have,
+                needed: n,
+            });
         };
-        let mut pairs: Vec<(&mut [u8], bool)> =
-            shards.iter_mut().zip(present).map(|(s, &p)| (&mut **s, p)).collect();
-        let result = if data_only { rs.reconstruct_data(&mut pairs) } else { rs.reconstruct(&mut pairs) };
+        let mut pairs: Vec<(&mut [u8], bool)> = shards
+            .iter_mut()
+            .zip(present)
+            .map(|(s, &p)| (&mut **s, p))
+            .collect();
+        let result = if data_only {
+            rs.reconstruct_data(&mut pairs)
+        } else {
+            rs.reconstruct(&mut pairs)
+        };
         result.map_err(|e| match e {
-            reed_solomon_erasure::Error::TooFewShardsPresent => {
-                ErasureError::TooFewShards { present: have, needed: self.k }
-            }
+            reed_solomon_erasure::Error::TooFewShardsPresent => ErasureError::TooFewShards {
+                present: have,
+                needed: self.k,
+            },
             _ => ErasureError::BadShards,
         })
     }

@@ -70,10 +70,15 @@ impl Geometry {
     /// between 4 KiB and 4 MiB.
     pub fn new(k: u16, m: u16, chunk_size: u32) -> Result<Self, LayoutError> {
         if k == 0 {
-            return Err(LayoutError::Geometry("data chunks (k) must be at least 1".into()));
+            return Err(LayoutError::Geometry(
+                "data chunks (k) must be at least 1".into(),
+            ));
         }
         if usize::from(k) + usize::from(m) > 64 {
-            return Err(LayoutError::Geometry(format!("k + m = {} exceeds 64", k + m)));
+            return Err(LayoutError::Geometry(format!(
+                "k + m = {} exceeds 64",
+                k + m
+            )));
         }
         if !chunk_size.is_power_of_two() || !(4096..=4 << 20).contains(&chunk_size) {
             return Err(LayoutError::Geometry(format!(

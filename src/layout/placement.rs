@@ -90,7 +90,12 @@ impl Placement {
             domain_sizes[idx] += 1;
             domain_of.push(idx);
         }
-        Ok(Self { seed, disks, domain_of, domain_sizes })
+        Ok(Self {
+            seed,
+            disks,
+            domain_of,
+            domain_sizes,
+        })
     }
 
     /// The disk table, sorted by disk id.
@@ -143,7 +148,14 @@ impl Placement {
         if n <= STACK_DISKS && domains <= STACK_DISKS {
             let mut free = [(0u64, 0usize); STACK_DISKS];
             let mut in_domain = [0usize; STACK_DISKS];
-            self.select(key, width, cap, &mut free[..n], &mut in_domain[..domains], out);
+            self.select(
+                key,
+                width,
+                cap,
+                &mut free[..n],
+                &mut in_domain[..domains],
+                out,
+            );
         } else {
             let (mut free, mut in_domain) = (vec![(0u64, 0usize); n], vec![0usize; domains]);
             self.select(key, width, cap, &mut free, &mut in_domain, out);

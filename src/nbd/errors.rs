@@ -24,7 +24,9 @@ pub fn nbd_error(err: &VolumeError, cmd: Command) -> u32 {
             _ => wire::EINVAL,
         },
         VolumeError::ReadOnly => wire::EPERM,
-        VolumeError::Io(_) | VolumeError::Unrecoverable { .. } | VolumeError::Config(_) => wire::EIO,
+        VolumeError::Io(_) | VolumeError::Unrecoverable { .. } | VolumeError::Config(_) => {
+            wire::EIO
+        }
     }
 }
 

@@ -22,8 +22,8 @@ use crate::kms::{self, Kek, LoadedShare};
 use crate::layout::placement::PlacementDisk;
 use crate::layout::{DiskId, Geometry};
 use crate::meta::{
-    DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock, VolumeRecord, read_superblock,
-    write_superblock,
+    DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock,
+    VolumeRecord, read_superblock, write_superblock,
 };
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
@@ -46,11 +46,17 @@ pub enum PoolError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
-    move |source| PoolError::Io { path: path.to_path_buf(), source }
+    move |source| PoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where the disks of a new pool come from.
@@ -89,7 +95,9 @@ pub struct Created {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -106,18 +114,30 @@ pub fn exists(dir: &Path) -> bool {
 fn validate_name(name: &str) -> Result<(), PoolError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !name.starts_with('.');
-    if ok { Ok(()) } else { Err(PoolError::Invalid(format!("volume name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(PoolError::Invalid(format!(
+            "volume name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
 }
 
 /// Creates a pool with its first volume, or adds a volume to an existing pool (no shares are
 /// needed for that: the new volume uses the pool's master keys when the pool is opened).
 pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     validate_name(&opts.volume)?;
-    let geometry = Geometry::new(opts.data, opts.parity, opts.chunk_size).map_err(|e| PoolError::Invalid(e.to_string()))?;
+    let geometry = Geometry::new(opts.data, opts.parity, opts.chunk_size)
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
     if opts.size == 0 || opts.size % 4096 != 0 {
-        return Err(PoolError::Invalid(format!("volume size {} must be a positive multiple of 4 KiB", opts.size)));
+        return Err(PoolError::Invalid(format!(
+            "volume size {} must be a positive multiple of 4 KiB",
+            opts.size
+        )));
     }
     if exists(&opts.pool) {
         return add_volume(opts, geometry);
@@ -127,9 +147,19 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
         DiskSpec::Files(n) => {
             let dir = opts.pool.join("disks");
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            (0..*n).map(|i| (dir.join(format!("disk-{i}.img")), format!("disk-{i}"))).collect()
+            (0..*n)
+                .map(|i| (dir.join(format!("disk-{i}.img")), format!("disk-{i}")))
+                .collect()
         }
-        DiskSpec::Paths(p) => p.iter().map(|(path, dom)| (path.clone(), dom.clone().unwrap_or_else(|| path.display().to_string()))).collect(),
+        DiskSpec::Paths(p) => p
+            .iter()
+            .map(|(path, dom)| {
+                (
+                    path.clone(),
+                    dom.clone().unwrap_or_else(|| path.display().to_string()),
+                )
+            })
+            .collect(),
     };
     if disk_list.len() < geometry.width() {
         return Err(PoolError::Invalid(format!(
@@ -144,15 +174,32 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     let kek = Kek::generate();
     let shares = kms::split(&kek, pool_id, opts.shares, opts.threshold)?;
     let split_id = shares.first().map(|s| s.split_id).unwrap_or_default();
-    let pool_rec = PoolRecord { pool_id, split_id, share_count: opts.shares, threshold: opts.threshold, created_unix: now_unix() };
+    let pool_rec = PoolRecord {
+        pool_id,
+        split_id,
+        share_count: opts.shares,
+        threshold: opts.threshold,
+        created_unix: now_unix(),
+    };
     let master = MasterKey::generate();
-    let key = KeyRecord { version: 1, wrapped: kms::wrap_master(&kek, &master, pool_id, 1), state: KeyState::Active, created_unix: now_unix() };
+    let key = KeyRecord {
+        version: 1,
+        wrapped: kms::wrap_master(&kek, &master, pool_id, 1),
+        state: KeyState::Active,
+        created_unix: now_unix(),
+    };
 
     let mut disks = Vec::new();
     let mut table = Vec::new();
     for (i, (path, domain)) in disk_list.iter().enumerate() {
         let id = DiskId(i as u32);
-        table.push(DiskRecord { id, path: path.clone(), domain: domain.clone(), size: 0, state: DiskState::Ok });
+        table.push(DiskRecord {
+            id,
+            path: path.clone(),
+            domain: domain.clone(),
+            size: 0,
+            state: DiskState::Ok,
+        });
         disks.push(id);
     }
     let vol = new_volume_record(opts, geometry, 1, SUPERBLOCK_AREA);
@@ -170,10 +217,20 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     write_superblocks(&parts.store, &refs, 1)?;
     let share_files = kms::write_share_files(&opts.share_dir, &shares)?;
     info!(pool = %opts.pool.display(), volume = %opts.volume, "pool created");
-    Ok(Created { pool_id, new_pool: true, share_files, disks: table.iter().map(|d| d.path.clone()).collect() })
+    Ok(Created {
+        pool_id,
+        new_pool: true,
+        share_files,
+        disks: table.iter().map(|d| d.path.clone()).collect(),
+    })
 }
 
-fn new_volume_record(opts: &CreateOptions, geometry: Geometry, id: u64, region_offset: u64) -> VolumeRecord {
+fn new_volume_record(
+    opts: &CreateOptions,
+    geometry: Geometry,
+    id: u64,
+    region_offset: u64,
+) -> VolumeRecord {
     let mut v = VolumeRecord {
         id,
         name: opts.volume.clone(),
@@ -201,14 +258,22 @@ fn size_disks(table: &mut [DiskRecord], vol: &VolumeRecord) -> Result<(), PoolEr
         if is_dev {
             let size = device_size(&d.path)?;
             if size < need {
-                return Err(PoolError::Invalid(format!("{}: {size} bytes, the volume needs {need}", d.path.display())));
+                return Err(PoolError::Invalid(format!(
+                    "{}: {size} bytes, the volume needs {need}",
+                    d.path.display()
+                )));
             }
             d.size = size;
         } else {
             if let Some(parent) = d.path.parent() {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
-            let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(&d.path).map_err(io_err(&d.path))?;
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&d.path)
+                .map_err(io_err(&d.path))?;
             let cur = f.metadata().map_err(io_err(&d.path))?.len();
             if cur < need {
                 f.set_len(need).map_err(io_err(&d.path))?;
@@ -230,15 +295,33 @@ fn add_volume(opts: &CreateOptions, geometry: Geometry) -> Result<Created, PoolE
     let store = MetaStore::open(&opts.pool.join(STORE_FILE))?;
     let vols = store.volumes()?;
     if vols.iter().any(|v| v.name == opts.volume) {
-        return Err(PoolError::Invalid(format!("the pool already has a volume named {:?}", opts.volume)));
+        return Err(PoolError::Invalid(format!(
+            "the pool already has a volume named {:?}",
+            opts.volume
+        )));
     }
     let mut table = store.disks()?;
     if table.len() < geometry.width() {
-        return Err(PoolError::Invalid(format!("{}+{} needs {} disks; the pool has {}", geometry.k, geometry.m, geometry.width(), table.len())));
+        return Err(PoolError::Invalid(format!(
+            "{}+{} needs {} disks; the pool has {}",
+            geometry.k,
+            geometry.m,
+            geometry.width(),
+            table.len()
+        )));
     }
-    let end = vols.iter().map(|v| v.region_offset + v.region_size).max().unwrap_or(SUPERBLOCK_AREA);
+    let end = vols
+        .iter()
+        .map(|v| v.region_offset + v.region_size)
+        .max()
+        .unwrap_or(SUPERBLOCK_AREA);
     let id = vols.iter().map(|v| v.id).max().unwrap_or(0) + 1;
-    let vol = new_volume_record(opts, geometry, id, end.div_ceil(REGION_ALIGN) * REGION_ALIGN);
+    let vol = new_volume_record(
+        opts,
+        geometry,
+        id,
+        end.div_ceil(REGION_ALIGN) * REGION_ALIGN,
+    );
     size_disks(&mut table, &vol)?;
     for d in &table {
         store.put_disk(d)?;
@@ -248,21 +331,40 @@ fn add_volume(opts: &CreateOptions, geometry: Geometry) -> Result<Created, PoolE
     let parts = parts_for(&vol, &refs, &table, Arc::new(store), None)?;
     Volume::format(&parts)?;
     parts.store.put_volume(&vol)?;
-    let seq = read_superblock(refs.values().next().map(|d| d.as_ref()).ok_or_else(|| PoolError::Invalid("pool has no disks".into()))?)
-        .map(|s| s.seq + 1)
-        .unwrap_or(1);
+    let seq = read_superblock(
+        refs.values()
+            .next()
+            .map(|d| d.as_ref())
+            .ok_or_else(|| PoolError::Invalid("pool has no disks".into()))?,
+    )
+    .map(|s| s.seq + 1)
+    .unwrap_or(1);
     write_superblocks(&parts.store, &refs, seq)?;
     info!(pool = %opts.pool.display(), volume = %opts.volume, "volume added");
-    Ok(Created { pool_id: pool.pool_id, new_pool: false, share_files: vec![], disks: table.iter().map(|d| d.path.clone()).collect() })
+    Ok(Created {
+        pool_id: pool.pool_id,
+        new_pool: false,
+        share_files: vec![],
+        disks: table.iter().map(|d| d.path.clone()).collect(),
+    })
 }
 
 fn open_disks(table: &[DiskRecord]) -> Result<HashMap<DiskId, DiskRef>, PoolError> {
     let opts = DiskOptions::default();
-    table.iter().map(|d| Ok((d.id, crate::disk::open_disk(&d.path, &opts)?))).collect()
+    table
+        .iter()
+        .map(|d| Ok((d.id, crate::disk::open_disk(&d.path, &opts)?)))
+        .collect()
 }
 
 fn placement_table(table: &[DiskRecord]) -> Vec<PlacementDisk> {
-    table.iter().map(|d| PlacementDisk { id: d.id, domain: d.domain.clone() }).collect()
+    table
+        .iter()
+        .map(|d| PlacementDisk {
+            id: d.id,
+            domain: d.domain.clone(),
+        })
+        .collect()
 }
 
 fn parts_for(
@@ -272,18 +374,41 @@ fn parts_for(
     store: Arc<MetaStore>,
     keys: Option<(Arc<KeyRing>, Arc<WriteKey>)>,
 ) -> Result<VolumeParts, PoolError> {
-    let (keys, write_key) = keys.unwrap_or_else(|| (Arc::new(KeyRing::new([0; 16])), Arc::new(WriteKey::new(1, 1))));
-    Ok(VolumeParts { record: vol.clone(), disks: disks.clone(), table: placement_table(table), keys, write_key, store })
+    let (keys, write_key) = keys.unwrap_or_else(|| {
+        (
+            Arc::new(KeyRing::new([0; 16])),
+            Arc::new(WriteKey::new(1, 1)),
+        )
+    });
+    Ok(VolumeParts {
+        record: vol.clone(),
+        disks: disks.clone(),
+        table: placement_table(table),
+        keys,
+        write_key,
+        store,
+    })
 }
 
 /// Writes the current pool description to the superblock of every disk.
-fn write_superblocks(store: &MetaStore, disks: &HashMap<DiskId, DiskRef>, seq: u64) -> Result<(), PoolError> {
+fn write_superblocks(
+    store: &MetaStore,
+    disks: &HashMap<DiskId, DiskRef>,
+    seq: u64,
+) -> Result<(), PoolError> {
     let pool = store.pool()?;
     let table = store.disks()?;
     let volumes = store.volumes()?;
     let keys = store.keys()?;
     for (id, d) in disks {
-        let sb = Superblock { seq, disk_id: *id, pool: pool.clone(), disks: table.clone(), volumes: volumes.clone(), keys: keys.clone() };
+        let sb = Superblock {
+            seq,
+            disk_id: *id,
+            pool: pool.clone(),
+            disks: table.clone(),
+            volumes: volumes.clone(),
+            keys: keys.clone(),
+        };
         write_superblock(d.as_ref(), &sb)?;
     }
     Ok(())
@@ -299,12 +424,18 @@ pub struct Pool {
 /// Reads and combines share files, and unwraps the pool's master keys.
 pub fn unlock(store: &MetaStore, share_files: &[PathBuf]) -> Result<KeyRing, PoolError> {
     let pool = store.pool()?;
-    let shares: Vec<LoadedShare> = share_files.iter().map(|p| kms::load_share_file(p)).collect::<Result<_, _>>()?;
+    let shares: Vec<LoadedShare> = share_files
+        .iter()
+        .map(|p| kms::load_share_file(p))
+        .collect::<Result<_, _>>()?;
     let kek = kms::combine(&shares, pool.pool_id, pool.split_id, pool.threshold)?;
     let ring = KeyRing::new(pool.pool_id);
     for k in store.keys()? {
         if matches!(k.state, KeyState::Active | KeyState::Retired) {
-            ring.insert(k.version, kms::unwrap_master(&kek, &k.wrapped, pool.pool_id, k.version)?);
+            ring.insert(
+                k.version,
+                kms::unwrap_master(&kek, &k.wrapped, pool.pool_id, k.version)?,
+            );
         }
     }
     Ok(ring)
@@ -315,7 +446,11 @@ pub fn shares_in(dir: &Path) -> Result<Vec<PathBuf>, PoolError> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("share-") && n.ends_with(".txt")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("share-") && n.ends_with(".txt"))
+        })
         .collect();
     v.sort();
     Ok(v)
@@ -327,20 +462,40 @@ impl Pool {
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
         let path = dir.join(STORE_FILE);
         if !path.exists() {
-            return Err(PoolError::Invalid(format!("{} is not a shardvol pool (no {STORE_FILE}); create one with `shardvol create --pool {}`", dir.display(), dir.display())));
+            return Err(PoolError::Invalid(format!(
+                "{} is not a shardvol pool (no {STORE_FILE}); create one with `shardvol create --pool {}`",
+                dir.display(),
+                dir.display()
+            )));
         }
         let store = Arc::new(MetaStore::open(&path)?);
         let ring = Arc::new(unlock(&store, share_files)?);
         let table = store.disks()?;
         let disks = open_disks(&table)?;
-        let active = store.keys()?.iter().filter(|k| k.state == KeyState::Active).map(|k| k.version).max().unwrap_or(1);
+        let active = store
+            .keys()?
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(1);
         let write_key = Arc::new(WriteKey::new(active, 1));
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
-            let parts = parts_for(&v, &disks, &table, store.clone(), Some((ring.clone(), write_key.clone())))?;
+            let parts = parts_for(
+                &v,
+                &disks,
+                &table,
+                store.clone(),
+                Some((ring.clone(), write_key.clone())),
+            )?;
             volumes.insert(v.name.clone(), Volume::open(parts)?);
         }
-        Ok(Self { dir: dir.to_path_buf(), store, volumes })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            store,
+            volumes,
+        })
     }
 
     /// Destages and checkpoints every volume.
@@ -398,11 +553,20 @@ pub struct KeyInfo {
 pub fn inspect(dir: &Path) -> Result<PoolInfo, PoolError> {
     let path = dir.join(STORE_FILE);
     if !path.exists() {
-        return Err(PoolError::Invalid(format!("{} is not a shardvol pool (no {STORE_FILE})", dir.display())));
+        return Err(PoolError::Invalid(format!(
+            "{} is not a shardvol pool (no {STORE_FILE})",
+            dir.display()
+        )));
     }
     let store = MetaStore::open(&path)?;
     let pool = store.pool()?;
-    let alloc = |id| store.alloc_load(id).map(|v| v.iter().map(|(_, w)| w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>()).sum());
+    let alloc = |id| {
+        store.alloc_load(id).map(|v| {
+            v.iter()
+                .map(|(_, w)| w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>())
+                .sum()
+        })
+    };
     let volumes = store
         .volumes()?
         .into_iter()
@@ -432,11 +596,33 @@ pub fn inspect(dir: &Path) -> Result<PoolInfo, PoolError> {
                 },
                 Err(e) => e.to_string(),
             };
-            DiskInfo { id: d.id.0, path: d.path.display().to_string(), domain: d.domain, size: d.size, state: format!("{:?}", d.state).to_lowercase(), superblock }
+            DiskInfo {
+                id: d.id.0,
+                path: d.path.display().to_string(),
+                domain: d.domain,
+                size: d.size,
+                state: format!("{:?}", d.state).to_lowercase(),
+                superblock,
+            }
         })
         .collect();
-    let keys = store.keys()?.into_iter().map(|k| KeyInfo { version: k.version, state: format!("{:?}", k.state).to_lowercase(), created_unix: k.created_unix }).collect();
-    Ok(PoolInfo { pool_id: hex(&pool.pool_id), shares: pool.share_count, threshold: pool.threshold, volumes, disks, keys })
+    let keys = store
+        .keys()?
+        .into_iter()
+        .map(|k| KeyInfo {
+            version: k.version,
+            state: format!("{:?}", k.state).to_lowercase(),
+            created_unix: k.created_unix,
+        })
+        .collect();
+    Ok(PoolInfo {
+        pool_id: hex(&pool.pool_id),
+        shares: pool.share_count,
+        threshold: pool.threshold,
+        volumes,
+        disks,
+        keys,
+    })
 }
 
 /// Lower-case hex.

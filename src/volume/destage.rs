@@ -16,8 +16,8 @@
 //! parity (idempotent). That is why a torn stripe update can never outlive a crash.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, Weak};
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use tracing::{debug, warn};
@@ -45,7 +45,11 @@ pub(super) fn run(weak: Weak<Volume>) {
         {
             let mut flag = vol.kick_flag.lock().unwrap_or_else(|p| p.into_inner());
             if !*flag {
-                flag = vol.kick.wait_timeout(flag, DESTAGE_INTERVAL).unwrap_or_else(|p| p.into_inner()).0;
+                flag = vol
+                    .kick
+                    .wait_timeout(flag, DESTAGE_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
             *flag = false;
         }
@@ -99,18 +103,32 @@ impl Volume {
             for _ in 0..DESTAGE_WORKERS {
                 scope.spawn(|| {
                     loop {
-                        if first_error.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        if first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .is_some()
+                        {
                             return;
                         }
-                        let Some(s) = queue.lock().unwrap_or_else(|p| p.into_inner()).next() else { return };
+                        let Some(s) = queue.lock().unwrap_or_else(|p| p.into_inner()).next() else {
+                            return;
+                        };
                         match self.destage_one(StripeId(s), target, bps) {
                             Ok(Some((snap, update))) => {
-                                done.lock().unwrap_or_else(|p| p.into_inner()).push((s, snap));
-                                home_updates.lock().unwrap_or_else(|p| p.into_inner()).push(update);
+                                done.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((s, snap));
+                                home_updates
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(update);
                             }
                             Ok(None) => {}
                             Err(e) => {
-                                first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                first_error
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e);
                                 return;
                             }
                         }
@@ -123,19 +141,28 @@ impl Volume {
         }
         let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
         let home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
-        let pending: Vec<_> = self.disks.values().map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync]))).collect();
+        let pending: Vec<_> = self
+            .disks
+            .values()
+            .map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync])))
+            .collect();
         for (name, p) in pending {
-            p.wait().map_err(|e| VolumeError::Io(format!("sync of {name} after destaging: {e}")))?;
+            p.wait()
+                .map_err(|e| VolumeError::Io(format!("sync of {name} after destaging: {e}")))?;
         }
         if !home_updates.is_empty() {
-            self.store.alloc_commit(self.record.id, &home_updates).map_err(|e| VolumeError::Io(e.to_string()))?;
+            self.store
+                .alloc_commit(self.record.id, &home_updates)
+                .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
         self.journal.checkpoint(target)?;
         let n = done.len();
         for (s, snap) in done {
             let _g = self.locks.write(StripeId(s));
             let mut dirty = self.dirty();
-            let Some(sd) = dirty.stripes.get_mut(&s) else { continue };
+            let Some(sd) = dirty.stripes.get_mut(&s) else {
+                continue;
+            };
             for (lba, e) in &snap.blocks {
                 if sd.blocks.get(lba).is_some_and(|x| x.seq == e.seq) {
                     sd.blocks.remove(lba);
@@ -151,7 +178,9 @@ impl Volume {
             }
         }
         self.journal.release();
-        self.stats.stripes_destaged.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats
+            .stripes_destaged
+            .fetch_add(n as u64, Ordering::Relaxed);
         debug!(volume = %self.record.name, stripes = n, checkpoint = target, "destaged");
         Ok(n > 0)
     }
@@ -159,14 +188,27 @@ impl Volume {
     /// Destages one stripe under its write lock: returns the snapshot destaged and the stripe's
     /// new home bitmap (`None` when it holds nothing), or `None` when there was nothing to do.
     #[allow(clippy::type_complexity)]
-    fn destage_one(&self, stripe: StripeId, target: u64, bps: u64) -> Result<Option<(StripeDirty, (u64, Option<Vec<u64>>))>, VolumeError> {
+    fn destage_one(
+        &self,
+        stripe: StripeId,
+        target: u64,
+        bps: u64,
+    ) -> Result<Option<(StripeDirty, (u64, Option<Vec<u64>>))>, VolumeError> {
         let s = stripe.0;
         let _g = self.locks.write(stripe);
-        let Some(snap) = self.dirty().stripes.get(&s).cloned() else { return Ok(None) };
+        let Some(snap) = self.dirty().stripes.get(&s).cloned() else {
+            return Ok(None);
+        };
         if snapshot_empty(&snap) {
             return Ok(None);
         }
-        let newest = snap.blocks.values().map(|e| e.seq).chain(snap.trims.as_ref().map(|t| t.seq)).max().unwrap_or(0);
+        let newest = snap
+            .blocks
+            .values()
+            .map(|e| e.seq)
+            .chain(snap.trims.as_ref().map(|t| t.seq))
+            .max()
+            .unwrap_or(0);
         if newest > target {
             self.journal.flush_to(newest)?;
         }
@@ -205,7 +247,8 @@ impl Volume {
         }
         if let Some(t) = &snap.trims {
             for i in (0..bps).filter(|i| t.bits.get(*i)) {
-                new.entry(((i / bpc) as usize, i % bpc)).or_insert(New::Zero);
+                new.entry(((i / bpc) as usize, i % bpc))
+                    .or_insert(New::Zero);
             }
         }
         if new.is_empty() {
@@ -215,7 +258,15 @@ impl Volume {
         if full && snap.blocks.is_empty() {
             // Whole stripe trimmed: free every chunk slot (zeros are a valid stripe).
             let slot = self.layout.slot_offset(stripe);
-            let pending: Vec<_> = disks.iter().map(|d| d.submit(vec![IoOp::Discard { offset: slot, len: self.layout.slot_size() }])).collect();
+            let pending: Vec<_> = disks
+                .iter()
+                .map(|d| {
+                    d.submit(vec![IoOp::Discard {
+                        offset: slot,
+                        len: self.layout.slot_size(),
+                    }])
+                })
+                .collect();
             for p in pending {
                 p.wait().map_err(|e| VolumeError::Io(e.to_string()))?;
             }
@@ -241,9 +292,15 @@ impl Volume {
                 .iter()
                 .enumerate()
                 .map(|(c, d)| {
-                    let mut ops = vec![IoOp::Read { offset: page_a, buf: IoBuf::zeroed(pages_len) }];
+                    let mut ops = vec![IoOp::Read {
+                        offset: page_a,
+                        buf: IoBuf::zeroed(pages_len),
+                    }];
                     if c < k {
-                        ops.push(IoOp::Read { offset: self.layout.block_offset(stripe, rmin), buf: IoBuf::zeroed(nrows * BLOCK_SIZE) });
+                        ops.push(IoOp::Read {
+                            offset: self.layout.block_offset(stripe, rmin),
+                            buf: IoBuf::zeroed(nrows * BLOCK_SIZE),
+                        });
                     }
                     d.submit(ops)
                 })
@@ -253,14 +310,21 @@ impl Volume {
                     Ok(ops) => {
                         for (i, op) in ops.into_iter().enumerate() {
                             if let IoOp::Read { buf, .. } = op {
-                                if i == 0 { pages[c].copy_from_slice(&buf) } else { data[c].copy_from_slice(&buf) }
+                                if i == 0 {
+                                    pages[c].copy_from_slice(&buf)
+                                } else {
+                                    data[c].copy_from_slice(&buf)
+                                }
                             }
                         }
                     }
                     Err(e) => {
                         // Writing around a chunk that cannot be read would leave it holding an
                         // older block with a valid tag. Keep the data in the journal instead.
-                        return Err(VolumeError::Io(format!("stripe {stripe}: chunk {c} on {} unreadable: {e}", disks[c].name())));
+                        return Err(VolumeError::Io(format!(
+                            "stripe {stripe}: chunk {c} on {} unreadable: {e}",
+                            disks[c].name()
+                        )));
                     }
                 }
             }
@@ -270,20 +334,35 @@ impl Volume {
                 let mut m = vec![0u8; nrows * META_SIZE];
                 for r in rmin..=rmax {
                     let i = (r - rmin) as usize;
-                    m[i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&pages[c][meta_at(r)..meta_at(r) + META_SIZE]);
+                    m[i * META_SIZE..(i + 1) * META_SIZE]
+                        .copy_from_slice(&pages[c][meta_at(r)..meta_at(r) + META_SIZE]);
                 }
                 m
             })
             .collect();
 
         // Overlay the new content.
-        let journaled: Vec<((usize, u64), JEntry)> =
-            new.iter().filter_map(|(key, n)| if let New::Journal(e) = n { Some((*key, *e)) } else { None }).collect();
+        let journaled: Vec<((usize, u64), JEntry)> = new
+            .iter()
+            .filter_map(|(key, n)| {
+                if let New::Journal(e) = n {
+                    Some((*key, *e))
+                } else {
+                    None
+                }
+            })
+            .collect();
         let offsets: Vec<u64> = journaled.iter().map(|(_, e)| e.offset).collect();
         let journal_pages = if offsets.is_empty() {
             Vec::new()
         } else {
-            self.journal.read_pages(&offsets, |i, p| self.verify(crate::layout::Lba(journaled[i].1.meta.lba), &journaled[i].1.meta, p))?
+            self.journal.read_pages(&offsets, |i, p| {
+                self.verify(
+                    crate::layout::Lba(journaled[i].1.meta.lba),
+                    &journaled[i].1.meta,
+                    p,
+                )
+            })?
         };
         for (((c, r), e), page) in journaled.iter().zip(journal_pages) {
             let i = (r - rmin) as usize;
@@ -315,13 +394,19 @@ impl Volume {
                 if bad.is_empty() {
                     continue;
                 }
-                let row = self.read_row(stripe, r, &disks, &bad).map_err(VolumeError::Io)?;
+                let row = self
+                    .read_row(stripe, r, &disks, &bad)
+                    .map_err(VolumeError::Io)?;
                 for c in bad {
-                    data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
-                    metas[c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
+                    data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
+                        .copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
+                    metas[c][i * META_SIZE..(i + 1) * META_SIZE]
+                        .copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
                     repaired.insert((c, r));
                 }
-                self.stats.blocks_repaired.fetch_add(row.rebuilt.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .blocks_repaired
+                    .fetch_add(row.rebuilt.len() as u64, Ordering::Relaxed);
             }
         }
 
@@ -332,10 +417,14 @@ impl Volume {
         {
             let d: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
             let mut p: Vec<&mut [u8]> = pdata.iter_mut().map(|v| v.as_mut_slice()).collect();
-            self.codec.encode(&d, &mut p).map_err(|e| VolumeError::Io(e.to_string()))?;
+            self.codec
+                .encode(&d, &mut p)
+                .map_err(|e| VolumeError::Io(e.to_string()))?;
             let d: Vec<&[u8]> = metas.iter().map(|v| v.as_slice()).collect();
             let mut p: Vec<&mut [u8]> = pmeta.iter_mut().map(|v| v.as_mut_slice()).collect();
-            self.codec.encode(&d, &mut p).map_err(|e| VolumeError::Io(e.to_string()))?;
+            self.codec
+                .encode(&d, &mut p)
+                .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
 
         // Write phase.
@@ -346,7 +435,8 @@ impl Volume {
             let page = &mut pages[c];
             for r in rmin..=rmax {
                 let i = (r - rmin) as usize;
-                page[meta_at(r)..meta_at(r) + META_SIZE].copy_from_slice(&meta_rows[i * META_SIZE..(i + 1) * META_SIZE]);
+                page[meta_at(r)..meta_at(r) + META_SIZE]
+                    .copy_from_slice(&meta_rows[i * META_SIZE..(i + 1) * META_SIZE]);
             }
             if c < k {
                 // Runs of rows with new or repaired data; trimmed rows become holes.
@@ -366,22 +456,38 @@ impl Volume {
                     let (a, b) = ((start - rmin) as usize, (r - rmin) as usize);
                     let offset = self.layout.block_offset(stripe, start);
                     match kd {
-                        1 => ops.push(IoOp::Write { offset, buf: IoBuf::from_slice(&data[c][a * BLOCK_SIZE..b * BLOCK_SIZE]) }),
-                        2 => ops.push(IoOp::Discard { offset, len: ((b - a) * BLOCK_SIZE) as u64 }),
+                        1 => ops.push(IoOp::Write {
+                            offset,
+                            buf: IoBuf::from_slice(&data[c][a * BLOCK_SIZE..b * BLOCK_SIZE]),
+                        }),
+                        2 => ops.push(IoOp::Discard {
+                            offset,
+                            len: ((b - a) * BLOCK_SIZE) as u64,
+                        }),
                         _ => {}
                     }
                 }
             } else {
-                ops.push(IoOp::Write { offset: self.layout.block_offset(stripe, rmin), buf: IoBuf::from_slice(&pdata[c - k]) });
+                ops.push(IoOp::Write {
+                    offset: self.layout.block_offset(stripe, rmin),
+                    buf: IoBuf::from_slice(&pdata[c - k]),
+                });
             }
-            ops.push(IoOp::Write { offset: page_a, buf: IoBuf::from_slice(page) });
+            ops.push(IoOp::Write {
+                offset: page_a,
+                buf: IoBuf::from_slice(page),
+            });
             pending.push((d.name().to_string(), d.submit(ops)));
         }
         for (name, p) in pending {
-            p.wait().map_err(|e| VolumeError::Io(format!("destaging stripe {stripe} to {name}: {e}")))?;
+            p.wait().map_err(|e| {
+                VolumeError::Io(format!("destaging stripe {stripe} to {name}: {e}"))
+            })?;
         }
         if full {
-            self.stats.full_stripe_destages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .full_stripe_destages
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

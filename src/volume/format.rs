@@ -356,7 +356,14 @@ mod tests {
 
     #[test]
     fn block_meta_round_trips_and_header_excludes_tag() {
-        let m = BlockMeta { generation: 7, version: 2, epoch: 9, lba: 1234, flags: 0, tag: [0xab; 32] };
+        let m = BlockMeta {
+            generation: 7,
+            version: 2,
+            epoch: 9,
+            lba: 1234,
+            flags: 0,
+            tag: [0xab; 32],
+        };
         let e = m.encode();
         assert_eq!(BlockMeta::decode(&e), m);
         assert_eq!(&e[..32], &m.header());
@@ -373,7 +380,13 @@ mod tests {
             trim_lba: 0,
             trim_count: 0,
             payload_crc: 0xdead_beef,
-            entries: (0..70).map(|i| BlockMeta { generation: 42, lba: i, ..Default::default() }).collect(),
+            entries: (0..70)
+                .map(|i| BlockMeta {
+                    generation: 42,
+                    lba: i,
+                    ..Default::default()
+                })
+                .collect(),
         };
         let b = h.encode();
         assert_eq!(b.len(), 2 * BLOCK_SIZE);
@@ -382,13 +395,20 @@ mod tests {
         for pos in (0..b.len()).step_by(97) {
             let mut c = b.clone();
             c[pos] ^= 0x10;
-            assert!(RecordHeader::decode(&c).is_err(), "flip at {pos} not detected");
+            assert!(
+                RecordHeader::decode(&c).is_err(),
+                "flip at {pos} not detected"
+            );
         }
     }
 
     #[test]
     fn checkpoint_round_trips_and_rejects_corruption() {
-        let c = Checkpoint { seq: 99, position: 1 << 20, volume: 5 };
+        let c = Checkpoint {
+            seq: 99,
+            position: 1 << 20,
+            volume: 5,
+        };
         let mut b = c.encode();
         assert_eq!(Checkpoint::decode(&b), Some(c));
         b[9] ^= 1;
@@ -398,14 +418,21 @@ mod tests {
     #[test]
     fn region_offsets_do_not_overlap() {
         let g = Geometry::new(4, 2, 64 * 1024).unwrap();
-        let r = RegionLayout { geometry: g, region_offset: 1 << 20, journal_size: 8 << 20, stripes: 10 };
+        let r = RegionLayout {
+            geometry: g,
+            region_offset: 1 << 20,
+            journal_size: 8 << 20,
+            stripes: 10,
+        };
         assert_eq!(r.meta_pages(), 1);
         assert_eq!(r.slot_size(), 68 * 1024);
         assert_eq!(r.slot_offset(StripeId(0)), r.log_end());
         let (meta, at) = r.meta_location(StripeId(1), 15);
         assert_eq!(meta, r.slot_offset(StripeId(1)) + 64 * 1024);
         assert_eq!(at, 15 * 64);
-        assert!(r.block_offset(StripeId(0), 15) + BLOCK_SIZE_U64 <= r.meta_location(StripeId(0), 0).0);
+        assert!(
+            r.block_offset(StripeId(0), 15) + BLOCK_SIZE_U64 <= r.meta_location(StripeId(0), 0).0
+        );
         assert_eq!(r.region_size(), (8 << 20) + 10 * 68 * 1024);
     }
 

@@ -29,7 +29,11 @@ pub(super) struct Row {
 impl Volume {
     /// Reads, verifies and decrypts allocated blocks of one stripe from their chunk slots
     /// (stripe lock held). Blocks that fail are rebuilt from their row and written back.
-    pub(super) fn read_home(&self, stripe: StripeId, lbas: &[Lba]) -> Result<Vec<Vec<u8>>, VolumeError> {
+    pub(super) fn read_home(
+        &self,
+        stripe: StripeId,
+        lbas: &[Lba],
+    ) -> Result<Vec<Vec<u8>>, VolumeError> {
         let g = self.layout.geometry;
         let disks = self.stripe_disks(stripe)?;
         // One contiguous run of blocks (and the metadata pages covering it) per chunk.
@@ -48,8 +52,14 @@ impl Volume {
             let (meta_a, _) = self.layout.meta_location(stripe, a);
             let (meta_b, _) = self.layout.meta_location(stripe, b);
             let ops = vec![
-                IoOp::Read { offset: self.layout.block_offset(stripe, a), buf: IoBuf::zeroed(((b - a + 1) * BLOCK_SIZE_U64) as usize) },
-                IoOp::Read { offset: meta_a, buf: IoBuf::zeroed((meta_b - meta_a + BLOCK_SIZE_U64) as usize) },
+                IoOp::Read {
+                    offset: self.layout.block_offset(stripe, a),
+                    buf: IoBuf::zeroed(((b - a + 1) * BLOCK_SIZE_U64) as usize),
+                },
+                IoOp::Read {
+                    offset: meta_a,
+                    buf: IoBuf::zeroed((meta_b - meta_a + BLOCK_SIZE_U64) as usize),
+                },
             ];
             pending.push((c, a, meta_a, disks[c].submit(ops)));
         }
@@ -57,7 +67,13 @@ impl Volume {
         for (c, a, meta_a, p) in pending {
             match p.wait() {
                 Ok(ops) => {
-                    let mut bufs = ops.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None });
+                    let mut bufs = ops.into_iter().filter_map(|op| {
+                        if let IoOp::Read { buf, .. } = op {
+                            Some(buf)
+                        } else {
+                            None
+                        }
+                    });
                     if let (Some(data), Some(meta)) = (bufs.next(), bufs.next()) {
                         got[c] = Some((a, meta_a, data, meta));
                     }
@@ -94,22 +110,39 @@ impl Volume {
 
     /// Rebuilds one block from its row, writes it back when its disk still answers, and
     /// returns its plaintext.
-    fn rebuild_block(&self, stripe: StripeId, p: BlockPos, lba: Lba, disks: &[DiskRef], disk_answered: bool) -> Result<Vec<u8>, VolumeError> {
-        let row = self.read_row(stripe, p.block_in_chunk, disks, &[usize::from(p.chunk.0)]).map_err(|why| VolumeError::Unrecoverable { lba: lba.0, why })?;
+    fn rebuild_block(
+        &self,
+        stripe: StripeId,
+        p: BlockPos,
+        lba: Lba,
+        disks: &[DiskRef],
+        disk_answered: bool,
+    ) -> Result<Vec<u8>, VolumeError> {
+        let row = self
+            .read_row(stripe, p.block_in_chunk, disks, &[usize::from(p.chunk.0)])
+            .map_err(|why| VolumeError::Unrecoverable { lba: lba.0, why })?;
         let c = usize::from(p.chunk.0);
         let shard = &row.shards[c];
         let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
         if !self.verify(lba, &meta, &shard[..BLOCK_SIZE]) {
-            return Err(VolumeError::Unrecoverable { lba: lba.0, why: "no combination of the surviving chunks rebuilds a block that passes its tag".into() });
+            return Err(VolumeError::Unrecoverable {
+                lba: lba.0,
+                why: "no combination of the surviving chunks rebuilds a block that passes its tag"
+                    .into(),
+            });
         }
-        self.stats.blocks_reconstructed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .blocks_reconstructed
+            .fetch_add(1, Ordering::Relaxed);
         if disk_answered {
             match self.write_back(stripe, p.chunk, p.block_in_chunk, &disks[c], shard) {
                 Ok(()) => {
                     self.stats.blocks_repaired.fetch_add(1, Ordering::Relaxed);
                     warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), "block failed its check; rebuilt from parity and repaired");
                 }
-                Err(e) => warn!(volume = %self.record.name, lba = lba.0, error = %e, "block rebuilt from parity; repair write failed"),
+                Err(e) => {
+                    warn!(volume = %self.record.name, lba = lba.0, error = %e, "block rebuilt from parity; repair write failed")
+                }
             }
         }
         let mut b = shard[..BLOCK_SIZE].to_vec();
@@ -118,15 +151,31 @@ impl Volume {
     }
 
     /// Writes a rebuilt shard (block + metadata entry) back to its chunk slot.
-    fn write_back(&self, stripe: StripeId, _chunk: ChunkIndex, row: u64, disk: &DiskRef, shard: &[u8]) -> Result<(), VolumeError> {
+    fn write_back(
+        &self,
+        stripe: StripeId,
+        _chunk: ChunkIndex,
+        row: u64,
+        disk: &DiskRef,
+        shard: &[u8],
+    ) -> Result<(), VolumeError> {
         let (page_off, at) = self.layout.meta_location(stripe, row);
-        let mut page = crate::disk::read_at(disk.as_ref(), page_off, BLOCK_SIZE).map_err(|e| VolumeError::Io(e.to_string()))?;
+        let mut page = crate::disk::read_at(disk.as_ref(), page_off, BLOCK_SIZE)
+            .map_err(|e| VolumeError::Io(e.to_string()))?;
         page[at..at + META_SIZE].copy_from_slice(&shard[BLOCK_SIZE..]);
         let ops = vec![
-            IoOp::Write { offset: self.layout.block_offset(stripe, row), buf: IoBuf::from_slice(&shard[..BLOCK_SIZE]) },
-            IoOp::Write { offset: page_off, buf: page },
+            IoOp::Write {
+                offset: self.layout.block_offset(stripe, row),
+                buf: IoBuf::from_slice(&shard[..BLOCK_SIZE]),
+            },
+            IoOp::Write {
+                offset: page_off,
+                buf: page,
+            },
         ];
-        disk.submit(ops).wait().map_err(|e| VolumeError::Io(e.to_string()))?;
+        disk.submit(ops)
+            .wait()
+            .map_err(|e| VolumeError::Io(e.to_string()))?;
         Ok(())
     }
 
@@ -137,7 +186,11 @@ impl Volume {
         if meta.is_empty() {
             return shard[..BLOCK_SIZE].iter().all(|b| *b == 0);
         }
-        let lba = self.layout.geometry.lba_of(BlockPos { stripe, chunk: ChunkIndex(c as u16), block_in_chunk: row });
+        let lba = self.layout.geometry.lba_of(BlockPos {
+            stripe,
+            chunk: ChunkIndex(c as u16),
+            block_in_chunk: row,
+        });
         self.verify(lba, &meta, &shard[..BLOCK_SIZE])
     }
 
@@ -146,7 +199,13 @@ impl Volume {
     /// which may now look like a never-written block). Parity shards carry no tag of their own:
     /// if a rebuild does not verify, it is retried without each parity shard in turn (a rotten
     /// parity block is found that way).
-    pub(super) fn read_row(&self, stripe: StripeId, row: u64, disks: &[DiskRef], distrust: &[usize]) -> Result<Row, String> {
+    pub(super) fn read_row(
+        &self,
+        stripe: StripeId,
+        row: u64,
+        disks: &[DiskRef],
+        distrust: &[usize],
+    ) -> Result<Row, String> {
         let g = self.layout.geometry;
         let (k, width) = (usize::from(g.k), g.width());
         let (page_off, at) = self.layout.meta_location(stripe, row);
@@ -154,8 +213,14 @@ impl Volume {
             .iter()
             .map(|d| {
                 d.submit(vec![
-                    IoOp::Read { offset: self.layout.block_offset(stripe, row), buf: IoBuf::zeroed(BLOCK_SIZE) },
-                    IoOp::Read { offset: page_off, buf: IoBuf::zeroed(BLOCK_SIZE) },
+                    IoOp::Read {
+                        offset: self.layout.block_offset(stripe, row),
+                        buf: IoBuf::zeroed(BLOCK_SIZE),
+                    },
+                    IoOp::Read {
+                        offset: page_off,
+                        buf: IoBuf::zeroed(BLOCK_SIZE),
+                    },
                 ])
             })
             .collect();
@@ -163,26 +228,46 @@ impl Volume {
         let mut present = vec![false; width];
         for (c, p) in pending.into_iter().enumerate() {
             let Ok(ops) = p.wait() else { continue };
-            let mut bufs = ops.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None });
-            let (Some(data), Some(page)) = (bufs.next(), bufs.next()) else { continue };
+            let mut bufs = ops.into_iter().filter_map(|op| {
+                if let IoOp::Read { buf, .. } = op {
+                    Some(buf)
+                } else {
+                    None
+                }
+            });
+            let (Some(data), Some(page)) = (bufs.next(), bufs.next()) else {
+                continue;
+            };
             shards[c][..BLOCK_SIZE].copy_from_slice(&data);
             shards[c][BLOCK_SIZE..].copy_from_slice(&page[at..at + META_SIZE]);
-            present[c] = !distrust.contains(&c) && (c >= k || self.shard_ok(stripe, c, row, &shards[c]));
+            present[c] =
+                !distrust.contains(&c) && (c >= k || self.shard_ok(stripe, c, row, &shards[c]));
         }
         self.rebuild_row(stripe, row, shards, present)
     }
 
     /// Rebuilds the shards of a row not marked present; see [`Volume::read_row`].
-    pub(super) fn rebuild_row(&self, stripe: StripeId, row: u64, shards: Vec<Vec<u8>>, present: Vec<bool>) -> Result<Row, String> {
+    pub(super) fn rebuild_row(
+        &self,
+        stripe: StripeId,
+        row: u64,
+        shards: Vec<Vec<u8>>,
+        present: Vec<bool>,
+    ) -> Result<Row, String> {
         let g = self.layout.geometry;
         let (k, width) = (usize::from(g.k), g.width());
         let missing: Vec<usize> = (0..width).filter(|c| !present[*c]).collect();
         if missing.is_empty() {
-            return Ok(Row { shards, rebuilt: vec![] });
+            return Ok(Row {
+                shards,
+                rebuilt: vec![],
+            });
         }
         let have = width - missing.len();
         if have < k {
-            return Err(format!("only {have} of the {width} chunks of stripe {stripe} row {row} are intact; {k} are needed"));
+            return Err(format!(
+                "only {have} of the {width} chunks of stripe {stripe} row {row} are intact; {k} are needed"
+            ));
         }
         // Try all present shards first, then without one parity shard, then without two...
         let parities: Vec<usize> = (k..width).filter(|c| present[*c]).collect();
@@ -194,19 +279,27 @@ impl Volume {
                     use_[*d] = false;
                 }
                 let mut attempt = shards.clone();
-                let mut refs: Vec<&mut [u8]> = attempt.iter_mut().map(|s| s.as_mut_slice()).collect();
+                let mut refs: Vec<&mut [u8]> =
+                    attempt.iter_mut().map(|s| s.as_mut_slice()).collect();
                 if self.codec.reconstruct(&mut refs, &use_).is_err() {
                     continue;
                 }
-                let data_ok = (0..k).filter(|c| !present[*c]).all(|c| self.shard_ok(stripe, c, row, &attempt[c]));
+                let data_ok = (0..k)
+                    .filter(|c| !present[*c])
+                    .all(|c| self.shard_ok(stripe, c, row, &attempt[c]));
                 if data_ok {
                     let mut rebuilt = missing.clone();
                     rebuilt.extend(dropped);
-                    return Ok(Row { shards: attempt, rebuilt });
+                    return Ok(Row {
+                        shards: attempt,
+                        rebuilt,
+                    });
                 }
             }
         }
-        Err(format!("stripe {stripe} row {row}: no combination of the surviving chunks rebuilds blocks that pass their tags"))
+        Err(format!(
+            "stripe {stripe} row {row}: no combination of the surviving chunks rebuilds blocks that pass their tags"
+        ))
     }
 }
 
@@ -233,6 +326,9 @@ mod tests {
     fn combinations_enumerates_subsets() {
         assert_eq!(combinations(&[4, 5], 0), vec![Vec::<usize>::new()]);
         assert_eq!(combinations(&[4, 5], 1), vec![vec![4], vec![5]]);
-        assert_eq!(combinations(&[4, 5, 6], 2), vec![vec![4, 5], vec![4, 6], vec![5, 6]]);
+        assert_eq!(
+            combinations(&[4, 5, 6], 2),
+            vec![vec![4, 5], vec![4, 6], vec![5, 6]]
+        );
     }
 }

@@ -93,16 +93,35 @@ pub struct Journal {
 
 impl Journal {
     /// Writes an empty checkpoint on every journal disk of a new volume.
-    pub fn format(layout: &RegionLayout, volume: u64, disks: &[DiskRef]) -> Result<(), JournalError> {
-        let cp = Checkpoint { seq: 0, position: layout.log_start(), volume };
+    pub fn format(
+        layout: &RegionLayout,
+        volume: u64,
+        disks: &[DiskRef],
+    ) -> Result<(), JournalError> {
+        let cp = Checkpoint {
+            seq: 0,
+            position: layout.log_start(),
+            volume,
+        };
         for d in disks {
             let mut ops = Vec::new();
             for slot in 0..2u64 {
-                let bytes = if slot == 0 { cp.encode() } else { vec![0u8; BLOCK_SIZE] };
-                ops.push(IoOp::Write { offset: layout.region_offset + slot * BLOCK_SIZE_U64, buf: IoBuf::from_slice(&bytes) });
+                let bytes = if slot == 0 {
+                    cp.encode()
+                } else {
+                    vec![0u8; BLOCK_SIZE]
+                };
+                ops.push(IoOp::Write {
+                    offset: layout.region_offset + slot * BLOCK_SIZE_U64,
+                    buf: IoBuf::from_slice(&bytes),
+                });
             }
-            d.submit(ops).wait().map_err(|e| JournalError::Failed(e.to_string()))?;
-            d.submit(vec![IoOp::Sync]).wait().map_err(|e| JournalError::Failed(e.to_string()))?;
+            d.submit(ops)
+                .wait()
+                .map_err(|e| JournalError::Failed(e.to_string()))?;
+            d.submit(vec![IoOp::Sync])
+                .wait()
+                .map_err(|e| JournalError::Failed(e.to_string()))?;
         }
         Ok(())
     }
@@ -111,12 +130,19 @@ impl Journal {
     /// The caller applies them, destages them and checkpoints; until then they stay live.
     /// `valid` checks what the journal cannot: that a record's contents fit the volume. Replay
     /// stops at the first record that fails it, as at a torn one.
-    pub fn open(layout: RegionLayout, volume: u64, disks: Vec<DiskRef>, valid: &dyn Fn(&RecordHeader) -> bool) -> Result<(Self, Vec<Replayed>), JournalError> {
+    pub fn open(
+        layout: RegionLayout,
+        volume: u64,
+        disks: Vec<DiskRef>,
+        valid: &dyn Fn(&RecordHeader) -> bool,
+    ) -> Result<(Self, Vec<Replayed>), JournalError> {
         let mut best: Option<(Checkpoint, u64)> = None;
         for d in &disks {
             for slot in 0..2u64 {
                 let off = layout.region_offset + slot * BLOCK_SIZE_U64;
-                let Ok(page) = read(d, off, BLOCK_SIZE) else { continue };
+                let Ok(page) = read(d, off, BLOCK_SIZE) else {
+                    continue;
+                };
                 if let Some(cp) = Checkpoint::decode(&page) {
                     if cp.volume == volume && best.is_none_or(|(b, _)| cp.seq > b.seq) {
                         best = Some((cp, slot));
@@ -134,9 +160,16 @@ impl Journal {
         // Records accepted, with the replica that had a valid copy, to copy to the others.
         let mut copies: Vec<(u64, u64, usize)> = Vec::new();
         while used < capacity {
-            let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect) else { break };
+            let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect)
+            else {
+                break;
+            };
             if !valid(&header) {
-                warn!(volume, seq = header.seq, "journal record with a valid checksum does not fit the volume; replay stops there");
+                warn!(
+                    volume,
+                    seq = header.seq,
+                    "journal record with a valid checksum does not fit the volume; replay stops there"
+                );
                 break;
             }
             copies.push((pos, len, good));
@@ -149,7 +182,10 @@ impl Journal {
                 used += len;
                 let end = normalize(&layout, pos + len);
                 live.push_back((expect, len, end));
-                records.push(Replayed { header, position: pos });
+                records.push(Replayed {
+                    header,
+                    position: pos,
+                });
                 pos = end;
             }
             expect += 1;
@@ -160,15 +196,27 @@ impl Journal {
             if disks.len() < 2 {
                 break;
             }
-            let Ok(bytes) = read(&disks[good], at, len as usize) else { continue };
+            let Ok(bytes) = read(&disks[good], at, len as usize) else {
+                continue;
+            };
             for (i, d) in disks.iter().enumerate() {
                 if i != good {
-                    let _ = d.submit(vec![IoOp::Write { offset: at, buf: IoBuf::from_slice(&bytes) }]).wait();
+                    let _ = d
+                        .submit(vec![IoOp::Write {
+                            offset: at,
+                            buf: IoBuf::from_slice(&bytes),
+                        }])
+                        .wait();
                 }
             }
         }
         sync_all(&disks).map_err(JournalError::Failed)?;
-        debug!(volume, checkpoint = cp.seq, records = records.len(), "journal replayed");
+        debug!(
+            volume,
+            checkpoint = cp.seq,
+            records = records.len(),
+            "journal replayed"
+        );
         let last = expect - 1;
         let journal = Self {
             layout,
@@ -212,7 +260,11 @@ impl Journal {
         if let Some(f) = &st.failed {
             return Err(JournalError::Failed(f.clone()));
         }
-        let waste = if st.tail + len > self.layout.log_end() { self.layout.log_end() - st.tail } else { 0 };
+        let waste = if st.tail + len > self.layout.log_end() {
+            self.layout.log_end() - st.tail
+        } else {
+            0
+        };
         if st.used + waste + len > self.capacity() {
             return Ok(None);
         }
@@ -234,7 +286,12 @@ impl Journal {
         st.used += len;
         st.in_flight.insert(seq);
         st.live.push_back((seq, len, end));
-        Ok(Some(Reservation { seq, position, len, wrap }))
+        Ok(Some(Reservation {
+            seq,
+            position,
+            len,
+            wrap,
+        }))
     }
 
     /// Waits (bounded) until space may have been freed or the journal changed.
@@ -250,25 +307,32 @@ impl Journal {
         for d in &self.disks {
             let mut ops = Vec::with_capacity(2);
             if let Some((seq, at)) = r.wrap {
-                let h = RecordHeader { seq, volume: self.volume, kind: RecordKind::Wrap, trim_lba: 0, trim_count: 0, payload_crc: crc32c::crc32c(&[]), entries: vec![] };
-                ops.push(IoOp::Write { offset: at, buf: IoBuf::from_slice(&h.encode()) });
+                let h = RecordHeader {
+                    seq,
+                    volume: self.volume,
+                    kind: RecordKind::Wrap,
+                    trim_lba: 0,
+                    trim_count: 0,
+                    payload_crc: crc32c::crc32c(&[]),
+                    entries: vec![],
+                };
+                ops.push(IoOp::Write {
+                    offset: at,
+                    buf: IoBuf::from_slice(&h.encode()),
+                });
             }
-            ops.push(IoOp::Write { offset: r.position, buf: IoBuf::from_slice(record) });
+            ops.push(IoOp::Write {
+                offset: r.position,
+                buf: IoBuf::from_slice(record),
+            });
             pending.push((d.name().to_string(), d.submit(ops)));
         }
-        let mut ok = 0;
-        let mut last_err = String::new();
-        for (name, p) in pending {
-            match p.wait() {
-                Ok(_) => ok += 1,
-                Err(e) => {
-                    warn!(disk = %name, error = %e, "journal write failed on one replica");
-                    last_err = e.to_string();
-                }
-            }
-        }
+        let (ok, last_err) = wait_replicas(pending, "write");
         if ok == 0 {
-            let msg = format!("record {} reached no journal disk (last error: {last_err})", r.seq);
+            let msg = format!(
+                "record {} reached no journal disk (last error: {last_err})",
+                r.seq
+            );
             self.lock().failed = Some(msg.clone());
             self.changed.notify_all();
             return Err(JournalError::Failed(msg));
@@ -290,19 +354,39 @@ impl Journal {
 
     /// Reads payload pages, in one batch from the first replica that answers; `check(i, page)`
     /// says whether page `i` is intact, and pages that are not are read from the other replicas.
-    pub fn read_pages(&self, offsets: &[u64], check: impl Fn(usize, &[u8]) -> bool) -> Result<Vec<IoBuf>, JournalError> {
+    pub fn read_pages(
+        &self,
+        offsets: &[u64],
+        check: impl Fn(usize, &[u8]) -> bool,
+    ) -> Result<Vec<IoBuf>, JournalError> {
         let mut bufs: Option<Vec<IoBuf>> = None;
         for d in &self.disks {
-            let ops = offsets.iter().map(|&offset| IoOp::Read { offset, buf: IoBuf::zeroed(BLOCK_SIZE) }).collect();
+            let ops = offsets
+                .iter()
+                .map(|&offset| IoOp::Read {
+                    offset,
+                    buf: IoBuf::zeroed(BLOCK_SIZE),
+                })
+                .collect();
             if let Ok(done) = d.submit(ops).wait() {
-                let b: Vec<IoBuf> = done.into_iter().filter_map(|op| if let IoOp::Read { buf, .. } = op { Some(buf) } else { None }).collect();
+                let b: Vec<IoBuf> = done
+                    .into_iter()
+                    .filter_map(|op| {
+                        if let IoOp::Read { buf, .. } = op {
+                            Some(buf)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
                 if b.len() == offsets.len() {
                     bufs = Some(b);
                     break;
                 }
             }
         }
-        let mut bufs = bufs.ok_or_else(|| JournalError::Failed("no journal disk answers".into()))?;
+        let mut bufs =
+            bufs.ok_or_else(|| JournalError::Failed("no journal disk answers".into()))?;
         for (i, b) in bufs.iter_mut().enumerate() {
             if !check(i, b) {
                 *b = self.read_page_checked(offsets[i], |p| check(i, p))?;
@@ -334,7 +418,11 @@ impl Journal {
                 if st.completed_through >= target {
                     break;
                 }
-                st = self.changed.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+                st = self
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         sync_all(&self.disks).map_err(JournalError::Failed)?;
@@ -350,16 +438,35 @@ impl Journal {
             if seq <= st.checkpoint_seq {
                 return Ok(());
             }
-            let position = st.live.iter().find(|(s, _, _)| *s == seq).map_or(st.tail, |(_, _, end)| *end);
+            let position = st
+                .live
+                .iter()
+                .find(|(s, _, _)| *s == seq)
+                .map_or(st.tail, |(_, _, end)| *end);
             (position, 1 - st.checkpoint_slot)
         };
-        let cp = Checkpoint { seq, position, volume: self.volume };
+        let cp = Checkpoint {
+            seq,
+            position,
+            volume: self.volume,
+        };
         let bytes = cp.encode();
         let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
-        let pending: Vec<_> = self.disks.iter().map(|d| d.submit(vec![IoOp::Write { offset, buf: IoBuf::from_slice(&bytes) }])).collect();
+        let pending: Vec<_> = self
+            .disks
+            .iter()
+            .map(|d| {
+                d.submit(vec![IoOp::Write {
+                    offset,
+                    buf: IoBuf::from_slice(&bytes),
+                }])
+            })
+            .collect();
         let ok = pending.into_iter().filter_map(|p| p.wait().ok()).count();
         if ok == 0 {
-            return Err(JournalError::Failed("checkpoint reached no journal disk".into()));
+            return Err(JournalError::Failed(
+                "checkpoint reached no journal disk".into(),
+            ));
         }
         sync_all(&self.disks).map_err(JournalError::Failed)?;
         let mut st = self.lock();
@@ -382,15 +489,37 @@ impl Journal {
         let (seq, position, slot) = {
             let st = self.lock();
             if !st.in_flight.is_empty() {
-                return Err(JournalError::Failed("journal restart with records in flight".into()));
+                return Err(JournalError::Failed(
+                    "journal restart with records in flight".into(),
+                ));
             }
-            (st.next_seq - 1 + self.capacity() / BLOCK_SIZE_U64 + 1, st.tail, 1 - st.checkpoint_slot)
+            (
+                st.next_seq - 1 + self.capacity() / BLOCK_SIZE_U64 + 1,
+                st.tail,
+                1 - st.checkpoint_slot,
+            )
         };
-        let bytes = Checkpoint { seq, position, volume: self.volume }.encode();
+        let bytes = Checkpoint {
+            seq,
+            position,
+            volume: self.volume,
+        }
+        .encode();
         let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
-        let pending: Vec<_> = self.disks.iter().map(|d| d.submit(vec![IoOp::Write { offset, buf: IoBuf::from_slice(&bytes) }])).collect();
+        let pending: Vec<_> = self
+            .disks
+            .iter()
+            .map(|d| {
+                d.submit(vec![IoOp::Write {
+                    offset,
+                    buf: IoBuf::from_slice(&bytes),
+                }])
+            })
+            .collect();
         if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
-            return Err(JournalError::Failed("checkpoint reached no journal disk".into()));
+            return Err(JournalError::Failed(
+                "checkpoint reached no journal disk".into(),
+            ));
         }
         sync_all(&self.disks).map_err(JournalError::Failed)?;
         let mut st = self.lock();
@@ -427,12 +556,18 @@ impl Journal {
     }
 
     /// Reads one payload page from the first replica whose copy passes `check`.
-    pub fn read_page_checked(&self, offset: u64, check: impl Fn(&[u8]) -> bool) -> Result<IoBuf, JournalError> {
+    pub fn read_page_checked(
+        &self,
+        offset: u64,
+        check: impl Fn(&[u8]) -> bool,
+    ) -> Result<IoBuf, JournalError> {
         let mut last = String::from("no journal disk has an intact copy");
         for d in &self.disks {
             match read(d, offset, BLOCK_SIZE) {
                 Ok(b) if check(&b) => return Ok(b),
-                Ok(_) => last = format!("no journal disk has an intact copy of the page at {offset}"),
+                Ok(_) => {
+                    last = format!("no journal disk has an intact copy of the page at {offset}")
+                }
                 Err(e) => last = e,
             }
         }
@@ -441,36 +576,66 @@ impl Journal {
 }
 
 fn normalize(layout: &RegionLayout, pos: u64) -> u64 {
-    if pos >= layout.log_end() { layout.log_start() } else { pos }
+    if pos >= layout.log_end() {
+        layout.log_start()
+    } else {
+        pos
+    }
 }
 
 fn read(d: &DiskRef, offset: u64, len: usize) -> Result<IoBuf, String> {
-    let ops = d.submit(vec![IoOp::Read { offset, buf: IoBuf::zeroed(len) }]).wait().map_err(|e| e.to_string())?;
+    let ops = d
+        .submit(vec![IoOp::Read {
+            offset,
+            buf: IoBuf::zeroed(len),
+        }])
+        .wait()
+        .map_err(|e| e.to_string())?;
     match ops.into_iter().next() {
         Some(IoOp::Read { buf, .. }) => Ok(buf),
         _ => Err("read returned no buffer".into()),
     }
 }
 
-fn sync_all(disks: &[DiskRef]) -> Result<(), String> {
-    let pending: Vec<_> = disks.iter().map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync]))).collect();
+/// Waits for one batch per replica; returns how many succeeded and the last error. A replica
+/// that fails is logged: losing up to `m` of them is what the copies are for.
+fn wait_replicas(pending: Vec<(String, crate::disk::Pending)>, what: &str) -> (usize, String) {
     let mut ok = 0;
     let mut last = String::new();
     for (name, p) in pending {
         match p.wait() {
             Ok(_) => ok += 1,
             Err(e) => {
-                warn!(disk = %name, error = %e, "journal sync failed on one replica");
+                warn!(disk = %name, error = %e, "journal {what} failed on one replica");
                 last = e.to_string();
             }
         }
     }
-    if ok == 0 { Err(format!("sync reached no journal disk: {last}")) } else { Ok(()) }
+    (ok, last)
+}
+
+fn sync_all(disks: &[DiskRef]) -> Result<(), String> {
+    let pending = disks
+        .iter()
+        .map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync])))
+        .collect();
+    let (ok, last) = wait_replicas(pending, "sync");
+    if ok == 0 {
+        Err(format!("sync reached no journal disk: {last}"))
+    } else {
+        Ok(())
+    }
 }
 
 /// Reads and validates the record at `pos` with sequence `expect` from the first replica that
 /// has a valid copy. Returns the header, the record length and that replica's index.
-fn read_record(layout: &RegionLayout, volume: u64, disks: &[DiskRef], pos: u64, expect: u64) -> Option<(RecordHeader, u64, usize)> {
+fn read_record(
+    layout: &RegionLayout,
+    volume: u64,
+    disks: &[DiskRef],
+    pos: u64,
+    expect: u64,
+) -> Option<(RecordHeader, u64, usize)> {
     for (i, d) in disks.iter().enumerate() {
         if let Some((h, len)) = read_record_from(layout, volume, d, pos, expect) {
             return Some((h, len, i));
@@ -479,13 +644,23 @@ fn read_record(layout: &RegionLayout, volume: u64, disks: &[DiskRef], pos: u64, 
     None
 }
 
-fn read_record_from(layout: &RegionLayout, volume: u64, d: &DiskRef, pos: u64, expect: u64) -> Option<(RecordHeader, u64)> {
+fn read_record_from(
+    layout: &RegionLayout,
+    volume: u64,
+    d: &DiskRef,
+    pos: u64,
+    expect: u64,
+) -> Option<(RecordHeader, u64)> {
     let first = read(d, pos, BLOCK_SIZE).ok()?;
     let pages = RecordHeader::peek_pages(&first)?;
     if pos + (pages * BLOCK_SIZE) as u64 > layout.log_end() {
         return None;
     }
-    let head = if pages == 1 { first } else { read(d, pos, pages * BLOCK_SIZE).ok()? };
+    let head = if pages == 1 {
+        first
+    } else {
+        read(d, pos, pages * BLOCK_SIZE).ok()?
+    };
     let header = RecordHeader::decode(&head).ok()?;
     if header.seq != expect || header.volume != volume {
         return None;
@@ -495,7 +670,11 @@ fn read_record_from(layout: &RegionLayout, volume: u64, d: &DiskRef, pos: u64, e
         return None;
     }
     let n = header.entries.len();
-    let crc = if n == 0 { crc32c::crc32c(&[]) } else { crc32c::crc32c(&read(d, pos + (pages * BLOCK_SIZE) as u64, n * BLOCK_SIZE).ok()?) };
+    let crc = if n == 0 {
+        crc32c::crc32c(&[])
+    } else {
+        crc32c::crc32c(&read(d, pos + (pages * BLOCK_SIZE) as u64, n * BLOCK_SIZE).ok()?)
+    };
     if crc != header.payload_crc {
         return None;
     }

@@ -19,11 +19,11 @@
 //! reservation to index update, so sequence numbers follow the order of updates); reads of a
 //! stripe share the lock; different stripes proceed in parallel.
 
+mod destage;
 pub mod format;
 mod io;
 pub mod journal;
 pub mod mem;
-mod destage;
 pub mod state;
 
 use std::collections::HashMap;
@@ -34,7 +34,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use self::format::{BlockMeta, RecordHeader, RecordKind, RegionLayout, MAX_RECORD_BLOCKS, blocks_of, header_pages};
+use self::format::{
+    BlockMeta, MAX_RECORD_BLOCKS, RecordHeader, RecordKind, RegionLayout, blocks_of, header_pages,
+};
 use self::journal::{Journal, Reservation};
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
@@ -93,7 +95,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// The range reads as zeros afterwards; whole blocks inside it free their space.
     fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError>;
     /// The range reads as zeros afterwards; whole blocks free their space unless `no_hole`.
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError>;
     /// Allocation status of `[offset, offset+len)` as consecutive extents covering it.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError>;
 }
@@ -107,10 +115,16 @@ pub struct WriteKey {
 
 impl WriteKey {
     pub fn new(version: u32, epoch: u32) -> Self {
-        Self { version: AtomicU64::new(version.into()), epoch: AtomicU64::new(epoch.into()) }
+        Self {
+            version: AtomicU64::new(version.into()),
+            epoch: AtomicU64::new(epoch.into()),
+        }
     }
     pub fn get(&self) -> (u32, u32) {
-        (self.version.load(Ordering::Relaxed) as u32, self.epoch.load(Ordering::Relaxed) as u32)
+        (
+            self.version.load(Ordering::Relaxed) as u32,
+            self.epoch.load(Ordering::Relaxed) as u32,
+        )
     }
     pub fn set(&self, version: u32, epoch: u32) {
         self.version.store(version.into(), Ordering::Relaxed);
@@ -187,20 +201,34 @@ impl Volume {
 
     /// The journal disks of a volume: the first `m + 1` disks that placement gives a stripe
     /// number no data stripe uses.
-    pub fn journal_disks(placement: &Placement, record: &VolumeRecord) -> Result<Vec<DiskId>, VolumeError> {
+    pub fn journal_disks(
+        placement: &Placement,
+        record: &VolumeRecord,
+    ) -> Result<Vec<DiskId>, VolumeError> {
         let width = record.geometry.width();
-        let mut d = placement.place(StripeId(u64::MAX), width).map_err(|e| VolumeError::Config(e.to_string()))?;
+        let mut d = placement
+            .place(StripeId(u64::MAX), width)
+            .map_err(|e| VolumeError::Config(e.to_string()))?;
         d.truncate(usize::from(record.geometry.m) + 1);
         Ok(d)
     }
 
     fn placement_of(parts: &VolumeParts) -> Result<Placement, VolumeError> {
-        Placement::new(parts.record.placement_seed, parts.table.clone()).map_err(|e| VolumeError::Config(e.to_string()))
+        Placement::new(parts.record.placement_seed, parts.table.clone())
+            .map_err(|e| VolumeError::Config(e.to_string()))
     }
 
-    fn disk_refs(disks: &HashMap<DiskId, DiskRef>, ids: &[DiskId]) -> Result<Vec<DiskRef>, VolumeError> {
+    fn disk_refs(
+        disks: &HashMap<DiskId, DiskRef>,
+        ids: &[DiskId],
+    ) -> Result<Vec<DiskRef>, VolumeError> {
         ids.iter()
-            .map(|id| disks.get(id).cloned().ok_or_else(|| VolumeError::Config(format!("disk {id} is not in the pool"))))
+            .map(|id| {
+                disks
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| VolumeError::Config(format!("disk {id} is not in the pool")))
+            })
             .collect()
     }
 
@@ -211,7 +239,10 @@ impl Volume {
             return Err(VolumeError::Config("journal must be at least 4 MiB".into()));
         }
         let placement = Self::placement_of(parts)?;
-        let jd = Self::disk_refs(&parts.disks, &Self::journal_disks(&placement, &parts.record)?)?;
+        let jd = Self::disk_refs(
+            &parts.disks,
+            &Self::journal_disks(&placement, &parts.record)?,
+        )?;
         Journal::format(&layout, parts.record.id, &jd)?;
         Ok(())
     }
@@ -220,13 +251,19 @@ impl Volume {
     pub fn open(parts: VolumeParts) -> Result<Arc<Self>, VolumeError> {
         let layout = Self::layout_of(&parts.record);
         let placement = Self::placement_of(&parts)?;
-        let jd = Self::disk_refs(&parts.disks, &Self::journal_disks(&placement, &parts.record)?)?;
+        let jd = Self::disk_refs(
+            &parts.disks,
+            &Self::journal_disks(&placement, &parts.record)?,
+        )?;
         let blocks = parts.record.size.div_ceil(BLOCK_SIZE_U64);
         let bps = layout.geometry.blocks_per_stripe();
         let valid = |h: &RecordHeader| record_fits(h, blocks, bps);
         let (journal, replayed) = Journal::open(layout, parts.record.id, jd, &valid)?;
-        let codec = Codec::new(usize::from(layout.geometry.k), usize::from(layout.geometry.m))
-            .map_err(|e| VolumeError::Config(e.to_string()))?;
+        let codec = Codec::new(
+            usize::from(layout.geometry.k),
+            usize::from(layout.geometry.m),
+        )
+        .map_err(|e| VolumeError::Config(e.to_string()))?;
         let home: HashMap<u64, Bits> = parts
             .store
             .alloc_load(parts.record.id)
@@ -306,7 +343,12 @@ impl Volume {
     pub fn halt(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kick_destager();
-        if let Some(h) = self.destager.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .destager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
     }
@@ -361,16 +403,34 @@ impl Volume {
     // ---- crypto of one block ----
 
     fn shard_id(&self, pos: BlockPos, version: u32, epoch: u32) -> ShardKeyId {
-        ShardKeyId { version, volume: self.record.id, stripe: pos.stripe, chunk: pos.chunk, epoch }
+        ShardKeyId {
+            version,
+            volume: self.record.id,
+            stripe: pos.stripe,
+            chunk: pos.chunk,
+            epoch,
+        }
     }
 
     /// Encrypts a plaintext block in place and returns its metadata (tag included).
     fn seal(&self, lba: Lba, generation: u64, buf: &mut [u8]) -> Result<BlockMeta, VolumeError> {
         let (version, epoch) = self.write_key.get();
         let pos = self.layout.geometry.locate(lba);
-        self.keys.shard_cipher(self.shard_id(pos, version, epoch))?.encrypt(lba.0, buf)?;
-        let mut meta = BlockMeta { generation, version, epoch, lba: lba.0, flags: 0, tag: [0; 32] };
-        meta.tag = self.keys.tag_key(version, self.record.id)?.tag(&meta.header(), buf);
+        self.keys
+            .shard_cipher(self.shard_id(pos, version, epoch))?
+            .encrypt(lba.0, buf)?;
+        let mut meta = BlockMeta {
+            generation,
+            version,
+            epoch,
+            lba: lba.0,
+            flags: 0,
+            tag: [0; 32],
+        };
+        meta.tag = self
+            .keys
+            .tag_key(version, self.record.id)?
+            .tag(&meta.header(), buf);
         Ok(meta)
     }
 
@@ -388,7 +448,9 @@ impl Volume {
     /// Decrypts a verified block in place.
     fn unseal(&self, lba: Lba, meta: &BlockMeta, buf: &mut [u8]) -> Result<(), VolumeError> {
         let pos = self.layout.geometry.locate(lba);
-        self.keys.shard_cipher(self.shard_id(pos, meta.version, meta.epoch))?.decrypt(lba.0, buf)?;
+        self.keys
+            .shard_cipher(self.shard_id(pos, meta.version, meta.epoch))?
+            .decrypt(lba.0, buf)?;
         Ok(())
     }
 
@@ -397,7 +459,12 @@ impl Volume {
     /// Appends one record under the stripe lock that `lock` takes, applying `build` to fill
     /// it once its sequence number is known. Retries (without the lock) while the journal is
     /// full.
-    fn append<F>(&self, stripe: StripeId, payload_blocks: usize, mut build: F) -> Result<(), VolumeError>
+    fn append<F>(
+        &self,
+        stripe: StripeId,
+        payload_blocks: usize,
+        mut build: F,
+    ) -> Result<(), VolumeError>
     where
         F: FnMut(&Reservation) -> Result<(Vec<u8>, RecordApply), VolumeError>,
     {
@@ -409,13 +476,19 @@ impl Volume {
                 drop(guard);
                 self.kick_destager();
                 if std::time::Instant::now() > deadline {
-                    return Err(VolumeError::Io("journal full: destaging is not making progress".into()));
+                    return Err(VolumeError::Io(
+                        "journal full: destaging is not making progress".into(),
+                    ));
                 }
                 self.journal.wait_for_space(Duration::from_millis(20));
                 continue;
             };
             let result = match build(&r) {
-                Ok((record, apply)) => self.journal.write(&r, &record).map_err(VolumeError::from).map(|()| self.apply(stripe, &r, apply)),
+                Ok((record, apply)) => self
+                    .journal
+                    .write(&r, &record)
+                    .map_err(VolumeError::from)
+                    .map(|()| self.apply(stripe, &r, apply)),
                 Err(e) => {
                     // The space is reserved: fill it with a record that says so, or replay
                     // would stop here and drop every later record.
@@ -432,7 +505,9 @@ impl Volume {
                     record[..BLOCK_SIZE].copy_from_slice(&skip.encode());
                     match self.journal.write(&r, &record) {
                         Ok(()) => Err(e),
-                        Err(j) => Err(VolumeError::Io(format!("{e}; and the journal could not record the failure: {j}"))),
+                        Err(j) => Err(VolumeError::Io(format!(
+                            "{e}; and the journal could not record the failure: {j}"
+                        ))),
                     }
                 }
             };
@@ -463,7 +538,14 @@ impl Volume {
                     }
                     lo = lo.min(meta.lba - first_lba);
                     hi = hi.max(meta.lba - first_lba + 1);
-                    sd.blocks.insert(meta.lba, JEntry { seq: r.seq, offset, meta });
+                    sd.blocks.insert(
+                        meta.lba,
+                        JEntry {
+                            seq: r.seq,
+                            offset,
+                            meta,
+                        },
+                    );
                 }
                 drop(dirty);
                 if lo < hi {
@@ -474,7 +556,10 @@ impl Volume {
             RecordApply::Trim { from, to } => {
                 let mut dirty = self.dirty();
                 let sd = dirty.stripes.entry(stripe.0).or_default();
-                let t = sd.trims.get_or_insert_with(|| Trims { bits: Bits::new(bps), seq: 0 });
+                let t = sd.trims.get_or_insert_with(|| Trims {
+                    bits: Bits::new(bps),
+                    seq: 0,
+                });
                 t.seq = r.seq;
                 for i in from..to {
                     t.bits.set(i, true);
@@ -490,17 +575,35 @@ impl Volume {
     fn apply_replayed(&self, r: &journal::Replayed) {
         let h = &r.header;
         let bps = self.layout.geometry.blocks_per_stripe();
-        let res = |pos| Reservation { seq: h.seq, position: pos, len: h.record_len(), wrap: None };
+        let res = |pos| Reservation {
+            seq: h.seq,
+            position: pos,
+            len: h.record_len(),
+            wrap: None,
+        };
         match h.kind {
             RecordKind::Write => {
-                let Some(first) = h.entries.first() else { return };
+                let Some(first) = h.entries.first() else {
+                    return;
+                };
                 let stripe = StripeId(first.lba / bps);
-                self.apply(stripe, &res(r.position), RecordApply::Write(h.entries.clone()));
+                self.apply(
+                    stripe,
+                    &res(r.position),
+                    RecordApply::Write(h.entries.clone()),
+                );
             }
             RecordKind::Trim => {
                 let stripe = StripeId(h.trim_lba / bps);
                 let from = h.trim_lba % bps;
-                self.apply(stripe, &res(r.position), RecordApply::Trim { from, to: from + h.trim_count });
+                self.apply(
+                    stripe,
+                    &res(r.position),
+                    RecordApply::Trim {
+                        from,
+                        to: from + h.trim_count,
+                    },
+                );
             }
             RecordKind::Wrap | RecordKind::Skip => {}
         }
@@ -530,7 +633,9 @@ impl Volume {
                             self.read_block_locked(lba, page)?;
                         }
                         page[(from - block_start) as usize..(to - block_start) as usize]
-                            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                            .copy_from_slice(
+                                &data[(from - offset) as usize..(to - offset) as usize],
+                            );
                         entries.push(self.seal(lba, r.seq, page)?);
                     }
                     let payload_crc = crc32c::crc32c(&record[hp * BLOCK_SIZE..]);
@@ -548,7 +653,9 @@ impl Volume {
                 })?;
                 done += n;
             }
-            self.stats.blocks_written.fetch_add(count, Ordering::Relaxed);
+            self.stats
+                .blocks_written
+                .fetch_add(count, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -562,7 +669,12 @@ impl Volume {
     }
 
     /// Plaintext of `count` consecutive blocks from `first`, all in `stripe` (lock held).
-    fn read_stripe_blocks(&self, stripe: StripeId, first: Lba, count: u64) -> Result<Vec<Vec<u8>>, VolumeError> {
+    fn read_stripe_blocks(
+        &self,
+        stripe: StripeId,
+        first: Lba,
+        count: u64,
+    ) -> Result<Vec<Vec<u8>>, VolumeError> {
         let g = self.layout.geometry;
         let first_in_stripe = stripe.0 * g.blocks_per_stripe();
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); count as usize];
@@ -587,8 +699,13 @@ impl Volume {
             let offsets: Vec<u64> = from_journal.iter().map(|(_, _, e)| e.offset).collect();
             let pages = self
                 .journal
-                .read_pages(&offsets, |i, p| self.verify(from_journal[i].1, &from_journal[i].2.meta, p))
-                .map_err(|e| VolumeError::Unrecoverable { lba: from_journal[0].1.0, why: e.to_string() })?;
+                .read_pages(&offsets, |i, p| {
+                    self.verify(from_journal[i].1, &from_journal[i].2.meta, p)
+                })
+                .map_err(|e| VolumeError::Unrecoverable {
+                    lba: from_journal[0].1.0,
+                    why: e.to_string(),
+                })?;
             for ((i, lba, e), mut page) in from_journal.into_iter().zip(pages) {
                 self.unseal(lba, &e.meta, &mut page)?;
                 out[i] = page.to_vec();
@@ -633,7 +750,13 @@ impl Volume {
                     payload_crc: crc32c::crc32c(&[]),
                     entries: vec![],
                 };
-                Ok((header.encode(), RecordApply::Trim { from, to: from + count }))
+                Ok((
+                    header.encode(),
+                    RecordApply::Trim {
+                        from,
+                        to: from + count,
+                    },
+                ))
             })?;
         }
         Ok(())
@@ -646,14 +769,21 @@ impl Volume {
 fn record_fits(h: &RecordHeader, blocks: u64, bps: u64) -> bool {
     match h.kind {
         RecordKind::Write => {
-            let (Some(first), Some(last)) = (h.entries.first(), h.entries.last()) else { return false };
-            h.entries.iter().enumerate().all(|(i, e)| e.lba == first.lba + i as u64 && e.generation == h.seq)
+            let (Some(first), Some(last)) = (h.entries.first(), h.entries.last()) else {
+                return false;
+            };
+            h.entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.lba == first.lba + i as u64 && e.generation == h.seq)
                 && last.lba < blocks
                 && first.lba / bps == last.lba / bps
         }
         RecordKind::Trim => {
             h.trim_count >= 1
-                && h.trim_lba.checked_add(h.trim_count).is_some_and(|end| end <= blocks)
+                && h.trim_lba
+                    .checked_add(h.trim_count)
+                    .is_some_and(|end| end <= blocks)
                 && h.trim_lba / bps == (h.trim_lba + h.trim_count - 1) / bps
         }
         RecordKind::Wrap | RecordKind::Skip => true,
@@ -686,8 +816,9 @@ impl BlockDevice for Volume {
                 let block_start = (first.0 + i as u64) * BLOCK_SIZE_U64;
                 let from = at.max(block_start);
                 let to = (at + len).min(block_start + BLOCK_SIZE_U64);
-                buf[(from - base) as usize..(to - base) as usize]
-                    .copy_from_slice(&b[(from - block_start) as usize..(to - block_start) as usize]);
+                buf[(from - base) as usize..(to - base) as usize].copy_from_slice(
+                    &b[(from - block_start) as usize..(to - block_start) as usize],
+                );
             }
         }
         Ok(())
@@ -718,7 +849,13 @@ impl BlockDevice for Volume {
         self.trim_blocks(offset, len)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), VolumeError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -755,7 +892,10 @@ impl BlockDevice for Volume {
                 let next = ((lba + 1) * BLOCK_SIZE_U64).min(at + plen);
                 match out.last_mut() {
                     Some(e) if e.hole == hole => e.len += next - pos,
-                    _ => out.push(Extent { len: next - pos, hole }),
+                    _ => out.push(Extent {
+                        len: next - pos,
+                        hole,
+                    }),
                 }
                 pos = next;
             }

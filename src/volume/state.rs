@@ -22,16 +22,22 @@ pub const LOCK_SLOTS: usize = 4096;
 
 impl LockTable {
     pub fn new() -> Self {
-        Self { slots: (0..LOCK_SLOTS).map(|_| RwLock::new(())).collect() }
+        Self {
+            slots: (0..LOCK_SLOTS).map(|_| RwLock::new(())).collect(),
+        }
     }
     fn slot(&self, s: StripeId) -> usize {
         (s.0 % LOCK_SLOTS as u64) as usize
     }
     pub fn read(&self, s: StripeId) -> RwLockReadGuard<'_, ()> {
-        self.slots[self.slot(s)].read().unwrap_or_else(|p| p.into_inner())
+        self.slots[self.slot(s)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
     pub fn write(&self, s: StripeId) -> RwLockWriteGuard<'_, ()> {
-        self.slots[self.slot(s)].write().unwrap_or_else(|p| p.into_inner())
+        self.slots[self.slot(s)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
     }
     /// Write locks for consecutive stripes `[first, first + n)`, `n <= LOCK_SLOTS`, taken in
     /// slot order.
@@ -39,7 +45,10 @@ impl LockTable {
         let mut slots: Vec<usize> = (0..n).map(|i| self.slot(StripeId(first.0 + i))).collect();
         slots.sort_unstable();
         slots.dedup();
-        slots.into_iter().map(|i| self.slots[i].write().unwrap_or_else(|p| p.into_inner())).collect()
+        slots
+            .into_iter()
+            .map(|i| self.slots[i].write().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 }
 
@@ -92,11 +101,17 @@ impl Bits {
         Self(vec![0; bits.div_ceil(64) as usize])
     }
     pub fn get(&self, i: u64) -> bool {
-        self.0.get((i / 64) as usize).is_some_and(|w| w >> (i % 64) & 1 == 1)
+        self.0
+            .get((i / 64) as usize)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
     }
     pub fn set(&mut self, i: u64, v: bool) {
         let w = &mut self.0[(i / 64) as usize];
-        if v { *w |= 1 << (i % 64) } else { *w &= !(1 << (i % 64)) }
+        if v {
+            *w |= 1 << (i % 64)
+        } else {
+            *w &= !(1 << (i % 64))
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|w| *w == 0)
@@ -116,7 +131,11 @@ pub struct Alloc {
 
 impl Alloc {
     pub fn new(bits_per_stripe: u64, home: HashMap<u64, Bits>) -> Self {
-        Self { bits_per_stripe, live: Mutex::new(home.clone()), home: Mutex::new(home) }
+        Self {
+            bits_per_stripe,
+            live: Mutex::new(home.clone()),
+            home: Mutex::new(home),
+        }
     }
     fn live(&self) -> MutexGuard<'_, HashMap<u64, Bits>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
@@ -130,12 +149,17 @@ impl Alloc {
     }
     /// The live bitmap of a stripe (all zero when the stripe was never written).
     pub fn live_bits(&self, stripe: StripeId) -> Bits {
-        self.live().get(&stripe.0).cloned().unwrap_or_else(|| Bits::new(self.bits_per_stripe))
+        self.live()
+            .get(&stripe.0)
+            .cloned()
+            .unwrap_or_else(|| Bits::new(self.bits_per_stripe))
     }
     /// Sets or clears live bits `[from, to)` of a stripe.
     pub fn set_live(&self, stripe: StripeId, from: u64, to: u64, v: bool) {
         let mut live = self.live();
-        let bits = live.entry(stripe.0).or_insert_with(|| Bits::new(self.bits_per_stripe));
+        let bits = live
+            .entry(stripe.0)
+            .or_insert_with(|| Bits::new(self.bits_per_stripe));
         for i in from..to {
             bits.set(i, v);
         }
