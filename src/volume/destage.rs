@@ -473,6 +473,11 @@ impl Volume {
                     buf: IoBuf::from_slice(&pdata[c - k]),
                 });
             }
+            if c < k && ops.is_empty() {
+                // A data chunk with no new, trimmed or repaired row: its metadata page is
+                // unchanged, and rewriting it would only add a write per destaged row.
+                continue;
+            }
             ops.push(IoOp::Write {
                 offset: page_a,
                 buf: IoBuf::from_slice(page),
