@@ -357,7 +357,6 @@ fn failed_read_modify_write_leaves_no_hole_before_flushed_records() {
 /// six gone, opening a volume whose journal holds records fails: the replay's destaging round
 /// cannot write the stripes, and open gives up instead of serving from the journal.
 #[test]
-#[ignore = "open issue (degraded service): Volume::open cannot destage the replayed journal when a disk is missing"]
 fn open_after_restart_with_one_disk_missing_serves_flushed_data() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();

@@ -150,6 +150,8 @@ pub enum RecordKind {
     Wrap = 3,
     /// Reserved space that holds nothing (a write that failed after its space was reserved):
     /// `trim_count` pages, this header included, are skipped. Keeps the log free of holes.
+    /// A non-zero `trim_lba` above this record's sequence number is the next record's sequence
+    /// number (a jump past numbers that stale records may carry).
     Skip = 4,
 }
 
@@ -172,7 +174,7 @@ pub const MAX_RECORD_BLOCKS: usize = 256;
 /// | 16 | 8 | volume id |
 /// | 24 | 4 | kind (1 write, 2 trim, 3 wrap, 4 skip) |
 /// | 28 | 4 | n: blocks of payload (write), 0 otherwise |
-/// | 32 | 8 | trim: first lba; otherwise 0 |
+/// | 32 | 8 | trim: first lba; skip: next sequence number or 0; otherwise 0 |
 /// | 40 | 8 | trim: block count; skip: pages of the record; otherwise 0 |
 /// | 48 | 4 | crc32c of the payload pages |
 /// | 52 | 4 | crc32c of the header pages with this field zero |

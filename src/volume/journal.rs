@@ -173,6 +173,8 @@ impl Journal {
                 break;
             }
             copies.push((pos, len, good));
+            // A skip record may move the sequence forward (see `Journal::jump`).
+            let next = if header.kind == RecordKind::Skip && header.trim_lba > expect { header.trim_lba } else { expect + 1 };
             if header.kind == RecordKind::Wrap {
                 let waste = layout.log_end() - pos;
                 used += waste;
@@ -188,7 +190,7 @@ impl Journal {
                 });
                 pos = end;
             }
-            expect += 1;
+            expect = next;
         }
         // Make every replica hold every accepted record: a crash may have torn a record on one
         // replica and not another, and later reads may go to any replica.
@@ -472,6 +474,34 @@ impl Journal {
         let mut st = self.lock();
         st.checkpoint_seq = seq;
         st.checkpoint_slot = slot;
+        Ok(())
+    }
+
+    /// Like [`Journal::restart`], for an open whose replayed records stay in the log (they could
+    /// not be destaged yet): a durable skip record at the tail moves the sequence past every
+    /// number a stale record can carry, so replay goes from the kept records to the new ones.
+    pub fn jump(&self) -> Result<(), JournalError> {
+        let Some(r) = self.reserve(BLOCK_SIZE_U64)? else {
+            return Err(JournalError::Failed("journal full: no room for the skip record".into()));
+        };
+        let next = r.seq + self.capacity() / BLOCK_SIZE_U64 + 1;
+        let skip = RecordHeader {
+            seq: r.seq,
+            volume: self.volume,
+            kind: RecordKind::Skip,
+            trim_lba: next,
+            trim_count: 1,
+            payload_crc: crc32c::crc32c(&[]),
+            entries: vec![],
+        };
+        let written = self.write(&r, &skip.encode());
+        self.complete(&r);
+        written?;
+        self.flush_to(r.seq)?;
+        let mut st = self.lock();
+        st.next_seq = next;
+        st.completed_through = next - 1;
+        st.durable_through = next - 1;
         Ok(())
     }
 

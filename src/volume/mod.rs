@@ -295,12 +295,23 @@ impl Volume {
         for r in &replayed {
             vol.apply_replayed(r);
         }
-        if n > 0 {
+        let destaged = if n > 0 {
             info!(volume = %vol.record.name, records = n, "journal replayed; destaging");
-            vol.destage_all()?;
-        }
+            vol.destage_all()
+        } else {
+            Ok(())
+        };
         // Never reuse sequence numbers a crash may have left in the log (see Journal::restart).
-        vol.journal.restart()?;
+        match destaged {
+            Ok(()) => vol.journal.restart()?,
+            Err(e) => {
+                // A disk that cannot be written (missing, failing) must not keep the volume
+                // offline: the replayed blocks are served from the journal, and the destager
+                // retries in the background.
+                warn!(volume = %vol.record.name, error = %e, "replayed journal cannot be destaged now; serving it from the journal");
+                vol.journal.jump()?;
+            }
+        }
         let weak = Arc::downgrade(&vol);
         let handle = std::thread::Builder::new()
             .name(format!("destage-{}", vol.record.name))
