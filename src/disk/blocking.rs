@@ -17,11 +17,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::uio::{pread, pwrite};
 
 use super::file::{DiskOptions, OpenedFile};
-use super::{DiskError, IoBuf, IoOp};
-
-/// Largest zero buffer written by discard where punching holes is unsupported: 1 MiB, one
-/// `max_io_bytes` transfer at the default, so that a long discard costs few system calls.
-const ZERO_BUF: u64 = 1 << 20;
+use super::{DiskError, IoBuf, IoOp, ZERO_BUF};
 
 /// An open file and what is needed to run ops on it from any thread.
 pub(crate) struct FileIo {
@@ -39,7 +35,7 @@ impl FileIo {
             name,
             file: opened.file,
             punch: AtomicBool::new(true),
-            zeros: IoBuf::zeroed(opts.max_transfer().min(ZERO_BUF) as usize),
+            zeros: IoBuf::zeroed(opts.max_transfer().min(ZERO_BUF as u64) as usize),
             max_transfer: opts.max_transfer(),
         }
     }

@@ -70,6 +70,11 @@ pub use uring::UringDisk;
 /// write atomically (see `docs/disks.md`).
 pub const SECTOR: u64 = 512;
 
+/// Size of the zero buffer that discard writes where punching holes is unsupported (every file
+/// backend): 1 MiB, one `max_io_bytes` transfer at the default, so a long discard costs few
+/// system calls while the buffer stays small next to a disk's other memory.
+pub(crate) const ZERO_BUF: usize = 1 << 20;
+
 /// Alignment of every [`IoBuf`]: a page, which satisfies `O_DIRECT` on 512-byte and 4Kn devices.
 pub const BUF_ALIGN: usize = 4096;
 
