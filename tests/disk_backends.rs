@@ -1,4 +1,4 @@
-//! File backends (io_uring and pread) against real files: round trips, mixed batches,
+//! File backends (io_uring, pread and inline) against real files: round trips, mixed batches,
 //! concurrency, invalid ops, discard, agreement between backends, dropped `Pending`s.
 
 use std::collections::HashMap;
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
 use shardvol::disk::{
-    self, Backend, Disk, DiskError, DiskOptions, DiskRef, IoBuf, IoOp, MemDisk, PreadDisk,
-    UringDisk, create_file, open_disk, uring_available,
+    self, Backend, Disk, DiskError, DiskOptions, DiskRef, InlineDisk, IoBuf, IoOp, MemDisk,
+    PreadDisk, UringDisk, create_file, open_disk, uring_available,
 };
 
 const MIB: u64 = 1 << 20;
@@ -20,9 +20,10 @@ const MIB: u64 = 1 << 20;
 enum Which {
     Uring,
     Pread,
+    Inline,
 }
 
-const BOTH: [Which; 2] = [Which::Uring, Which::Pread];
+const ALL: [Which; 3] = [Which::Uring, Which::Pread, Which::Inline];
 
 fn open(which: Which, path: &Path, opts: &DiskOptions) -> DiskRef {
     match which {
@@ -30,6 +31,7 @@ fn open(which: Which, path: &Path, opts: &DiskOptions) -> DiskRef {
             UringDisk::open(path, opts).expect("io_uring disk (is io_uring allowed here?)"),
         ),
         Which::Pread => Arc::new(PreadDisk::open(path, opts).expect("pread disk")),
+        Which::Inline => Arc::new(InlineDisk::open(path, opts).expect("inline disk")),
     }
 }
 
@@ -114,8 +116,18 @@ fn pread_round_trip_o_direct() {
 }
 
 #[test]
+fn inline_round_trip() {
+    round_trip(Which::Inline, false);
+}
+
+#[test]
+fn inline_round_trip_o_direct() {
+    round_trip(Which::Inline, true);
+}
+
+#[test]
 fn mixed_batch_reads_writes_sync() {
-    for which in BOTH {
+    for which in ALL {
         let (_dir, path) = new_file(4 * MIB);
         let d = open(which, &path, &DiskOptions::default());
         disk::write_at(&*d, 0, &pattern(100, 64 << 10)).unwrap();
@@ -170,7 +182,7 @@ fn mixed_batch_reads_writes_sync() {
 fn transfers_split_and_continued() {
     // max_io_bytes of one page forces every large op through the continuation path that also
     // serves short reads and writes.
-    for which in BOTH {
+    for which in ALL {
         let (_dir, path) = new_file(4 * MIB);
         let opts = DiskOptions {
             max_io_bytes: 4096,
@@ -271,6 +283,11 @@ fn pread_concurrent_submitters() {
     concurrent(Which::Pread);
 }
 
+#[test]
+fn inline_concurrent_submitters() {
+    concurrent(Which::Inline);
+}
+
 fn check_invalid(d: &dyn Disk) {
     let size = d.size();
     let e = d.submit(vec![IoOp::read(100, 512)]).wait().unwrap_err();
@@ -348,11 +365,64 @@ fn check_invalid(d: &dyn Disk) {
 #[test]
 fn invalid_ops_are_errors_on_every_backend() {
     let (_dir, path) = new_file(MIB);
-    for which in BOTH {
+    for which in ALL {
         check_invalid(&*open(which, &path, &DiskOptions::default()));
     }
     check_invalid(&MemDisk::new("mem", MIB));
     check_invalid(&disk::FaultDisk::new(Arc::new(MemDisk::new("mem", MIB))));
+}
+
+#[test]
+fn io_error_reports_the_first_failed_op_after_running_the_others() {
+    // A file cut short behind the disk's back: reads past its new end see end-of-file, which
+    // must come back as an error of the right op, not as a panic or as zeros.
+    for which in ALL {
+        let (_dir, path) = new_file(MIB);
+        let d = open(which, &path, &DiskOptions::default());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(MIB / 2)
+            .unwrap();
+        let batch = vec![
+            IoOp::write(0, &pattern(5, 4096)),
+            IoOp::read(MIB / 2 + 8192, 4096),
+            IoOp::write(8192, &pattern(6, 4096)),
+            IoOp::read(MIB - 4096, 4096),
+        ];
+        let e = d.submit(batch).wait().unwrap_err();
+        match &e {
+            DiskError::Io {
+                op: "read",
+                offset,
+                source,
+                ..
+            } => {
+                assert_eq!(
+                    *offset,
+                    MIB / 2 + 8192,
+                    "{which:?}: the lowest-indexed failure is reported"
+                );
+                assert_eq!(
+                    source.kind(),
+                    std::io::ErrorKind::UnexpectedEof,
+                    "{which:?}"
+                );
+            }
+            other => panic!("{which:?}: {other}"),
+        }
+        assert_eq!(e.disk(), d.name());
+        // The batch's other ops still ran.
+        assert!(
+            disk::read_at(&*d, 0, 4096).unwrap()[..] == pattern(5, 4096)[..],
+            "{which:?}"
+        );
+        assert!(
+            disk::read_at(&*d, 8192, 4096).unwrap()[..] == pattern(6, 4096)[..],
+            "{which:?}"
+        );
+    }
 }
 
 fn blocks(path: &Path) -> u64 {
@@ -361,7 +431,7 @@ fn blocks(path: &Path) -> u64 {
 
 #[test]
 fn discard_reads_zeros_and_frees_blocks() {
-    for which in BOTH {
+    for which in ALL {
         let (_dir, path) = new_file(8 * MIB);
         let d = open(which, &path, &DiskOptions::default());
         assert_eq!(blocks(&path), 0, "create_file makes a sparse file");
@@ -404,10 +474,17 @@ fn discard_reads_zeros_and_frees_blocks() {
 }
 
 #[test]
-fn uring_and_pread_give_identical_results() {
+fn backends_give_identical_results() {
+    for which in [Which::Uring, Which::Inline] {
+        identical_to_pread(which);
+    }
+}
+
+/// The same random batches on `which` and on pread leave the same reads and the same file.
+fn identical_to_pread(which: Which) {
     let (_d1, p1) = new_file(4 * MIB);
     let (_d2, p2) = new_file(4 * MIB);
-    let a = open(Which::Uring, &p1, &DiskOptions::default());
+    let a = open(which, &p1, &DiskOptions::default());
     let b = open(Which::Pread, &p2, &DiskOptions::default());
     let mut rng = SmallRng::seed_from_u64(42);
     for round in 0..200u64 {
@@ -440,13 +517,18 @@ fn uring_and_pread_give_identical_results() {
             b.submit(ops2).wait().unwrap(),
         );
         for (x, y) in ra.iter().zip(&rb) {
-            assert_eq!(x.buf(), y.buf(), "round {round}: {} differs", x.name());
+            assert_eq!(
+                x.buf(),
+                y.buf(),
+                "{which:?} round {round}: {} differs",
+                x.name()
+            );
         }
     }
     drop((a, b));
     assert!(
         std::fs::read(&p1).unwrap() == std::fs::read(&p2).unwrap(),
-        "files differ"
+        "{which:?}: files differ"
     );
 }
 
@@ -514,8 +596,13 @@ fn pread_dropped_pending_is_safe() {
 }
 
 #[test]
+fn inline_dropped_pending_is_safe() {
+    dropped_pending(Which::Inline);
+}
+
+#[test]
 fn waiters_complete_when_disk_is_dropped() {
-    for which in BOTH {
+    for which in ALL {
         let (_dir, path) = new_file(4 * MIB);
         let d = open(which, &path, &DiskOptions::default());
         let pendings: Vec<_> = (0..32u64)
@@ -549,6 +636,15 @@ fn open_disk_chooses_backend() {
     )
     .unwrap();
     assert_eq!(pread.backend(), "pread");
+    let inline = open_disk(
+        &path,
+        &DiskOptions {
+            backend: Backend::Inline,
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(inline.backend(), "inline");
     let uring = open_disk(
         &path,
         &DiskOptions {
@@ -566,17 +662,33 @@ fn open_disk_chooses_backend() {
             );
         }
     }
-    let auto = open_disk(&path, &DiskOptions::default()).unwrap();
+    // Auto: inline for buffered I/O, io_uring (else pread) for O_DIRECT, unless the environment
+    // says otherwise.
     let forced = std::env::var(disk::BACKEND_ENV)
         .ok()
         .and_then(|v| Backend::parse(&v));
-    let want = match (forced, uring_available()) {
-        (Some(Backend::Pread), _) | (_, Err(_)) => "pread",
-        _ => "io_uring",
-    };
-    assert_eq!(auto.backend(), want);
+    for direct in [false, true] {
+        let auto = open_disk(
+            &path,
+            &DiskOptions {
+                direct,
+                ..DiskOptions::default()
+            },
+        )
+        .unwrap();
+        let want = match (forced, direct, uring_available()) {
+            (Some(Backend::Pread), ..) => "pread",
+            (Some(Backend::Inline), ..) => "inline",
+            (Some(Backend::Uring), ..) => "io_uring",
+            (_, false, _) => "inline",
+            (_, true, Ok(())) => "io_uring",
+            (_, true, Err(_)) => "pread",
+        };
+        assert_eq!(auto.backend(), want, "direct={direct}");
+    }
     assert_eq!(Backend::parse("pread"), Some(Backend::Pread));
     assert_eq!(Backend::parse(" IO_URING "), Some(Backend::Uring));
+    assert_eq!(Backend::parse("Inline"), Some(Backend::Inline));
     assert_eq!(Backend::parse("auto"), Some(Backend::Auto));
     assert_eq!(Backend::parse("spdk"), None);
     // A named disk uses its name in errors.
@@ -597,10 +709,11 @@ fn open_disk_chooses_backend() {
 #[test]
 fn open_disk_falls_back_when_a_ring_cannot_be_set_up() {
     // The kernel refuses rings of more than 32768 entries: the same path as a host that
-    // refuses io_uring to this disk.
+    // refuses io_uring to this disk. (Only O_DIRECT disks use io_uring automatically.)
     let (_dir, path) = new_file(MIB);
     let opts = DiskOptions {
         ring_depth: 1 << 20,
+        direct: true,
         ..DiskOptions::default()
     };
     let e = open_disk(
@@ -629,16 +742,24 @@ fn open_disk_falls_back_when_a_ring_cannot_be_set_up() {
 }
 
 #[test]
-fn environment_forces_the_pread_backend() {
+fn environment_forces_the_backend() {
     // Re-run this test in a child process with the variable set (setting it here would race
     // with the other tests of this binary).
     const CHILD: &str = "SHARDVOL_DISK_TEST_CHILD";
-    if std::env::var_os(CHILD).is_some() {
+    if let Some(want) = std::env::var_os(CHILD) {
+        let want = want.to_str().unwrap();
         let (_dir, path) = new_file(MIB);
-        assert_eq!(
-            open_disk(&path, &DiskOptions::default()).unwrap().backend(),
-            "pread"
-        );
+        for direct in [false, true] {
+            let opts = DiskOptions {
+                direct,
+                ..DiskOptions::default()
+            };
+            assert_eq!(
+                open_disk(&path, &opts).unwrap().backend(),
+                want,
+                "direct={direct}"
+            );
+        }
         // An explicit choice in the options wins over the environment.
         if uring_available().is_ok() {
             let opts = DiskOptions {
@@ -650,23 +771,25 @@ fn environment_forces_the_pread_backend() {
         println!("child checks passed");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "environment_forces_the_pread_backend",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env(disk::BACKEND_ENV, "pread")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("child checks passed"),
-        "child: {}\n{stdout}",
-        out.status
-    );
+    for backend in ["pread", "inline"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "environment_forces_the_backend",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD, backend)
+            .env(disk::BACKEND_ENV, backend)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("child checks passed"),
+            "{backend}: {}\n{stdout}",
+            out.status
+        );
+    }
 }
 
 #[test]
@@ -685,7 +808,7 @@ fn create_file_and_open_errors() {
         Err(DiskError::Unaligned { .. })
     ));
     let missing = dir.path().join("missing");
-    for which in [Backend::Uring, Backend::Pread] {
+    for which in [Backend::Uring, Backend::Pread, Backend::Inline] {
         let e = open_disk(
             &missing,
             &DiskOptions {
@@ -709,7 +832,7 @@ fn create_file_and_open_errors() {
 fn no_lost_wakeups_under_many_small_waits() {
     // Each op is submitted to an idle disk thread and waited for at once: the case where a
     // lost wake-up would hang. A watchdog turns a hang into a failure.
-    for which in BOTH {
+    for which in ALL {
         let (_dir, path) = new_file(MIB);
         let d = open(which, &path, &DiskOptions::default());
         let (tx, rx) = std::sync::mpsc::channel();
@@ -750,7 +873,7 @@ fn iops_4k_random_write_qd32() {
         .unwrap_or(3.0);
     for direct in [false, true] {
         for batch in [false, true] {
-            for which in BOTH {
+            for which in ALL {
                 let (_dir, path) = new_file(SIZE);
                 let d = open(
                     which,

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shardvol::disk::{
-    self, Disk, DiskError, DiskOptions, FaultDisk, IoOp, MemDisk, Trigger, UringDisk,
+    self, Disk, DiskError, DiskOptions, FaultDisk, InlineDisk, IoOp, MemDisk, Trigger, UringDisk,
 };
 
 fn setup(size: u64) -> (Arc<MemDisk>, FaultDisk) {
@@ -183,7 +183,24 @@ fn works_over_an_async_backend() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
     disk::create_file(&path, 1 << 20).unwrap();
-    let inner = Arc::new(UringDisk::open(Path::new(&path), &DiskOptions::default()).unwrap());
+    works_over(
+        Arc::new(UringDisk::open(Path::new(&path), &DiskOptions::default()).unwrap()),
+        "io_uring",
+    );
+}
+
+#[test]
+fn works_over_the_inline_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    disk::create_file(&path, 1 << 20).unwrap();
+    works_over(
+        Arc::new(InlineDisk::open(Path::new(&path), &DiskOptions::default()).unwrap()),
+        "inline",
+    );
+}
+
+fn works_over(inner: Arc<dyn Disk>, backend: &str) {
     let d = FaultDisk::new(inner);
     let h = d.handle();
     disk::write_at(&d, 0, &[0x11; 8192]).unwrap();
@@ -214,5 +231,5 @@ fn works_over_an_async_backend() {
     }
     assert_eq!(h.counts().discard_errors, 1);
     assert_eq!(d.backend(), "fault");
-    assert_eq!(d.inner().backend(), "io_uring");
+    assert_eq!(d.inner().backend(), backend);
 }

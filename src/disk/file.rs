@@ -1,11 +1,22 @@
 //! Opening files and block devices: options, the io_uring probe and the choice of backend.
 //!
-//! [`open_disk`] uses io_uring when the kernel lets this process use it, and the `pread`
-//! backend otherwise. The probe runs once per process ([`uring_available`]): it sets up a small
-//! ring, checks that the opcodes we need are supported, and runs a `NOP` through it (seccomp
-//! filters may allow `io_uring_setup` but deny `io_uring_enter`). When it fails, the first
-//! [`open_disk`] logs the reason with `tracing::warn!`. The environment variable
-//! [`BACKEND_ENV`] (`SHARDVOL_DISK_BACKEND=pread|io_uring|auto`) overrides [`Backend::Auto`].
+//! [`Backend::Auto`], the default, resolves per disk:
+//!
+//! - buffered I/O (`direct` off): [`InlineDisk`], system calls in the submitting thread. A
+//!   page-cache op costs a few microseconds; handing it to a ring or worker thread and waking
+//!   the caller costs more, and the whole server is faster without it (figures in
+//!   `docs/disks.md`);
+//! - `O_DIRECT`: io_uring when the kernel lets this process use it, so that ops overlap on the
+//!   device; the `pread` backend otherwise. The probe runs once per process
+//!   ([`uring_available`]): it sets up a small ring, checks that the opcodes we need are
+//!   supported, and runs a `NOP` through it (seccomp filters may allow `io_uring_setup` but deny
+//!   `io_uring_enter`). When it fails, the first such [`open_disk`] logs the reason with
+//!   `tracing::warn!`.
+//!
+//! The first automatic choice of each kind is logged once per process at info level, with its
+//! reason. The environment variable [`BACKEND_ENV`]
+//! (`SHARDVOL_DISK_BACKEND=inline|pread|io_uring|auto`) overrides [`Backend::Auto`] for every
+//! disk, buffered or not; an explicit [`DiskOptions::backend`] wins over both.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -15,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 
 use io_uring::{IoUring, opcode};
 
-use super::{DiskError, DiskRef, PreadDisk, SECTOR, UringDisk};
+use super::{DiskError, DiskRef, InlineDisk, PreadDisk, SECTOR, UringDisk};
 
 /// Environment variable that forces a backend when [`DiskOptions::backend`] is `Auto`.
 pub const BACKEND_ENV: &str = "SHARDVOL_DISK_BACKEND";
@@ -23,22 +34,26 @@ pub const BACKEND_ENV: &str = "SHARDVOL_DISK_BACKEND";
 /// Which implementation drives a file or block device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
-    /// io_uring if the probe succeeds, else pread (or what [`BACKEND_ENV`] says).
+    /// What [`BACKEND_ENV`] says; without it, inline for buffered I/O, and for `O_DIRECT`
+    /// io_uring if the probe succeeds, else pread.
     #[default]
     Auto,
     /// io_uring, or an error if it is unavailable.
     Uring,
     /// pread/pwrite worker threads.
     Pread,
+    /// pread/pwrite in the submitting thread ([`InlineDisk`]).
+    Inline,
 }
 
 impl Backend {
-    /// Parse a value of [`BACKEND_ENV`]: "auto", "io_uring" (or "uring"), "pread".
+    /// Parse a value of [`BACKEND_ENV`]: "auto", "io_uring" (or "uring"), "pread", "inline".
     pub fn parse(value: &str) -> Option<Backend> {
         match value.trim().to_ascii_lowercase().as_str() {
             "auto" | "" => Some(Backend::Auto),
             "io_uring" | "uring" | "io-uring" => Some(Backend::Uring),
             "pread" | "sync" | "fallback" => Some(Backend::Pread),
+            "inline" => Some(Backend::Inline),
             _ => None,
         }
     }
@@ -157,10 +172,14 @@ fn resolve_auto() -> Backend {
                 tracing::warn!("{BACKEND_ENV}={value}: disks use the pread backend");
                 Backend::Pread
             }
+            Some(b @ (Backend::Inline | Backend::Uring)) => {
+                tracing::info!("{BACKEND_ENV}={value}: disks use the {b:?} backend");
+                b
+            }
             Some(b) => b,
             None => {
                 tracing::warn!(
-                    "{BACKEND_ENV}={value} is not one of auto, io_uring, pread: ignored"
+                    "{BACKEND_ENV}={value} is not one of auto, io_uring, pread, inline: ignored"
                 );
                 Backend::Auto
             }
@@ -177,9 +196,20 @@ pub fn open_disk(path: &Path, opts: &DiskOptions) -> Result<DiskRef, DiskError> 
     };
     match backend {
         Backend::Pread => Ok(Arc::new(PreadDisk::open(path, opts)?)),
+        Backend::Inline => Ok(Arc::new(InlineDisk::open(path, opts)?)),
         Backend::Uring => Ok(Arc::new(UringDisk::open(path, opts)?)),
+        Backend::Auto if !opts.direct => {
+            static LOGGED: OnceLock<()> = OnceLock::new();
+            LOGGED.get_or_init(|| {
+                tracing::info!(
+                    "buffered disks use the inline backend: a page-cache op costs less than a hop to a disk thread"
+                )
+            });
+            Ok(Arc::new(InlineDisk::open(path, opts)?))
+        }
         Backend::Auto => {
             static WARNED: OnceLock<()> = OnceLock::new();
+            static LOGGED: OnceLock<()> = OnceLock::new();
             if let Err(reason) = uring_available() {
                 WARNED.get_or_init(|| {
                     tracing::warn!("io_uring unavailable, disks use the pread backend: {reason}")
@@ -187,7 +217,14 @@ pub fn open_disk(path: &Path, opts: &DiskOptions) -> Result<DiskRef, DiskError> 
                 return Ok(Arc::new(PreadDisk::open(path, opts)?));
             }
             match UringDisk::open(path, opts) {
-                Ok(d) => Ok(Arc::new(d)),
+                Ok(d) => {
+                    LOGGED.get_or_init(|| {
+                        tracing::info!(
+                            "O_DIRECT disks use io_uring: their ops overlap on the device"
+                        )
+                    });
+                    Ok(Arc::new(d))
+                }
                 // The probe passed but this ring could not be set up (locked-memory limit on
                 // older kernels, too many rings): this disk falls back alone.
                 Err(DiskError::Io {

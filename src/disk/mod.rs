@@ -3,7 +3,10 @@
 //! A disk is a fixed-size array of bytes addressed in multiples of 512 (one sector). Backends:
 //!
 //! - [`UringDisk`]: a file or block device driven through io_uring by one thread per disk;
-//! - [`PreadDisk`]: the same over `pread`/`pwrite`, for hosts where io_uring is denied
+//! - [`InlineDisk`]: the same with `pread`/`pwrite` run in the submitting thread: no thread
+//!   hops, the fastest for buffered (page-cache) I/O, and what [`open_disk`] picks for it;
+//!   its ops do not overlap, so not for `O_DIRECT` on real devices;
+//! - [`PreadDisk`]: `pread`/`pwrite` on worker threads, for hosts where io_uring is denied
 //!   ([`open_disk`] probes once per process and falls back with a logged reason);
 //! - [`MemDisk`]: sparse memory with a model of volatile and durable state, for crash tests;
 //! - [`FaultDisk`]: a wrapper that fails, corrupts or loses another disk on command.
@@ -11,7 +14,7 @@
 //! # Contract of [`Disk::submit`]
 //!
 //! - `submit` checks the whole batch, starts every op and returns at once; it never waits for
-//!   the I/O. A batch with one unaligned or out-of-range op fails as a whole, before anything is
+//!   the I/O ([`InlineDisk`] is the one exception: it runs the batch before returning). A batch with one unaligned or out-of-range op fails as a whole, before anything is
 //!   started, with [`DiskError::Unaligned`] or [`DiskError::OutOfRange`] (never a panic).
 //! - Offsets and lengths are multiples of 512 bytes; buffers are [`IoBuf`]s, aligned to 4096 bytes
 //!   so that the same buffer works with `O_DIRECT`. A zero-length op is valid and does nothing.
@@ -44,9 +47,11 @@
 use std::sync::Arc;
 
 mod batch;
+mod blocking;
 mod buf;
 mod fault;
 mod file;
+mod inline;
 mod mem;
 mod pending;
 mod pread;
@@ -55,6 +60,7 @@ pub mod uring;
 pub use buf::{IoBuf, keep_large_buffers_in_heap};
 pub use fault::{FaultCounts, FaultDisk, FaultHandle, Trigger};
 pub use file::{BACKEND_ENV, Backend, DiskOptions, create_file, open_disk, uring_available};
+pub use inline::InlineDisk;
 pub use mem::{CrashMode, CrashReport, MemDisk, MemDiskStats};
 pub use pending::{Completer, Pending};
 pub use pread::PreadDisk;
@@ -63,6 +69,11 @@ pub use uring::UringDisk;
 /// The sector: granularity of offsets and lengths, and the unit that the disks are assumed to
 /// write atomically (see `docs/disks.md`).
 pub const SECTOR: u64 = 512;
+
+/// Size of the zero buffer that discard writes where punching holes is unsupported (every file
+/// backend): 1 MiB, one `max_io_bytes` transfer at the default, so a long discard costs few
+/// system calls while the buffer stays small next to a disk's other memory.
+pub(crate) const ZERO_BUF: usize = 1 << 20;
 
 /// Alignment of every [`IoBuf`]: a page, which satisfies `O_DIRECT` on 512-byte and 4Kn devices.
 pub const BUF_ALIGN: usize = 4096;
@@ -226,7 +237,7 @@ pub trait Disk: Send + Sync {
     fn size(&self) -> u64;
     /// Start every op of the batch and return at once; see the module docs for the contract.
     fn submit(&self, ops: Vec<IoOp>) -> Pending;
-    /// The backend, for logs: "io_uring", "pread", "memory", "fault", …
+    /// The backend, for logs: "io_uring", "inline", "pread", "memory", "fault", …
     fn backend(&self) -> &'static str {
         "other"
     }

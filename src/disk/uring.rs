@@ -59,13 +59,10 @@ use io_uring::{IoUring, opcode, types};
 
 use super::batch::Batch;
 use super::file::{DiskOptions, open_file};
-use super::{Completer, Disk, DiskError, IoBuf, IoOp, Pending, check_batch};
+use super::{Completer, Disk, DiskError, IoBuf, IoOp, Pending, ZERO_BUF, check_batch};
 
 /// user_data of the eventfd poll; op slots use their index, which never comes near it.
 const WAKE_TOKEN: u64 = u64::MAX;
-
-/// Size of the zero buffer written by discard where punching holes is unsupported.
-const ZERO_BUF: usize = 1 << 20;
 
 struct Submission {
     ops: Vec<IoOp>,

@@ -174,7 +174,11 @@ impl Journal {
             }
             copies.push((pos, len, good));
             // A skip record may move the sequence forward (see `Journal::jump`).
-            let next = if header.kind == RecordKind::Skip && header.trim_lba > expect { header.trim_lba } else { expect + 1 };
+            let next = if header.kind == RecordKind::Skip && header.trim_lba > expect {
+                header.trim_lba
+            } else {
+                expect + 1
+            };
             if header.kind == RecordKind::Wrap {
                 let waste = layout.log_end() - pos;
                 used += waste;
@@ -482,7 +486,9 @@ impl Journal {
     /// number a stale record can carry, so replay goes from the kept records to the new ones.
     pub fn jump(&self) -> Result<(), JournalError> {
         let Some(r) = self.reserve(BLOCK_SIZE_U64)? else {
-            return Err(JournalError::Failed("journal full: no room for the skip record".into()));
+            return Err(JournalError::Failed(
+                "journal full: no room for the skip record".into(),
+            ));
         };
         let next = r.seq + self.capacity() / BLOCK_SIZE_U64 + 1;
         let skip = RecordHeader {
