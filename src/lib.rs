@@ -6,7 +6,8 @@
 //! - [`layout`]: geometry newtypes and placement (stripe → disks);
 //! - [`crypto`]: AES-256-XTS per block, shard-key derivation, per-block tags;
 //! - [`erasure`]: Reed-Solomon over ciphertext chunks;
-//! - [`disk`]: the `Disk` trait: io_uring, pread fallback, memory and fault-injecting disks.
+//! - [`disk`]: the `Disk` trait: inline (page cache), io_uring and pread backends, memory and
+//!   fault-injecting disks.
 //!
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
 //! (creating, opening and describing a pool of disks and volumes).
