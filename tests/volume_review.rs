@@ -468,7 +468,7 @@ fn concurrent_random_workload_matches_model_after_destage_and_reopen() {
                     let mut i = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         vol.destage().expect("destage");
-                        if i % 3 == 0 {
+                        if i.is_multiple_of(3) {
                             vol.flush().expect("flush");
                         }
                         i += 1;
@@ -613,7 +613,7 @@ fn reads_racing_destage_and_journal_reuse_see_whole_versions() {
                     while !stop.load(Ordering::SeqCst) {
                         let got = read(&vol, 0, 4 * BS).expect("read during destaging");
                         assert!(
-                            versions.iter().any(|v| *v == got),
+                            versions.contains(&got),
                             "a read returned a mix or a foreign page"
                         );
                     }
@@ -892,7 +892,7 @@ fn exercise_geometry(k: u16, m: u16, chunk: u32, size: u64) {
         st,
         vec![Extent {
             len: size - last_block,
-            hole: size % BS as u64 == 0
+            hole: size.is_multiple_of(BS as u64)
         }],
         "{what}: last block after trim"
     );

@@ -122,6 +122,23 @@ impl fmt::Debug for IoBuf {
     }
 }
 
+/// Asks the C allocator to serve I/O buffers (journal records, chunk runs: 4 KiB to a few MiB)
+/// from its heap instead of fresh `mmap`s. By default glibc maps every allocation above 128 KiB
+/// anew and unmaps it on free, so each buffer costs a page fault and a zeroed page per 4 KiB:
+/// measured as the largest cost of the write path. Call once at start-up, before threads start.
+pub fn keep_large_buffers_in_heap() {
+    // Buffers up to 64 MiB (the largest request plus its copies) come from the heap, and up to
+    // 256 MiB of freed heap is kept rather than returned to the kernel.
+    const MMAP_THRESHOLD: libc::c_int = 64 << 20;
+    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
+    // SAFETY: mallopt only changes allocator tunables; it takes no pointers and is safe to call
+    // at any time (glibc serialises it with the allocator's own locks).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,22 +161,5 @@ mod tests {
         b[0] = 0xff;
         assert_eq!(&a[..], &data[..]);
         assert_ne!(a, b);
-    }
-}
-
-/// Asks the C allocator to serve I/O buffers (journal records, chunk runs: 4 KiB to a few MiB)
-/// from its heap instead of fresh `mmap`s. By default glibc maps every allocation above 128 KiB
-/// anew and unmaps it on free, so each buffer costs a page fault and a zeroed page per 4 KiB:
-/// measured as the largest cost of the write path. Call once at start-up, before threads start.
-pub fn keep_large_buffers_in_heap() {
-    // Buffers up to 64 MiB (the largest request plus its copies) come from the heap, and up to
-    // 256 MiB of freed heap is kept rather than returned to the kernel.
-    const MMAP_THRESHOLD: libc::c_int = 64 << 20;
-    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-    // SAFETY: mallopt only changes allocator tunables; it takes no pointers and is safe to call
-    // at any time (glibc serialises it with the allocator's own locks).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }

@@ -133,7 +133,7 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     validate_name(&opts.volume)?;
     let geometry = Geometry::new(opts.data, opts.parity, opts.chunk_size)
         .map_err(|e| PoolError::Invalid(e.to_string()))?;
-    if opts.size == 0 || opts.size % 4096 != 0 {
+    if opts.size == 0 || !opts.size.is_multiple_of(4096) {
         return Err(PoolError::Invalid(format!(
             "volume size {} must be a positive multiple of 4 KiB",
             opts.size

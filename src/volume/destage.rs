@@ -168,10 +168,10 @@ impl Volume {
                     sd.blocks.remove(lba);
                 }
             }
-            if let (Some(t), Some(cur)) = (&snap.trims, &sd.trims) {
-                if cur.seq == t.seq {
-                    sd.trims = None;
-                }
+            if let (Some(t), Some(cur)) = (&snap.trims, &sd.trims)
+                && cur.seq == t.seq
+            {
+                sd.trims = None;
             }
             if snapshot_empty(sd) {
                 dirty.stripes.remove(&s);

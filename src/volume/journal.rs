@@ -143,10 +143,11 @@ impl Journal {
                 let Ok(page) = read(d, off, BLOCK_SIZE) else {
                     continue;
                 };
-                if let Some(cp) = Checkpoint::decode(&page) {
-                    if cp.volume == volume && best.is_none_or(|(b, _)| cp.seq > b.seq) {
-                        best = Some((cp, slot));
-                    }
+                if let Some(cp) = Checkpoint::decode(&page)
+                    && cp.volume == volume
+                    && best.is_none_or(|(b, _)| cp.seq > b.seq)
+                {
+                    best = Some((cp, slot));
                 }
             }
         }

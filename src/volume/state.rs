@@ -20,6 +20,12 @@ pub struct LockTable {
 /// stripes), small enough to cost nothing (4096 × 16 bytes).
 pub const LOCK_SLOTS: usize = 4096;
 
+impl Default for LockTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LockTable {
     pub fn new() -> Self {
         Self {
