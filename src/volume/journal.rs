@@ -308,10 +308,12 @@ impl Journal {
     }
 
     /// Writes a reserved record (`record` = header pages then payload pages) to every replica.
-    pub fn write(&self, r: &Reservation, record: &[u8]) -> Result<(), JournalError> {
+    /// The last replica takes `record` itself; the others get copies.
+    pub fn write(&self, r: &Reservation, record: IoBuf) -> Result<(), JournalError> {
         debug_assert_eq!(record.len() as u64, r.len);
         let mut pending = Vec::with_capacity(self.disks.len());
-        for d in &self.disks {
+        let mut record = Some(record);
+        for (i, d) in self.disks.iter().enumerate() {
             let mut ops = Vec::with_capacity(2);
             if let Some((seq, at)) = r.wrap {
                 let h = RecordHeader {
@@ -328,9 +330,18 @@ impl Journal {
                     buf: IoBuf::from_slice(&h.encode()),
                 });
             }
+            let buf = if i + 1 == self.disks.len() {
+                record
+                    .take()
+                    .unwrap_or_else(|| IoBuf::zeroed(r.len as usize))
+            } else {
+                record
+                    .as_ref()
+                    .map_or_else(|| IoBuf::zeroed(r.len as usize), IoBuf::clone)
+            };
             ops.push(IoOp::Write {
                 offset: r.position,
-                buf: IoBuf::from_slice(record),
+                buf,
             });
             pending.push((d.name().to_string(), d.submit(ops)));
         }
@@ -501,7 +512,7 @@ impl Journal {
             payload_crc: crc32c::crc32c(&[]),
             entries: vec![],
         };
-        let written = self.write(&r, &skip.encode());
+        let written = self.write(&r, IoBuf::from_slice(&skip.encode()));
         self.complete(&r);
         written?;
         self.flush_to(r.seq)?;

@@ -40,7 +40,7 @@ use self::format::{
 use self::journal::{Journal, Reservation};
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
-use crate::disk::DiskRef;
+use crate::disk::{DiskRef, IoBuf};
 use crate::erasure::Codec;
 use crate::layout::placement::{Placement, PlacementDisk};
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, DiskId, Lba, StripeId};
@@ -477,7 +477,7 @@ impl Volume {
         mut build: F,
     ) -> Result<(), VolumeError>
     where
-        F: FnMut(&Reservation) -> Result<(Vec<u8>, RecordApply), VolumeError>,
+        F: FnMut(&Reservation) -> Result<(IoBuf, RecordApply), VolumeError>,
     {
         let len = ((header_pages(payload_blocks) + payload_blocks) * BLOCK_SIZE) as u64;
         let deadline = std::time::Instant::now() + JOURNAL_FULL_TIMEOUT;
@@ -497,7 +497,7 @@ impl Volume {
             let result = match build(&r) {
                 Ok((record, apply)) => self
                     .journal
-                    .write(&r, &record)
+                    .write(&r, record)
                     .map_err(VolumeError::from)
                     .map(|()| self.apply(stripe, &r, apply)),
                 Err(e) => {
@@ -512,9 +512,9 @@ impl Volume {
                         payload_crc: crc32c::crc32c(&[]),
                         entries: vec![],
                     };
-                    let mut record = vec![0u8; r.len as usize];
+                    let mut record = IoBuf::zeroed(r.len as usize);
                     record[..BLOCK_SIZE].copy_from_slice(&skip.encode());
-                    match self.journal.write(&r, &record) {
+                    match self.journal.write(&r, record) {
                         Ok(()) => Err(e),
                         Err(j) => Err(VolumeError::Io(format!(
                             "{e}; and the journal could not record the failure: {j}"
@@ -631,7 +631,7 @@ impl Volume {
                 let lba0 = first.0 + done;
                 self.append(stripe, n as usize, |r| {
                     let hp = header_pages(n as usize);
-                    let mut record = vec![0u8; (hp + n as usize) * BLOCK_SIZE];
+                    let mut record = IoBuf::zeroed((hp + n as usize) * BLOCK_SIZE);
                     let mut entries = Vec::with_capacity(n as usize);
                     for i in 0..n {
                         let lba = Lba(lba0 + i);
@@ -762,7 +762,7 @@ impl Volume {
                     entries: vec![],
                 };
                 Ok((
-                    header.encode(),
+                    IoBuf::from_slice(&header.encode()),
                     RecordApply::Trim {
                         from,
                         to: from + count,
