@@ -407,7 +407,6 @@ fn malformed_trim_record_does_not_panic_open() {
 /// A well-formed forged trim record (valid crc32c, nothing keyed) written on one journal
 /// replica silently zeroes acknowledged, flushed data at the next open: no tag covers trims.
 #[test]
-#[ignore = "open issue (hostile disks): journal headers carry a checksum, not a keyed tag"]
 fn forged_trim_record_on_one_replica_is_rejected() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();

@@ -160,7 +160,12 @@ pub const RECORD_MAGIC: [u8; 8] = *b"SVJRNL01";
 /// Magic of a checkpoint slot.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVCKPT01";
 /// Fixed part of a record header; entries (64 bytes each) follow.
-pub const RECORD_FIXED: usize = 64;
+pub const RECORD_FIXED: usize = 96;
+/// Where a record header or a checkpoint keeps the master key version of its seal.
+pub const SEAL_VERSION: std::ops::Range<usize> = 56..60;
+/// Where a record header or a checkpoint keeps its seal: a keyed tag that the disks cannot
+/// forge (a checksum only catches accidents).
+pub const SEAL_TAG: std::ops::Range<usize> = 64..96;
 /// Most blocks in one write record: 256 blocks = 1 MiB, a header of 5 pages. Bounds the memory
 /// a replay reads at once and keeps records a few pages long.
 pub const MAX_RECORD_BLOCKS: usize = 256;
@@ -178,8 +183,10 @@ pub const MAX_RECORD_BLOCKS: usize = 256;
 /// | 40 | 8 | trim: block count; skip: pages of the record; otherwise 0 |
 /// | 48 | 4 | crc32c of the payload pages |
 /// | 52 | 4 | crc32c of the header pages with this field zero |
-/// | 56 | 8 | reserved, 0 |
-/// | 64 | 64·n | the [`BlockMeta`] of each payload block, in payload order |
+/// | 56 | 4 | master key version of the seal |
+/// | 60 | 4 | reserved, 0 |
+/// | 64 | 32 | seal: keyed BLAKE3 (the volume's tag key) over the header pages with the seal and checksum fields zero |
+/// | 96 | 64·n | the [`BlockMeta`] of each payload block, in payload order |
 ///
 /// The header occupies `header_pages(n)` pages, zero padded; the payload pages follow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,6 +313,10 @@ impl RecordHeader {
 /// | 24 | 8 | volume id |
 /// | 32 | 8 | reserved, 0 |
 /// | 40 | 4 | crc32c of bytes 0..40 |
+/// | 44 | 12 | reserved, 0 |
+/// | 56 | 4 | master key version of the seal |
+/// | 60 | 4 | reserved, 0 |
+/// | 64 | 32 | seal: keyed BLAKE3 over the page with the seal field zero |
 ///
 /// Two slots, written alternately; the valid slot
 /// with the highest `seq` wins, so a torn checkpoint write leaves the previous one.

@@ -24,9 +24,62 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::format::{Checkpoint, RecordHeader, RecordKind, RegionLayout};
+use super::format::{Checkpoint, RecordHeader, RecordKind, RegionLayout, SEAL_TAG, SEAL_VERSION};
 use crate::disk::{DiskRef, IoBuf, IoOp};
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64};
+
+/// The key that seals record headers and checkpoints: the current master key version, and a
+/// keyed tag of any version (`None` when that version is not loaded).
+pub struct HeaderKey {
+    pub version: Box<dyn Fn() -> u32 + Send + Sync>,
+    pub mac: Box<dyn Fn(u32, &[u8]) -> Option<[u8; 32]> + Send + Sync>,
+}
+
+impl HeaderKey {
+    /// Seals `bytes` (a record header or a checkpoint page): writes the key version and the tag
+    /// of the bytes with the seal field (and, for records, the checksum field) zero.
+    fn seal(&self, bytes: &mut [u8], crc_field: Option<std::ops::Range<usize>>) {
+        let version = (self.version)();
+        bytes[SEAL_VERSION].copy_from_slice(&version.to_le_bytes());
+        bytes[SEAL_TAG].fill(0);
+        if let Some(c) = crc_field.clone() {
+            bytes[c].fill(0);
+        }
+        let tag = (self.mac)(version, bytes).unwrap_or([0; 32]);
+        bytes[SEAL_TAG].copy_from_slice(&tag);
+        if let Some(c) = crc_field {
+            let crc = crc32c::crc32c(bytes);
+            bytes[c].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// Whether the seal of `bytes` is right.
+    fn check(&self, bytes: &[u8], crc_field: Option<std::ops::Range<usize>>) -> bool {
+        if bytes.len() < SEAL_TAG.end {
+            return false;
+        }
+        let mut copy = bytes.to_vec();
+        copy[SEAL_TAG].fill(0);
+        if let Some(c) = crc_field {
+            copy[c].fill(0);
+        }
+        let version = u32::from_le_bytes(copy[SEAL_VERSION].try_into().unwrap_or_default());
+        (self.mac)(version, &copy).is_some_and(|tag| tag[..] == bytes[SEAL_TAG])
+    }
+
+    fn seal_record(&self, header: &mut [u8]) {
+        self.seal(header, Some(RECORD_CRC));
+    }
+
+    fn seal_checkpoint(&self, cp: &Checkpoint) -> Vec<u8> {
+        let mut b = cp.encode();
+        self.seal(&mut b, None);
+        b
+    }
+}
+
+/// Where a record header keeps the checksum of its pages.
+const RECORD_CRC: std::ops::Range<usize> = 52..56;
 
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +136,7 @@ struct State {
 }
 
 pub struct Journal {
+    key: std::sync::Arc<HeaderKey>,
     layout: RegionLayout,
     volume: u64,
     disks: Vec<DiskRef>,
@@ -92,30 +146,18 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Writes an empty checkpoint on every journal disk of a new volume.
+    /// Clears both checkpoint slots on every journal disk of a new volume. The first open seals
+    /// a checkpoint (creating a volume needs no key; see [`Journal::open`]).
     pub fn format(
         layout: &RegionLayout,
-        volume: u64,
+        _volume: u64,
         disks: &[DiskRef],
     ) -> Result<(), JournalError> {
-        let cp = Checkpoint {
-            seq: 0,
-            position: layout.log_start(),
-            volume,
-        };
         for d in disks {
-            let mut ops = Vec::new();
-            for slot in 0..2u64 {
-                let bytes = if slot == 0 {
-                    cp.encode()
-                } else {
-                    vec![0u8; BLOCK_SIZE]
-                };
-                ops.push(IoOp::Write {
-                    offset: layout.region_offset + slot * BLOCK_SIZE_U64,
-                    buf: IoBuf::from_slice(&bytes),
-                });
-            }
+            let ops = vec![IoOp::Write {
+                offset: layout.region_offset,
+                buf: IoBuf::zeroed(2 * BLOCK_SIZE),
+            }];
             d.submit(ops)
                 .wait()
                 .map_err(|e| JournalError::Failed(e.to_string()))?;
@@ -135,23 +177,39 @@ impl Journal {
         volume: u64,
         disks: Vec<DiskRef>,
         valid: &dyn Fn(&RecordHeader) -> bool,
+        key: std::sync::Arc<HeaderKey>,
     ) -> Result<(Self, Vec<Replayed>), JournalError> {
         let mut best: Option<(Checkpoint, u64)> = None;
+        // A journal that was never opened has both slots zero on every replica; anything else
+        // without a sealed checkpoint is damage (or a disk pretending to be new).
+        let mut all_clear = true;
         for d in &disks {
             for slot in 0..2u64 {
                 let off = layout.region_offset + slot * BLOCK_SIZE_U64;
                 let Ok(page) = read(d, off, BLOCK_SIZE) else {
+                    all_clear = false;
                     continue;
                 };
+                all_clear &= page.iter().all(|b| *b == 0);
                 if let Some(cp) = Checkpoint::decode(&page)
                     && cp.volume == volume
+                    && key.check(&page, None)
                     && best.is_none_or(|(b, _)| cp.seq > b.seq)
                 {
                     best = Some((cp, slot));
                 }
             }
         }
-        let (cp, slot) = best.ok_or(JournalError::NoCheckpoint { volume })?;
+        let fresh = Checkpoint {
+            seq: 0,
+            position: layout.log_start(),
+            volume,
+        };
+        let (cp, slot) = match best {
+            Some(b) => b,
+            None if all_clear => (fresh, 1),
+            None => return Err(JournalError::NoCheckpoint { volume }),
+        };
         let capacity = layout.log_end() - layout.log_start();
         let mut records = Vec::new();
         let mut live = VecDeque::new();
@@ -161,7 +219,7 @@ impl Journal {
         // Records accepted, with the replica that had a valid copy, to copy to the others.
         let mut copies: Vec<(u64, u64, usize)> = Vec::new();
         while used < capacity {
-            let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect)
+            let Some((header, len, good)) = read_record(&layout, volume, &disks, pos, expect, &key)
             else {
                 break;
             };
@@ -226,6 +284,7 @@ impl Journal {
         );
         let last = expect - 1;
         let journal = Self {
+            key,
             layout,
             volume,
             disks,
@@ -309,8 +368,10 @@ impl Journal {
 
     /// Writes a reserved record (`record` = header pages then payload pages) to every replica.
     /// The last replica takes `record` itself; the others get copies.
-    pub fn write(&self, r: &Reservation, record: IoBuf) -> Result<(), JournalError> {
+    pub fn write(&self, r: &Reservation, mut record: IoBuf) -> Result<(), JournalError> {
         debug_assert_eq!(record.len() as u64, r.len);
+        let pages = RecordHeader::peek_pages(&record).unwrap_or(1);
+        self.key.seal_record(&mut record[..pages * BLOCK_SIZE]);
         let mut pending = Vec::with_capacity(self.disks.len());
         let mut record = Some(record);
         for (i, d) in self.disks.iter().enumerate() {
@@ -325,9 +386,11 @@ impl Journal {
                     payload_crc: crc32c::crc32c(&[]),
                     entries: vec![],
                 };
+                let mut bytes = h.encode();
+                self.key.seal_record(&mut bytes);
                 ops.push(IoOp::Write {
                     offset: at,
-                    buf: IoBuf::from_slice(&h.encode()),
+                    buf: IoBuf::from_slice(&bytes),
                 });
             }
             let buf = if i + 1 == self.disks.len() {
@@ -468,7 +531,7 @@ impl Journal {
             position,
             volume: self.volume,
         };
-        let bytes = cp.encode();
+        let bytes = self.key.seal_checkpoint(&cp);
         let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
         let pending: Vec<_> = self
             .disks
@@ -547,12 +610,11 @@ impl Journal {
                 1 - st.checkpoint_slot,
             )
         };
-        let bytes = Checkpoint {
+        let bytes = self.key.seal_checkpoint(&Checkpoint {
             seq,
             position,
             volume: self.volume,
-        }
-        .encode();
+        });
         let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
         let pending: Vec<_> = self
             .disks
@@ -683,9 +745,10 @@ fn read_record(
     disks: &[DiskRef],
     pos: u64,
     expect: u64,
+    key: &HeaderKey,
 ) -> Option<(RecordHeader, u64, usize)> {
     for (i, d) in disks.iter().enumerate() {
-        if let Some((h, len)) = read_record_from(layout, volume, d, pos, expect) {
+        if let Some((h, len)) = read_record_from(layout, volume, d, pos, expect, key) {
             return Some((h, len, i));
         }
     }
@@ -698,6 +761,7 @@ fn read_record_from(
     d: &DiskRef,
     pos: u64,
     expect: u64,
+    key: &HeaderKey,
 ) -> Option<(RecordHeader, u64)> {
     let first = read(d, pos, BLOCK_SIZE).ok()?;
     let pages = RecordHeader::peek_pages(&first)?;
@@ -710,7 +774,7 @@ fn read_record_from(
         read(d, pos, pages * BLOCK_SIZE).ok()?
     };
     let header = RecordHeader::decode(&head).ok()?;
-    if header.seq != expect || header.volume != volume {
+    if header.seq != expect || header.volume != volume || !key.check(&head, Some(RECORD_CRC)) {
         return None;
     }
     let len = header.record_len();

@@ -154,6 +154,10 @@ const DESTAGE_INTERVAL: Duration = Duration::from_millis(200);
 /// destager frees space within milliseconds unless the disks fail.
 const JOURNAL_FULL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Domain label of the tag that seals journal headers and checkpoints (block tags use the
+/// 32-byte metadata header instead, so the two can never be confused).
+const JOURNAL_SEAL_LABEL: &[u8] = b"shardvol journal seal v1";
+
 /// Everything needed to open a volume.
 pub struct VolumeParts {
     pub record: VolumeRecord,
@@ -258,7 +262,19 @@ impl Volume {
         let blocks = parts.record.size.div_ceil(BLOCK_SIZE_U64);
         let bps = layout.geometry.blocks_per_stripe();
         let valid = |h: &RecordHeader| record_fits(h, blocks, bps);
-        let (journal, replayed) = Journal::open(layout, parts.record.id, jd, &valid)?;
+        let key = {
+            let (keys, write_key, volume) =
+                (parts.keys.clone(), parts.write_key.clone(), parts.record.id);
+            Arc::new(journal::HeaderKey {
+                version: Box::new(move || write_key.get().0),
+                mac: Box::new(move |version, bytes| {
+                    keys.tag_key(version, volume)
+                        .ok()
+                        .map(|k| k.tag(JOURNAL_SEAL_LABEL, bytes))
+                }),
+            })
+        };
+        let (journal, replayed) = Journal::open(layout, parts.record.id, jd, &valid, key)?;
         let codec = Codec::new(
             usize::from(layout.geometry.k),
             usize::from(layout.geometry.m),
