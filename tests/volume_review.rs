@@ -381,10 +381,13 @@ fn malformed_trim_record_does_not_panic_open() {
     let rig = Rig::standard(16 << 20);
     let vol = rig.open();
     vol.halt();
-    vol.write(0, &pattern(8, BS), true).unwrap(); // seq 1, 2 pages
+    vol.write(0, &pattern(8, BS), true).unwrap(); // one record, 2 pages
     rig.kill(vol);
+    let j0 = rig.journal_disks()[0];
+    let first = RecordHeader::decode(&rig.mems[j0].read_bytes(rig.log_start(), BS))
+        .expect("the write's record is at the start of the log");
     let forged = RecordHeader {
-        seq: 2,
+        seq: first.seq + 1,
         volume: rig.record.id,
         kind: RecordKind::Trim,
         trim_lba: 0,
@@ -412,10 +415,16 @@ fn forged_trim_record_on_one_replica_is_rejected() {
     let vol = rig.open();
     vol.halt();
     let data = pattern(9, 4 * BS);
-    vol.write(0, &data, true).unwrap(); // seq 1: 1 header page + 4 payload pages
+    vol.write(0, &data, true).unwrap(); // one record: header page(s) + 4 payload pages
     rig.kill(vol);
+    let j = rig.journal_disks()[0];
+    // The forgery follows that record, with the next sequence number, so replay would take it.
+    let first =
+        RecordHeader::decode(&rig.mems[j].read_bytes(rig.log_start(), header_pages(4) * BS))
+            .expect("the write's record is at the start of the log");
+    assert_eq!(first.kind, RecordKind::Write);
     let forged = RecordHeader {
-        seq: 2,
+        seq: first.seq + 1,
         volume: rig.record.id,
         kind: RecordKind::Trim,
         trim_lba: 0,
@@ -423,7 +432,6 @@ fn forged_trim_record_on_one_replica_is_rejected() {
         payload_crc: crc32c::crc32c(&[]),
         entries: vec![],
     };
-    let j = rig.journal_disks()[0];
     rig.mems[j].tamper(
         rig.log_start() + ((header_pages(4) + 4) * BS) as u64,
         &forged.encode(),
