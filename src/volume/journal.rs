@@ -32,8 +32,11 @@ use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64};
 /// keyed tag of any version (`None` when that version is not loaded).
 pub struct HeaderKey {
     pub version: Box<dyn Fn() -> u32 + Send + Sync>,
-    pub mac: Box<dyn Fn(u32, &[u8]) -> Option<[u8; 32]> + Send + Sync>,
+    pub mac: Box<SealMac>,
 }
+
+/// Keyed tag of `bytes` under master key version `v` (`None` when that version is not loaded).
+pub type SealMac = dyn Fn(u32, &[u8]) -> Option<[u8; 32]> + Send + Sync;
 
 impl HeaderKey {
     /// Seals `bytes` (a record header or a checkpoint page): writes the key version and the tag
