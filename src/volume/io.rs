@@ -135,7 +135,7 @@ impl Volume {
             .blocks_reconstructed
             .fetch_add(1, Ordering::Relaxed);
         if disk_answered {
-            match self.write_back(stripe, p.chunk, p.block_in_chunk, &disks[c], shard) {
+            match self.write_back(stripe, p.block_in_chunk, &disks[c], shard) {
                 Ok(()) => {
                     self.stats.blocks_repaired.fetch_add(1, Ordering::Relaxed);
                     warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), "block failed its check; rebuilt from parity and repaired");
@@ -154,7 +154,6 @@ impl Volume {
     fn write_back(
         &self,
         stripe: StripeId,
-        _chunk: ChunkIndex,
         row: u64,
         disk: &DiskRef,
         shard: &[u8],
