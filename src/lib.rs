@@ -10,13 +10,15 @@
 //!   fault-injecting disks.
 //!
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes).
+//! (creating, opening and describing a pool of disks and volumes), and [`lifecycle`] (epochs,
+//! master key versions, archive and destroy, re-splitting the KEK, background re-encryption).
 
 pub mod crypto;
 pub mod disk;
 pub mod erasure;
 pub mod kms;
 pub mod layout;
+pub mod lifecycle;
 pub mod meta;
 pub mod nbd;
 pub mod pool;

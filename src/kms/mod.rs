@@ -23,8 +23,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod epochs;
 mod hex;
+pub mod keyslots;
+pub mod policy;
 mod shares;
+pub mod unlock;
 mod wrap;
 
 use std::fmt;
@@ -96,6 +100,12 @@ pub enum KmsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A bad value in the `[rotation]` or `[unlock]` configuration, naming the key.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Unsealing refused by an access window (`unlock.allowed_hours`, `unlock.not_after`).
+    #[error("refused by policy: {0}")]
+    Policy(#[from] policy::PolicyRefusal),
 }
 
 fn duplicate_message(first: &str, second: &str, index: u8) -> String {

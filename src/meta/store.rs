@@ -34,6 +34,10 @@ const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_na
 const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
 /// (volume id, stripe) → allocation bitmap, little-endian u64 words.
 const ALLOC: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("alloc");
+/// name → JSON value of the key lifecycle (`docs/key-lifecycle.md`): `"epochs"` (epoch
+/// history), `"key_times"` (archive and destroy times of master versions). Created on first
+/// write, so stores made before it open unchanged.
+const LIFECYCLE: TableDefinition<&str, &[u8]> = TableDefinition::new("key_lifecycle");
 
 /// The pool's redb database.
 pub struct MetaStore {
@@ -507,5 +511,29 @@ impl MetaStore {
             }
         }
         txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// A value of the key-lifecycle table, `None` when absent (or when the table was never
+    /// written, as in stores made before it existed).
+    pub fn lifecycle_get(&self, name: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let ctx = format!("cannot read key lifecycle entry {name:?}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = match txn.open_table(LIFECYCLE) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(&ctx, e)),
+        };
+        let row = table.get(name).map_err(|e| self.err(&ctx, e))?;
+        Ok(row.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes a value of the key-lifecycle table in its own durable transaction.
+    pub fn lifecycle_put(&self, name: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.write_one(
+            LIFECYCLE,
+            name,
+            value,
+            &format!("key lifecycle entry {name:?}"),
+        )
     }
 }

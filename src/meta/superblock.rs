@@ -237,11 +237,15 @@ fn check_disk_size(disk: &dyn Disk) -> Result<(), MetaError> {
 /// Writes `sb` to slot `sb.seq % 2` of `disk` and makes it durable (write, then sync).
 ///
 /// The caller increases `seq` by one at every update, so the write never touches the slot that
-/// holds the newest durable superblock: a torn write leaves that one readable.
+/// holds the newest durable superblock: a torn write leaves that one readable. The whole slot is
+/// overwritten, so nothing of the superblock it held before survives in it.
 pub fn write_superblock(disk: &dyn Disk, sb: &Superblock) -> Result<(), MetaError> {
     check_disk_size(disk)?;
     let bytes = encode_slot(sb).map_err(|e| sb_err(disk, format!("cannot encode: {e}")))?;
-    let mut buf = IoBuf::zeroed(bytes.len().next_multiple_of(WRITE_ALIGN));
+    // The whole slot is written, zeros after the body: a shorter body must not leave the tail
+    // of a longer, older one behind (it may hold a wrapped master key that was destroyed).
+    let mut buf =
+        IoBuf::zeroed((SLOT_SIZE as usize).max(bytes.len().next_multiple_of(WRITE_ALIGN)));
     buf[..bytes.len()].copy_from_slice(&bytes);
     let offset = SLOT_OFFSETS[slot_for_seq(sb.seq)];
     disk.submit(vec![IoOp::Write { offset, buf }]).wait()?;

@@ -182,9 +182,12 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
         created_unix: now_unix(),
     };
     let master = MasterKey::generate();
+    // The wrapped key lives in the key-slot file, which can be erased in place; the store
+    // (copy-on-write) only records its state (see `kms::keyslots`).
+    let wrapped = kms::wrap_master(&kek, &master, pool_id, 1);
     let key = KeyRecord {
         version: 1,
-        wrapped: kms::wrap_master(&kek, &master, pool_id, 1),
+        wrapped: vec![],
         state: KeyState::Active,
         created_unix: now_unix(),
     };
@@ -209,7 +212,9 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     for d in &table {
         store.put_disk(d)?;
     }
+    kms::keyslots::KeySlots::in_pool(&opts.pool).put(1, &split_id, &wrapped, None)?;
     store.put_key(&key)?;
+    crate::lifecycle::init_store(&store, now_unix())?;
     let refs = open_disks(&table)?;
     let parts = parts_for(&vol, &refs, &table, Arc::new(store), None)?;
     Volume::format(&parts)?;
@@ -391,7 +396,7 @@ fn parts_for(
 }
 
 /// Writes the current pool description to the superblock of every disk.
-fn write_superblocks(
+pub(crate) fn write_superblocks(
     store: &MetaStore,
     disks: &HashMap<DiskId, DiskRef>,
     seq: u64,
@@ -399,7 +404,7 @@ fn write_superblocks(
     let pool = store.pool()?;
     let table = store.disks()?;
     let volumes = store.volumes()?;
-    let keys = store.keys()?;
+    let keys = crate::lifecycle::keys_with_wrapped(store)?;
     for (id, d) in disks {
         let sb = Superblock {
             seq,
@@ -419,26 +424,61 @@ pub struct Pool {
     pub dir: PathBuf,
     pub store: Arc<MetaStore>,
     pub volumes: BTreeMap<String, Arc<Volume>>,
+    /// The pool's keys and their lifecycle (epochs, versions, rotation): `crate::lifecycle`.
+    pub keys: Arc<crate::lifecycle::PoolKeys>,
 }
 
 /// Reads and combines share files, and unwraps the pool's master keys.
 pub fn unlock(store: &MetaStore, share_files: &[PathBuf]) -> Result<KeyRing, PoolError> {
+    let kek = unlock_kek(store, share_files)?;
+    crate::lifecycle::load_ring(store, &kek)
+}
+
+/// Reads and combines share files into the KEK, and proves it by unwrapping the active master
+/// key (a wrong KEK is [`kms::KmsError::WrongKek`], never a wrong key).
+pub fn unlock_kek(store: &MetaStore, share_files: &[PathBuf]) -> Result<Kek, PoolError> {
     let pool = store.pool()?;
     let shares: Vec<LoadedShare> = share_files
         .iter()
         .map(|p| kms::load_share_file(p))
         .collect::<Result<_, _>>()?;
     let kek = kms::combine(&shares, pool.pool_id, pool.split_id, pool.threshold)?;
-    let ring = KeyRing::new(pool.pool_id);
-    for k in store.keys()? {
-        if matches!(k.state, KeyState::Active | KeyState::Retired) {
-            ring.insert(
-                k.version,
-                kms::unwrap_master(&kek, &k.wrapped, pool.pool_id, k.version)?,
-            );
-        }
+    crate::lifecycle::load_ring(store, &kek)?;
+    Ok(kek)
+}
+
+/// Opens the metadata store of the pool in `dir`, with a clear error when there is none.
+pub fn open_store(dir: &Path) -> Result<MetaStore, PoolError> {
+    let path = dir.join(STORE_FILE);
+    if !path.exists() {
+        return Err(PoolError::Invalid(format!(
+            "{} is not a shardvol pool (no {STORE_FILE}); create one with `shardvol create --pool {}`",
+            dir.display(),
+            dir.display()
+        )));
     }
-    Ok(ring)
+    Ok(MetaStore::open(&path)?)
+}
+
+/// Opens every disk of the pool's disk table.
+pub fn open_pool_disks(store: &MetaStore) -> Result<HashMap<DiskId, DiskRef>, PoolError> {
+    open_disks(&store.disks()?)
+}
+
+/// Writes the superblock of every disk twice (both slots, sequence numbers after the newest
+/// found on any disk), so that neither slot keeps an older description: used after a master key
+/// is archived or destroyed, or the KEK re-split.
+pub fn rewrite_superblocks(
+    store: &MetaStore,
+    disks: &HashMap<DiskId, DiskRef>,
+) -> Result<(), PoolError> {
+    let newest = disks
+        .values()
+        .filter_map(|d| read_superblock(d.as_ref()).ok().map(|s| s.seq))
+        .max()
+        .unwrap_or(0);
+    write_superblocks(store, disks, newest + 1)?;
+    write_superblocks(store, disks, newest + 2)
 }
 
 /// Share files in a directory (`share-*.txt`), sorted.
@@ -458,28 +498,44 @@ pub fn shares_in(dir: &Path) -> Result<Vec<PathBuf>, PoolError> {
 
 impl Pool {
     /// Opens a pool with share files: unlocks the keys, opens the disks, replays every
-    /// volume's journal.
+    /// volume's journal. Default key policy.
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
-        let path = dir.join(STORE_FILE);
-        if !path.exists() {
-            return Err(PoolError::Invalid(format!(
-                "{} is not a shardvol pool (no {STORE_FILE}); create one with `shardvol create --pool {}`",
-                dir.display(),
-                dir.display()
-            )));
-        }
-        let store = Arc::new(MetaStore::open(&path)?);
-        let ring = Arc::new(unlock(&store, share_files)?);
+        Self::open_with(dir, share_files, &crate::kms::policy::KeyPolicy::default())
+    }
+
+    /// [`Pool::open`] under a key policy: the unlock windows are checked before the shares are
+    /// combined, and the epoch schedule follows `policy.rotation`.
+    pub fn open_with(
+        dir: &Path,
+        share_files: &[PathBuf],
+        policy: &crate::kms::policy::KeyPolicy,
+    ) -> Result<Self, PoolError> {
+        let store = Arc::new(open_store(dir)?);
+        policy
+            .unlock
+            .check(now_unix())
+            .map_err(|e| PoolError::Kms(e.into()))?;
+        let kek = unlock_kek(&store, share_files)?;
+        Self::open_unlocked(dir, store, kek, policy)
+    }
+
+    /// Opens a pool whose KEK is already combined (by an unlock session, or by
+    /// [`Pool::open_with`]).
+    pub fn open_unlocked(
+        dir: &Path,
+        store: Arc<MetaStore>,
+        kek: Kek,
+        policy: &crate::kms::policy::KeyPolicy,
+    ) -> Result<Self, PoolError> {
         let table = store.disks()?;
         let disks = open_disks(&table)?;
-        let active = store
-            .keys()?
-            .iter()
-            .filter(|k| k.state == KeyState::Active)
-            .map(|k| k.version)
-            .max()
-            .unwrap_or(1);
-        let write_key = Arc::new(WriteKey::new(active, 1));
+        let keys = crate::lifecycle::PoolKeys::open(
+            dir,
+            store.clone(),
+            kek,
+            disks.clone(),
+            policy.rotation.clone(),
+        )?;
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
             let parts = parts_for(
@@ -487,7 +543,7 @@ impl Pool {
                 &disks,
                 &table,
                 store.clone(),
-                Some((ring.clone(), write_key.clone())),
+                Some((keys.ring(), keys.write_key_handle())),
             )?;
             volumes.insert(v.name.clone(), Volume::open(parts)?);
         }
@@ -495,6 +551,7 @@ impl Pool {
             dir: dir.to_path_buf(),
             store,
             volumes,
+            keys,
         })
     }
 

@@ -135,6 +135,8 @@ struct State {
     durable_through: u64,
     checkpoint_seq: u64,
     checkpoint_slot: u64,
+    /// Where replay starts, as recorded in the newest checkpoint.
+    checkpoint_position: u64,
     failed: Option<String>,
 }
 
@@ -301,6 +303,7 @@ impl Journal {
                 durable_through: cp.seq,
                 checkpoint_seq: cp.seq,
                 checkpoint_slot: slot,
+                checkpoint_position: cp.position,
                 failed: None,
             }),
             changed: Condvar::new(),
@@ -556,6 +559,48 @@ impl Journal {
         let mut st = self.lock();
         st.checkpoint_seq = seq;
         st.checkpoint_slot = slot;
+        st.checkpoint_position = position;
+        Ok(())
+    }
+
+    /// Rewrites the newest checkpoint into both slots, sealed under the current master key
+    /// version: the other slot first, then the current one (each durable before the next), so
+    /// that a valid copy exists at every instant. Afterwards no checkpoint of this journal
+    /// depends on an older version, which can then be destroyed. The caller must exclude
+    /// [`Journal::checkpoint`] meanwhile (the volume holds its destage lock).
+    pub fn reseal_checkpoints(&self) -> Result<(), JournalError> {
+        let (seq, position, slot) = {
+            let st = self.lock();
+            (
+                st.checkpoint_seq,
+                st.checkpoint_position,
+                st.checkpoint_slot,
+            )
+        };
+        let bytes = self.key.seal_checkpoint(&Checkpoint {
+            seq,
+            position,
+            volume: self.volume,
+        });
+        for s in [1 - slot, slot] {
+            let offset = self.layout.region_offset + s * BLOCK_SIZE_U64;
+            let pending: Vec<_> = self
+                .disks
+                .iter()
+                .map(|d| {
+                    d.submit(vec![IoOp::Write {
+                        offset,
+                        buf: IoBuf::from_slice(&bytes),
+                    }])
+                })
+                .collect();
+            if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
+                return Err(JournalError::Failed(
+                    "checkpoint reached no journal disk".into(),
+                ));
+            }
+            sync_all(&self.disks).map_err(JournalError::Failed)?;
+        }
         Ok(())
     }
 
@@ -641,6 +686,7 @@ impl Journal {
         st.durable_through = seq;
         st.checkpoint_seq = seq;
         st.checkpoint_slot = slot;
+        st.checkpoint_position = position;
         // Whatever is still live (wrap markers only: records were destaged) is behind the checkpoint.
         st.live.clear();
         st.used = 0;

@@ -24,7 +24,10 @@ pub mod format;
 mod io;
 pub mod journal;
 pub mod mem;
+mod rekey;
 pub mod state;
+
+pub use self::rekey::{AccessCounter, KeyUsage};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -142,6 +145,8 @@ pub struct Stats {
     pub stripes_destaged: AtomicU64,
     pub full_stripe_destages: AtomicU64,
     pub destage_errors: AtomicU64,
+    /// Blocks re-encrypted under a newer key by [`Volume::rekey_stripe`].
+    pub blocks_rekeyed: AtomicU64,
 }
 
 /// Journal space (fraction of capacity) above which the destager runs without waiting for
@@ -190,6 +195,8 @@ pub struct Volume {
     stop: AtomicBool,
     destager: Mutex<Option<JoinHandle<()>>>,
     pub stats: Stats,
+    /// Accesses per stripe, for the rotation task's "hot stripe" rule (`rekey.rs`).
+    access: AccessCounter,
 }
 
 impl Volume {
@@ -306,6 +313,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             destager: Mutex::new(None),
             stats: Stats::default(),
+            access: AccessCounter::new(),
         });
         let n = replayed.len();
         for r in &replayed {
@@ -640,19 +648,15 @@ impl Volume {
 
     fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         for (stripe, at, len) in self.pieces(offset, data.len() as u64) {
+            self.access.touch(stripe);
             let (first, count) = blocks_of(at, len);
             let mut done = 0u64;
             while done < count {
                 let n = (count - done).min(MAX_RECORD_BLOCKS as u64);
                 let lba0 = first.0 + done;
                 self.append(stripe, n as usize, |r| {
-                    let hp = header_pages(n as usize);
-                    let mut record = IoBuf::zeroed((hp + n as usize) * BLOCK_SIZE);
-                    let mut entries = Vec::with_capacity(n as usize);
-                    for i in 0..n {
-                        let lba = Lba(lba0 + i);
+                    self.build_write_record(r, lba0, n as usize, |lba, page| {
                         let block_start = lba.0 * BLOCK_SIZE_U64;
-                        let page = &mut record[(hp + i as usize) * BLOCK_SIZE..][..BLOCK_SIZE];
                         // The part of this block that the write covers.
                         let from = offset.max(block_start);
                         let to = (offset + data.len() as u64).min(block_start + BLOCK_SIZE_U64);
@@ -663,20 +667,8 @@ impl Volume {
                             .copy_from_slice(
                                 &data[(from - offset) as usize..(to - offset) as usize],
                             );
-                        entries.push(self.seal(lba, r.seq, page)?);
-                    }
-                    let payload_crc = crc32c::crc32c(&record[hp * BLOCK_SIZE..]);
-                    let header = RecordHeader {
-                        seq: r.seq,
-                        volume: self.record.id,
-                        kind: RecordKind::Write,
-                        trim_lba: 0,
-                        trim_count: 0,
-                        payload_crc,
-                        entries: entries.clone(),
-                    };
-                    record[..hp * BLOCK_SIZE].copy_from_slice(&header.encode());
-                    Ok((record, RecordApply::Write(entries)))
+                        Ok(())
+                    })
                 })?;
                 done += n;
             }
@@ -685,6 +677,39 @@ impl Volume {
                 .fetch_add(count, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Builds the write record of `n` consecutive blocks from `lba0` inside [`Volume::append`]
+    /// (stripe lock held): `fill` puts each block's plaintext into its payload page, which is
+    /// then sealed under the current write key.
+    fn build_write_record(
+        &self,
+        r: &Reservation,
+        lba0: u64,
+        n: usize,
+        mut fill: impl FnMut(Lba, &mut [u8]) -> Result<(), VolumeError>,
+    ) -> Result<(IoBuf, RecordApply), VolumeError> {
+        let hp = header_pages(n);
+        let mut record = IoBuf::zeroed((hp + n) * BLOCK_SIZE);
+        let mut entries = Vec::with_capacity(n);
+        for i in 0..n {
+            let lba = Lba(lba0 + i as u64);
+            let page = &mut record[(hp + i) * BLOCK_SIZE..][..BLOCK_SIZE];
+            fill(lba, page)?;
+            entries.push(self.seal(lba, r.seq, page)?);
+        }
+        let payload_crc = crc32c::crc32c(&record[hp * BLOCK_SIZE..]);
+        let header = RecordHeader {
+            seq: r.seq,
+            volume: self.record.id,
+            kind: RecordKind::Write,
+            trim_lba: 0,
+            trim_count: 0,
+            payload_crc,
+            entries: entries.clone(),
+        };
+        record[..hp * BLOCK_SIZE].copy_from_slice(&header.encode());
+        Ok((record, RecordApply::Write(entries)))
     }
 
     /// Reads the current plaintext of one block while its stripe lock is held.
@@ -834,6 +859,7 @@ impl BlockDevice for Volume {
         self.check_range(offset, buf.len() as u64)?;
         let base = offset;
         for (stripe, at, len) in self.pieces(offset, buf.len() as u64) {
+            self.access.touch(stripe);
             let (first, count) = blocks_of(at, len);
             let blocks = {
                 let _g = self.locks.read(stripe);

@@ -173,6 +173,12 @@ impl Alloc {
             live.remove(&stripe.0);
         }
     }
+    /// Stripes that hold data (journal included), ascending.
+    pub fn live_stripes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.live().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
     /// Blocks with data, over the whole volume.
     pub fn live_blocks(&self) -> u64 {
         self.live().values().map(Bits::count).sum()
