@@ -423,12 +423,17 @@ pub struct Pool {
 
 /// Reads and combines share files, and unwraps the pool's master keys.
 pub fn unlock(store: &MetaStore, share_files: &[PathBuf]) -> Result<KeyRing, PoolError> {
-    let pool = store.pool()?;
     let shares: Vec<LoadedShare> = share_files
         .iter()
         .map(|p| kms::load_share_file(p))
         .collect::<Result<_, _>>()?;
-    let kek = kms::combine(&shares, pool.pool_id, pool.split_id, pool.threshold)?;
+    unlock_loaded(store, &shares)
+}
+
+/// Combines loaded shares and unwraps the pool's master keys.
+pub fn unlock_loaded(store: &MetaStore, shares: &[LoadedShare]) -> Result<KeyRing, PoolError> {
+    let pool = store.pool()?;
+    let kek = kms::combine(shares, pool.pool_id, pool.split_id, pool.threshold)?;
     let ring = KeyRing::new(pool.pool_id);
     for k in store.keys()? {
         if matches!(k.state, KeyState::Active | KeyState::Retired) {
@@ -460,6 +465,15 @@ impl Pool {
     /// Opens a pool with share files: unlocks the keys, opens the disks, replays every
     /// volume's journal.
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
+        let shares: Vec<LoadedShare> = share_files
+            .iter()
+            .map(|p| kms::load_share_file(p))
+            .collect::<Result<_, _>>()?;
+        Self::open_loaded(dir, &shares)
+    }
+
+    /// Opens a pool with shares already read (e.g. received over the control socket).
+    pub fn open_loaded(dir: &Path, shares: &[LoadedShare]) -> Result<Self, PoolError> {
         let path = dir.join(STORE_FILE);
         if !path.exists() {
             return Err(PoolError::Invalid(format!(
@@ -469,7 +483,7 @@ impl Pool {
             )));
         }
         let store = Arc::new(MetaStore::open(&path)?);
-        let ring = Arc::new(unlock(&store, share_files)?);
+        let ring = Arc::new(unlock_loaded(&store, shares)?);
         let table = store.disks()?;
         let disks = open_disks(&table)?;
         let active = store
