@@ -12,7 +12,11 @@
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
 //! (creating, opening and describing a pool of disks and volumes), and [`lifecycle`] (epochs,
 //! master key versions, archive and destroy, re-splitting the KEK, background re-encryption).
+//! Around them: [`service`] (a served pool, sealed or unlocked), [`control`] (the admin socket)
+//! and [`config`] (TOML).
 
+pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod disk;
 pub mod erasure;
@@ -22,4 +26,5 @@ pub mod lifecycle;
 pub mod meta;
 pub mod nbd;
 pub mod pool;
+pub mod service;
 pub mod volume;

@@ -510,10 +510,12 @@ impl PoolKeys {
                 )));
             }
         }
-        self.check_unused(version, "archive", volumes)?;
+        // Destage first: until a re-keyed block is destaged, its old copy in the chunk slot is
+        // still what a crash would bring back, so it counts as needing the old version.
         for v in volumes {
             v.reseal_journal()?;
         }
+        self.check_unused(version, "archive", volumes)?;
         rec.state = KeyState::Archived;
         self.store.put_key(&rec)?;
         self.set_times(version, |t| t.archived_unix = Some(now_unix()))?;
@@ -542,10 +544,12 @@ impl PoolKeys {
                 )));
             }
         }
-        self.check_unused(version, "destroy", volumes)?;
+        // Destage first: until a re-keyed block is destaged, its old copy in the chunk slot is
+        // still what a crash would bring back, so it counts as needing the old version.
         for v in volumes {
             v.reseal_journal()?;
         }
+        self.check_unused(version, "destroy", volumes)?;
         rec.state = KeyState::Destroyed;
         rec.wrapped.clear();
         self.store.put_key(&rec)?;

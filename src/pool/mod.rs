@@ -430,21 +430,35 @@ pub struct Pool {
 
 /// Reads and combines share files, and unwraps the pool's master keys.
 pub fn unlock(store: &MetaStore, share_files: &[PathBuf]) -> Result<KeyRing, PoolError> {
-    let kek = unlock_kek(store, share_files)?;
+    let shares = load_shares(share_files)?;
+    unlock_loaded(store, &shares)
+}
+
+/// Combines loaded shares and unwraps the pool's master keys.
+pub fn unlock_loaded(store: &MetaStore, shares: &[LoadedShare]) -> Result<KeyRing, PoolError> {
+    let kek = kek_from_loaded(store, shares)?;
     crate::lifecycle::load_ring(store, &kek)
 }
 
-/// Reads and combines share files into the KEK, and proves it by unwrapping the active master
-/// key (a wrong KEK is [`kms::KmsError::WrongKek`], never a wrong key).
+/// Reads and combines share files into the KEK, and proves it by unwrapping the pool's master
+/// keys (a wrong KEK is [`kms::KmsError::WrongKek`], never a wrong key).
 pub fn unlock_kek(store: &MetaStore, share_files: &[PathBuf]) -> Result<Kek, PoolError> {
+    kek_from_loaded(store, &load_shares(share_files)?)
+}
+
+/// [`unlock_kek`] with shares already read.
+pub fn kek_from_loaded(store: &MetaStore, shares: &[LoadedShare]) -> Result<Kek, PoolError> {
     let pool = store.pool()?;
-    let shares: Vec<LoadedShare> = share_files
-        .iter()
-        .map(|p| kms::load_share_file(p))
-        .collect::<Result<_, _>>()?;
-    let kek = kms::combine(&shares, pool.pool_id, pool.split_id, pool.threshold)?;
+    let kek = kms::combine(shares, pool.pool_id, pool.split_id, pool.threshold)?;
     crate::lifecycle::load_ring(store, &kek)?;
     Ok(kek)
+}
+
+fn load_shares(share_files: &[PathBuf]) -> Result<Vec<LoadedShare>, PoolError> {
+    Ok(share_files
+        .iter()
+        .map(|p| kms::load_share_file(p))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Opens the metadata store of the pool in `dir`, with a clear error when there is none.
@@ -503,6 +517,11 @@ impl Pool {
         Self::open_with(dir, share_files, &crate::kms::policy::KeyPolicy::default())
     }
 
+    /// Opens a pool with shares already read (e.g. received over the control socket).
+    pub fn open_loaded(dir: &Path, shares: &[LoadedShare]) -> Result<Self, PoolError> {
+        Self::open_loaded_with(dir, shares, &crate::kms::policy::KeyPolicy::default())
+    }
+
     /// [`Pool::open`] under a key policy: the unlock windows are checked before the shares are
     /// combined, and the epoch schedule follows `policy.rotation`.
     pub fn open_with(
@@ -510,12 +529,21 @@ impl Pool {
         share_files: &[PathBuf],
         policy: &crate::kms::policy::KeyPolicy,
     ) -> Result<Self, PoolError> {
+        Self::open_loaded_with(dir, &load_shares(share_files)?, policy)
+    }
+
+    /// [`Pool::open_loaded`] under a key policy.
+    pub fn open_loaded_with(
+        dir: &Path,
+        shares: &[LoadedShare],
+        policy: &crate::kms::policy::KeyPolicy,
+    ) -> Result<Self, PoolError> {
         let store = Arc::new(open_store(dir)?);
         policy
             .unlock
             .check(now_unix())
             .map_err(|e| PoolError::Kms(e.into()))?;
-        let kek = unlock_kek(&store, share_files)?;
+        let kek = kek_from_loaded(&store, shares)?;
         Self::open_unlocked(dir, store, kek, policy)
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::format::META_SIZE;
-use super::state::{Bits, JEntry, StripeDirty};
+use super::state::{Bits, JEntry, Stamp, StripeDirty};
 use super::{DESTAGE_INTERVAL, Volume, VolumeError, snapshot_empty};
 use crate::disk::{IoBuf, IoOp};
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, StripeId};
@@ -67,6 +67,10 @@ pub(super) fn run(weak: Weak<Volume>) {
     }
 }
 
+/// New home state of a destaged stripe: (stripe, bitmap words and encoded stamps, or `None`
+/// when the stripe holds nothing any more).
+type HomeUpdate = (u64, Option<(Vec<u64>, Vec<u8>)>);
+
 /// New content of one block of a stripe: a journaled block or zeros (trimmed).
 #[derive(Clone, Copy)]
 enum New {
@@ -97,7 +101,7 @@ impl Volume {
         let bps = self.layout.geometry.blocks_per_stripe();
         let queue = Mutex::new(stripes.into_iter());
         let done: Mutex<Vec<(u64, StripeDirty)>> = Mutex::new(Vec::new());
-        let home_updates: Mutex<Vec<(u64, Option<Vec<u64>>)>> = Mutex::new(Vec::new());
+        let home_updates: Mutex<Vec<HomeUpdate>> = Mutex::new(Vec::new());
         let first_error: Mutex<Option<VolumeError>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..DESTAGE_WORKERS {
@@ -152,7 +156,7 @@ impl Volume {
         }
         if !home_updates.is_empty() {
             self.store
-                .alloc_commit(self.record.id, &home_updates)
+                .home_commit(self.record.id, &home_updates)
                 .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
         self.journal.checkpoint(target)?;
@@ -187,13 +191,12 @@ impl Volume {
 
     /// Destages one stripe under its write lock: returns the snapshot destaged and the stripe's
     /// new home bitmap (`None` when it holds nothing), or `None` when there was nothing to do.
-    #[allow(clippy::type_complexity)]
     fn destage_one(
         &self,
         stripe: StripeId,
         target: u64,
         bps: u64,
-    ) -> Result<Option<(StripeDirty, (u64, Option<Vec<u64>>))>, VolumeError> {
+    ) -> Result<Option<(StripeDirty, HomeUpdate)>, VolumeError> {
         let s = stripe.0;
         let _g = self.locks.write(stripe);
         let Some(snap) = self.dirty().stripes.get(&s).cloned() else {
@@ -223,7 +226,37 @@ impl Volume {
                 bits.set(i, false);
             }
         }
-        let update = (s, (!bits.is_empty()).then(|| bits.0.clone()));
+        let stamps = self.alloc.record_stamps(
+            stripe,
+            snap.blocks
+                .iter()
+                .map(|(lba, e)| {
+                    (
+                        lba - s * bps,
+                        Stamp {
+                            generation: e.meta.generation,
+                            version: e.meta.version,
+                            epoch: e.meta.epoch,
+                        },
+                    )
+                })
+                .chain(snap.trims.iter().flat_map(|t| {
+                    (0..bps)
+                        .filter(|i| t.bits.get(*i) && !snap.blocks.contains_key(&(s * bps + i)))
+                        .map(|i| (i, Stamp::default()))
+                })),
+        );
+        let update = (
+            s,
+            (!bits.is_empty()).then(|| {
+                (
+                    bits.0.clone(),
+                    stamps.unwrap_or_else(|| {
+                        Stamp::encode_all(&vec![Stamp::default(); bps as usize])
+                    }),
+                )
+            }),
+        );
         if bits.is_empty() {
             home.remove(&s);
         }

@@ -94,9 +94,17 @@ impl Volume {
                 let m = BlockMeta::decode(&meta[mo..mo + META_SIZE]);
                 let ct = &data[i..i + BLOCK_SIZE];
                 if self.verify(*lba, &m, ct) {
-                    let mut b = ct.to_vec();
-                    self.unseal(*lba, &m, &mut b)?;
-                    block = Some(b);
+                    if self.rolled_back(*lba, &m) {
+                        self.stats
+                            .rollbacks_detected
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), found = m.generation,
+                            "block holds an older copy of itself (rolled back); rebuilding it from its row");
+                    } else {
+                        let mut b = ct.to_vec();
+                        self.unseal(*lba, &m, &mut b)?;
+                        block = Some(b);
+                    }
                 }
             }
             let b = match block {
@@ -124,7 +132,7 @@ impl Volume {
         let c = usize::from(p.chunk.0);
         let shard = &row.shards[c];
         let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
-        if !self.verify(lba, &meta, &shard[..BLOCK_SIZE]) {
+        if !self.verify_home(lba, &meta, &shard[..BLOCK_SIZE]) {
             return Err(VolumeError::Unrecoverable {
                 lba: lba.0,
                 why: "no combination of the surviving chunks rebuilds a block that passes its tag"
@@ -190,7 +198,7 @@ impl Volume {
             chunk: ChunkIndex(c as u16),
             block_in_chunk: row,
         });
-        self.verify(lba, &meta, &shard[..BLOCK_SIZE])
+        self.verify_home(lba, &meta, &shard[..BLOCK_SIZE])
     }
 
     /// Reads one row from every chunk and rebuilds the shards that are missing, fail their

@@ -16,11 +16,11 @@
 //! A block that was trimmed between the scan and the rewrite is rewritten as zeros (it reads the
 //! same, but holds space again until the next trim); the rewrite never brings back old data.
 //!
-//! Key usage ([`Volume::scan_key_usage`], [`Volume::scan_stale_stripes`]) reads the metadata
-//! pages of the data chunks of every stripe that holds data, under the stripe's read lock, and
-//! the journal index. A block whose metadata cannot be read (disk missing, page damaged) counts
-//! as *unknown*: it may need any version, so destroying a version is refused while any block is
-//! unknown, and the rotation task re-keys such stripes first (reading them repairs them).
+//! Key usage ([`Volume::scan_key_usage`], [`Volume::scan_stale_stripes`]) comes from the
+//! generation stamps the metadata store keeps for every destaged block and from the journal
+//! index: no disk I/O. A block destaged before stamps were recorded counts as *unknown*: it may
+//! need any version, so destroying a version is refused while any block is unknown, and the
+//! rotation task re-keys such stripes first (the rewrite records their stamps).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -28,10 +28,9 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
-use super::format::{BlockMeta, MAX_RECORD_BLOCKS, META_SIZE};
+use super::format::{BlockMeta, MAX_RECORD_BLOCKS};
 use super::{Volume, VolumeError};
-use crate::disk::{IoBuf, IoOp};
-use crate::layout::{BLOCK_SIZE_U64, Lba, StripeId};
+use crate::layout::{Lba, StripeId};
 
 /// Independently locked shards of the access counter (a power of two).
 const ACCESS_SHARDS: usize = 16;
@@ -152,22 +151,15 @@ impl Volume {
     }
 
     /// The key of every live block of `stripe`: `(lba, Some((version, epoch)))`, or `None` when
-    /// its metadata cannot be read. Takes the stripe's read lock.
-    fn stripe_block_keys(
-        &self,
-        stripe: StripeId,
-    ) -> Result<Vec<(u64, Option<(u32, u32)>)>, VolumeError> {
-        let g = self.layout.geometry;
-        let (k, bpc, bps) = (
-            usize::from(g.k),
-            g.blocks_per_chunk(),
-            g.blocks_per_stripe(),
-        );
+    /// it is unknown (a block destaged before generation stamps were recorded). From the
+    /// journal index and the stamps, without I/O.
+    fn stripe_block_keys(&self, stripe: StripeId) -> Vec<(u64, Option<(u32, u32)>)> {
+        let bps = self.layout.geometry.blocks_per_stripe();
         let first = stripe.0 * bps;
         let _lock = self.locks.read(stripe);
         let live = self.alloc.live_bits(stripe);
         if live.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         let journaled: BTreeMap<u64, BlockMeta> = self
             .dirty()
@@ -175,51 +167,20 @@ impl Volume {
             .get(&stripe.0)
             .map(|sd| sd.blocks.iter().map(|(l, e)| (*l, e.meta)).collect())
             .unwrap_or_default();
-        // Chunks with a live block whose newest copy is at home: read their metadata pages.
-        let mut need = vec![false; k];
-        for i in (0..bps).filter(|i| live.get(*i)) {
-            if !journaled.contains_key(&(first + i)) {
-                need[(i / bpc) as usize] = true;
-            }
-        }
-        let disks = self.stripe_disks(stripe)?;
-        let (page0, _) = self.layout.meta_location(stripe, 0);
-        let pages_len = (self.layout.meta_pages() * BLOCK_SIZE_U64) as usize;
-        let pending: Vec<_> = (0..k)
-            .filter(|c| need[*c])
-            .map(|c| {
-                (
-                    c,
-                    disks[c].submit(vec![IoOp::Read {
-                        offset: page0,
-                        buf: IoBuf::zeroed(pages_len),
-                    }]),
-                )
+        (0..bps)
+            .filter(|i| live.get(*i))
+            .map(|i| {
+                let lba = first + i;
+                let key = match journaled.get(&lba) {
+                    Some(m) => Some((m.version, m.epoch)),
+                    None => {
+                        let st = self.alloc.stamp(stripe, i);
+                        (st.generation != 0).then_some((st.version, st.epoch))
+                    }
+                };
+                (lba, key)
             })
-            .collect();
-        let mut metas: Vec<Option<IoBuf>> = (0..k).map(|_| None).collect();
-        for (c, p) in pending {
-            if let Ok(mut ops) = p.wait()
-                && let Some(IoOp::Read { buf, .. }) = ops.pop()
-            {
-                metas[c] = Some(buf);
-            }
-        }
-        let mut out = Vec::new();
-        for i in (0..bps).filter(|i| live.get(*i)) {
-            let lba = first + i;
-            if let Some(m) = journaled.get(&lba) {
-                out.push((lba, Some((m.version, m.epoch))));
-                continue;
-            }
-            let (c, b) = ((i / bpc) as usize, (i % bpc) as usize);
-            let key = metas[c].as_ref().and_then(|page| {
-                let m = BlockMeta::decode(&page[b * META_SIZE..(b + 1) * META_SIZE]);
-                (m.lba == lba && m.generation != 0).then_some((m.version, m.epoch))
-            });
-            out.push((lba, key));
-        }
-        Ok(out)
+            .collect()
     }
 
     /// Re-encrypts every live block of `stripe` that is not under the current write key (see
@@ -234,7 +195,7 @@ impl Volume {
         }
         let current = self.write_key.get();
         let stale: Vec<u64> = self
-            .stripe_block_keys(stripe)?
+            .stripe_block_keys(stripe)
             .into_iter()
             .filter(|(_, key)| *key != Some(current))
             .map(|(lba, _)| lba)
@@ -262,42 +223,28 @@ impl Volume {
         Ok(n)
     }
 
-    /// Blocks per key over the whole volume (journal included); see the module docs.
+    /// Blocks per key over the whole volume (journal included), from the generation stamps
+    /// ([`Volume::key_usage`]); unknown stamps are counted apart.
     pub fn scan_key_usage(&self) -> Result<KeyUsage, VolumeError> {
         let mut u = KeyUsage::default();
-        for s in self.alloc.live_stripes() {
-            for (_, key) in self.stripe_block_keys(StripeId(s))? {
-                match key {
-                    Some(k) => *u.by_key.entry(k).or_default() += 1,
-                    None => u.unknown += 1,
-                }
+        for (k, n) in self.key_usage() {
+            if k == (0, 0) {
+                u.unknown += n;
+            } else {
+                u.by_key.insert(k, n);
             }
         }
         Ok(u)
     }
 
-    /// Stripes holding a block whose (version, epoch) is lexicographically below `older_than`
-    /// (or unknown), with their oldest key, oldest first; at most `limit`. Unknown keys sort as
-    /// (0, 0): first.
+    /// Stripes holding a block whose (version, epoch) is below `older_than` (or unknown), oldest
+    /// first, at most `limit` ([`Volume::stale_stripes`]).
     pub fn scan_stale_stripes(
         &self,
         older_than: (u32, u32),
         limit: usize,
     ) -> Result<Vec<(StripeId, (u32, u32))>, VolumeError> {
-        let mut out = Vec::new();
-        for s in self.alloc.live_stripes() {
-            let oldest = self
-                .stripe_block_keys(StripeId(s))?
-                .into_iter()
-                .map(|(_, k)| k.unwrap_or((0, 0)))
-                .min();
-            if let Some(k) = oldest.filter(|k| *k < older_than) {
-                out.push((StripeId(s), k));
-            }
-        }
-        out.sort_by_key(|(s, k)| (*k, s.0));
-        out.truncate(limit);
-        Ok(out)
+        Ok(self.stale_stripes(older_than, limit))
     }
 
     /// Destages everything, then rewrites both journal checkpoints under the current master
