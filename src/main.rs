@@ -52,6 +52,89 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Master keys and epochs: status, rotation, archive and destroy (docs/key-lifecycle.md).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Key shares of the pool.
+    #[command(subcommand)]
+    Shares(SharesCmd),
+}
+
+/// How a key command reaches the pool: through the running server's control socket, or, when
+/// no server runs, by opening the stopped pool with share files.
+#[derive(Args, Clone)]
+struct KeyTarget {
+    /// Pool directory.
+    #[arg(long)]
+    pool: PathBuf,
+    /// A share file, to open a stopped pool; repeat until the threshold is met.
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// Configuration file for a stopped pool (rotation and unlock settings).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Master key versions and states, epochs, and how many blocks each key still protects.
+    Status {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new epoch now and re-encrypt under it (every stale block, one volume, or one
+    /// stripe of one volume).
+    Rotate {
+        #[command(flatten)]
+        target: KeyTarget,
+        #[arg(long)]
+        volume: Option<String>,
+        /// Stripe number (with --volume).
+        #[arg(long, requires = "volume")]
+        stripe: Option<u64>,
+    },
+    /// Make a new master key version; new writes use it and the rotation task re-encrypts
+    /// older blocks to it in the background.
+    RotateMaster {
+        #[command(flatten)]
+        target: KeyTarget,
+    },
+    /// Stop using a retired version for reading; it is kept wrapped for rotation.retention,
+    /// then destroyed. Refused while any block needs it.
+    Archive {
+        #[command(flatten)]
+        target: KeyTarget,
+        version: u32,
+    },
+    /// Erase a version everywhere (key slots, both superblock slots of every disk). Refused
+    /// while any block needs it. What it protected can never be read again.
+    Destroy {
+        #[command(flatten)]
+        target: KeyTarget,
+        version: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum SharesCmd {
+    /// Split a new key-encryption key: new share files, the master keys rewrapped, every old
+    /// share refused from then on. Needs the current shares (--share, threshold of them).
+    Reissue {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Number of new shares (n).
+        #[arg(long)]
+        shares: u8,
+        /// New shares needed to unlock (t).
+        #[arg(long)]
+        threshold: u8,
+        /// Directory for the new share files (must not hold share files already).
+        #[arg(long)]
+        share_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -544,6 +627,19 @@ fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
     for d in &st.disks {
         println!("  {:>3}  {:<10} {:<12} {}", d.id, d.state, d.domain, d.path);
     }
+    if let Some(k) = &st.keys {
+        let r = &k.rotation;
+        println!(
+            "keys: writes use master version {} epoch {}; rotation {}: {} stripes / {} blocks re-encrypted, {} stale stripes left, {:.1} MB/s",
+            k.write_version,
+            k.write_epoch,
+            if r.running { "running" } else { "stopped" },
+            r.stripes_done,
+            r.blocks_done,
+            r.remaining_stripes,
+            r.rate_mb_s
+        );
+    }
     Ok(())
 }
 
@@ -556,6 +652,159 @@ fn config_cmd(c: ConfigCommand) -> Result<()> {
             print!("{}", cfg.to_toml());
         }
         ConfigCommand::Defaults => print!("{}", Config::default().to_toml()),
+    }
+    Ok(())
+}
+
+use shardvol::lifecycle::commands::KeyCommand;
+
+/// Runs a key command on the pool's server, or on the stopped pool opened with `--share`.
+fn run_key(t: &KeyTarget, cmd: &KeyCommand) -> Result<serde_json::Value> {
+    use std::io::Write;
+    let show = |p: &serde_json::Value| {
+        if let (Some(d), Some(n)) = (p["stripes_done"].as_u64(), p["stripes"].as_u64()) {
+            eprint!(
+                "\r  re-encrypting: stripe {d} of {n}, {} blocks",
+                p["blocks"]
+            );
+            let _ = std::io::stderr().flush();
+            if d == n {
+                eprintln!();
+            }
+        }
+    };
+    let args = serde_json::to_value(cmd)?;
+    if let Some(v) = shardvol::control::call(
+        &t.pool,
+        shardvol::lifecycle::commands::CONTROL_COMMAND,
+        args,
+        show,
+    )? {
+        return Ok(v);
+    }
+    if t.share.is_empty() {
+        bail!(
+            "no server runs on {}: give share files with --share FILE (repeat until the threshold is met) to open the stopped pool",
+            t.pool.display()
+        );
+    }
+    let config = match &t.config {
+        Some(p) => shardvol::config::Config::load(p)?,
+        None => shardvol::config::Config::default(),
+    };
+    let policy = shardvol::kms::policy::KeyPolicy::from_config(&config);
+    let p = pool::Pool::open_with(&t.pool, &t.share, &policy)
+        .with_context(|| format!("cannot open pool {}", t.pool.display()))?;
+    let result = shardvol::lifecycle::commands::run(&p, cmd, &|v| show(&v));
+    let closed = p.close().context("closing the pool");
+    let v = result?;
+    closed?;
+    Ok(v)
+}
+
+fn utc(unix: u64) -> String {
+    shardvol::kms::policy::format_utc(unix)
+}
+
+fn key_cmd(k: KeyCmd) -> Result<()> {
+    match k {
+        KeyCmd::Status { target, json } => {
+            let v = run_key(&target, &KeyCommand::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let st: shardvol::lifecycle::KeyStatus = serde_json::from_value(v)?;
+            println!(
+                "pool {}  key split {}  unlock: {} of {} shares",
+                st.pool_id, st.split_id, st.threshold, st.shares
+            );
+            println!(
+                "new writes: master version {}, epoch {} (started {}); epochs last {} s, blocks older than {} s are re-encrypted",
+                st.write_version,
+                st.current_epoch.number,
+                utc(st.current_epoch.start_unix),
+                st.epoch_period_secs,
+                st.max_age_secs
+            );
+            println!("master key versions:");
+            for v in &st.versions {
+                let mut extra = String::new();
+                if let Some(t) = v.destroy_after_unix {
+                    extra = format!("  destroyed after {}", utc(t));
+                }
+                if let Some(t) = v.destroyed_unix {
+                    extra = format!("  destroyed {}", utc(t));
+                }
+                println!(
+                    "  version {:<4} {:<10} created {}  {:>10} blocks{extra}",
+                    v.version,
+                    v.state,
+                    utc(v.created_unix),
+                    v.blocks
+                );
+            }
+            println!("blocks per key:");
+            for k in &st.keys {
+                let start = k
+                    .epoch_start_unix
+                    .map_or("before the kept history".into(), utc);
+                println!(
+                    "  version {:<4} epoch {:<6} (started {start})  {:>10} blocks",
+                    k.version, k.epoch, k.blocks
+                );
+            }
+            if st.unknown_blocks > 0 {
+                println!(
+                    "  {} blocks of unknown key (destaged before stamps were kept; re-encryption records them)",
+                    st.unknown_blocks
+                );
+            }
+            let r = &st.rotation;
+            println!(
+                "rotation task: {}; {} stripes / {} blocks re-encrypted ({} hot stripes), {} stale stripes left, {:.1} MB/s{}",
+                if r.running { "running" } else { "not running" },
+                r.stripes_done,
+                r.blocks_done,
+                r.hot_stripes_done,
+                r.remaining_stripes,
+                r.rate_mb_s,
+                r.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        KeyCmd::Rotate {
+            target,
+            volume,
+            stripe,
+        } => {
+            let v = run_key(&target, &KeyCommand::Rotate { volume, stripe })?;
+            println!(
+                "epoch {} started; {} stripes visited, {} blocks re-encrypted under version {}",
+                v["epoch"], v["stripes"], v["blocks"], v["version"]
+            );
+        }
+        KeyCmd::RotateMaster { target } => {
+            let v = run_key(&target, &KeyCommand::RotateMaster)?;
+            println!(
+                "master key version {} is active: new writes use it; older blocks are re-encrypted by the rotation task (or now: `shardvol key rotate`)",
+                v["version"]
+            );
+        }
+        KeyCmd::Archive { target, version } => {
+            run_key(&target, &KeyCommand::Archive { version })?;
+            println!(
+                "master key version {version} archived: not used for reading; destroyed when rotation.retention ends"
+            );
+        }
+        KeyCmd::Destroy { target, version } => {
+            run_key(&target, &KeyCommand::Destroy { version })?;
+            println!(
+                "master key version {version} destroyed: erased from the key slots and from both superblock slots of every disk"
+            );
+        }
     }
     Ok(())
 }
@@ -586,6 +835,44 @@ fn main() -> Result<()> {
         Some(Command::Unlock { pool, share }) => unlock(pool, share),
         Some(Command::Status { pool, json }) => status(pool, json),
         Some(Command::Config(c)) => config_cmd(c),
+        Some(Command::Key(k)) => key_cmd(k),
+        Some(Command::Shares(SharesCmd::Reissue {
+            target,
+            shares,
+            threshold,
+            share_dir,
+        })) => {
+            let texts = target
+                .share
+                .iter()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .map(|t| (f.display().to_string(), t))
+                        .with_context(|| format!("cannot read share file {}", f.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if texts.is_empty() {
+                bail!(
+                    "give the current shares with --share FILE (as many as the pool's threshold)"
+                );
+            }
+            let share_dir = std::path::absolute(&share_dir)?;
+            let cmd = KeyCommand::Reissue {
+                shares: texts,
+                count: shares,
+                threshold,
+                share_dir,
+            };
+            let v = run_key(&target, &cmd)?;
+            println!(
+                "new key split: {} shares, {} needed to unlock; the old shares no longer work. Hand each file to its holder:",
+                shares, threshold
+            );
+            for f in v["files"].as_array().into_iter().flatten() {
+                println!("  {}", f.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
         None => unreachable!("clap prints help when no command is given"),
     }
 }

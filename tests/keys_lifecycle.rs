@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardvol::kms::policy::{KeyPolicy, UnlockPolicy, parse_hours};
+use shardvol::config::Hours;
+use shardvol::kms::policy::{KeyPolicy, UnlockPolicy};
 use shardvol::kms::unlock::{Step, UnlockSession};
 use shardvol::kms::{self, keyslots::KeySlots};
 use shardvol::layout::StripeId;
@@ -266,7 +267,7 @@ fn destroy_is_refused_while_needed_then_the_key_is_gone_from_every_file() {
     let u = v.scan_key_usage().unwrap();
     assert_eq!(u.blocks_of_version(2), 1, "{u:?}");
     // `key rotate` starts a new epoch and re-encrypts everything under it.
-    let (_, rewritten) = p.keys.rotate_now(&vols(&p), None).unwrap();
+    let (_, rewritten) = p.keys.rotate_now(&vols(&p), None, &|_, _, _| {}).unwrap();
     assert_eq!(rewritten, 2 * STRIPE / 4096);
     // Journal included: blocks of version 1 may sit in the journal until destroy destages.
     p.keys.destroy(1, &vols(&p)).unwrap();
@@ -300,7 +301,7 @@ fn archive_unloads_a_version_and_retention_then_destroys_it() {
     let data = pattern(5, STRIPE as usize);
     v.write(0, &data, false).unwrap();
     p.keys.rotate_master().unwrap();
-    p.keys.rotate_now(&vols(&p), None).unwrap();
+    p.keys.rotate_now(&vols(&p), None, &|_, _, _| {}).unwrap();
     p.keys.archive(1, &vols(&p)).unwrap();
     assert_eq!(p.keys.ring().versions(), vec![2]);
     assert_eq!(read_all(&v, data.len()), data);
@@ -372,7 +373,7 @@ fn access_windows_refuse_unsealing_with_a_policy_message() {
     let mut policy = KeyPolicy::default();
     // A two-hour window that excludes the current hour.
     policy.unlock.allowed_hours =
-        Some(parse_hours(&format!("{:02}-{:02}", (hour + 2) % 24, (hour + 4) % 24)).unwrap());
+        Some(Hours::parse(&format!("{:02}-{:02}", (hour + 2) % 24, (hour + 4) % 24)).unwrap());
     let e = Pool::open_with(&t.pool, &t.shares[..2], &policy)
         .err()
         .unwrap()
@@ -391,7 +392,7 @@ fn access_windows_refuse_unsealing_with_a_policy_message() {
     // Inside the window it opens.
     policy.unlock.not_after = Some(now() + 3600);
     policy.unlock.allowed_hours =
-        Some(parse_hours(&format!("{:02}-{:02}", hour, (hour + 1) % 24)).unwrap());
+        Some(Hours::parse(&format!("{:02}-{:02}", hour, (hour + 1) % 24)).unwrap());
     assert!(Pool::open_with(&t.pool, &t.shares[..2], &policy).is_ok());
 }
 

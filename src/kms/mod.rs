@@ -101,9 +101,6 @@ pub enum KmsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A bad value in the `[rotation]` or `[unlock]` configuration, naming the key.
-    #[error("configuration: {0}")]
-    Config(String),
     /// Unsealing refused by an access window (`unlock.allowed_hours`, `unlock.not_after`).
     #[error("refused by policy: {0}")]
     Policy(#[from] policy::PolicyRefusal),

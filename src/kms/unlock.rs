@@ -115,11 +115,10 @@ impl UnlockSession {
             });
         }
         if let Some(earlier) = self.shares.iter().find(|e| e.share.index == s.index) {
-            return Err(KmsError::DuplicateShare {
-                first: earlier.source.clone(),
-                second: share.source.clone(),
-                index: s.index,
-            });
+            return Err(KmsError::Share(format!(
+                "{}: share {} was already given in this unlock (by {}); each share counts once",
+                share.source, s.index, earlier.source
+            )));
         }
         self.started.get_or_insert(now);
         self.shares.push(share);

@@ -21,6 +21,7 @@
 //!   old slots zeroed → superblocks rewritten twice. Before the commit the old shares open the
 //!   pool; after it only the new ones do.
 
+pub mod commands;
 pub mod rotation;
 
 use std::collections::{BTreeMap, HashMap};
@@ -181,7 +182,7 @@ pub fn load_ring(store: &MetaStore, kek: &Kek) -> Result<KeyRing, PoolError> {
 }
 
 /// One master key version as `key status` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionStatus {
     pub version: u32,
     pub state: String,
@@ -195,7 +196,7 @@ pub struct VersionStatus {
 }
 
 /// One (version, epoch) with the blocks it protects.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyBlocks {
     pub version: u32,
     pub epoch: u32,
@@ -204,7 +205,7 @@ pub struct KeyBlocks {
 }
 
 /// What `key status` reports.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyStatus {
     pub pool_id: String,
     pub split_id: String,
@@ -668,29 +669,34 @@ impl PoolKeys {
     }
 
     /// `key rotate`: starts a new epoch, then re-encrypts, now and without rate limit, every
-    /// stale block of the chosen volumes (or one stripe). Returns (stripes visited, blocks
+    /// stale block of the chosen volumes (or one stripe). `progress` hears (stripes done,
+    /// stripes to do, blocks rewritten) after each stripe. Returns (stripes visited, blocks
     /// rewritten).
     pub fn rotate_now(
         &self,
         volumes: &[Arc<Volume>],
         stripe: Option<StripeId>,
+        progress: &dyn Fn(u64, u64, u64),
     ) -> Result<(u64, u64), PoolError> {
         self.advance_epoch(now_unix())?;
+        let mut work = Vec::new();
+        for v in volumes {
+            match stripe {
+                Some(s) => work.push((v.clone(), s)),
+                None => work.extend(
+                    v.scan_stale_stripes(self.write_key(), usize::MAX)?
+                        .into_iter()
+                        .map(|(s, _)| (v.clone(), s)),
+                ),
+            }
+        }
+        let total = work.len() as u64;
         let mut stripes = 0;
         let mut blocks = 0;
-        for v in volumes {
-            let list: Vec<StripeId> = match stripe {
-                Some(s) => vec![s],
-                None => v
-                    .scan_stale_stripes(self.write_key(), usize::MAX)?
-                    .into_iter()
-                    .map(|(s, _)| s)
-                    .collect(),
-            };
-            for s in list {
-                blocks += v.rekey_stripe(s)?;
-                stripes += 1;
-            }
+        for (v, s) in work {
+            blocks += v.rekey_stripe(s)?;
+            stripes += 1;
+            progress(stripes, total, blocks);
         }
         let mut p = self.progress_mut();
         p.stripes_done += stripes;

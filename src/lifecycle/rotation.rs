@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::{PoolKeys, now_unix};
@@ -46,7 +46,7 @@ pub const SCAN_BATCH: usize = 4096;
 pub const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Progress of the rotation task, for `key status` and `status`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RotationProgress {
     pub running: bool,
     /// Stripes re-keyed (visited by a re-key, whether or not a block needed it) since start.

@@ -17,11 +17,20 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::{Handlers, Progress};
-use crate::kms::{self, LoadedShare};
+use crate::kms::policy::KeyPolicy;
+use crate::kms::unlock::{Step, UnlockSession};
+use crate::kms::{self, KmsError, LoadedShare};
+use crate::lifecycle::{RotationProgress, RotationTask};
 use crate::meta::MetaStore;
 use crate::nbd::{Export, ExportTable};
 use crate::pool::{self, Pool, PoolError, STORE_FILE};
 use crate::volume::BlockDevice;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// A pool served by this process.
 pub struct Service {
@@ -30,14 +39,12 @@ pub struct Service {
     pub exports: Arc<ExportTable>,
     read_only: bool,
     pool: RwLock<Option<Arc<Pool>>>,
-    /// Shares given so far to a sealed server (`shardvol unlock`), with when the first arrived.
-    pending: Mutex<Pending>,
-}
-
-#[derive(Default)]
-struct Pending {
-    shares: Vec<LoadedShare>,
-    since: Option<std::time::Instant>,
+    /// The unlock session of a sealed server: shares given so far (`shardvol unlock`).
+    session: Mutex<Option<UnlockSession>>,
+    /// The key policy of `config` (rotation, unlock windows).
+    policy: KeyPolicy,
+    /// The background rotation task of the open pool.
+    rotation: Mutex<Option<RotationTask>>,
 }
 
 /// Progress of an unlock: how many distinct valid shares the server holds and how many it needs.
@@ -60,11 +67,13 @@ impl Service {
         }
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
+            policy: KeyPolicy::from_config(&config),
             config,
             exports: Arc::new(ExportTable::empty()),
             read_only,
             pool: RwLock::new(None),
-            pending: Mutex::new(Pending::default()),
+            session: Mutex::new(None),
+            rotation: Mutex::new(None),
         }))
     }
 
@@ -77,17 +86,32 @@ impl Service {
         self.pool().is_none()
     }
 
-    /// Unlocks with share files given at start (`--share`).
+    /// Unlocks with share files given at start (`--share`). The access windows apply.
     pub fn unlock_with_files(&self, files: &[PathBuf]) -> Result<(), PoolError> {
         let shares: Vec<LoadedShare> = files
             .iter()
             .map(|p| kms::load_share_file(p))
             .collect::<Result<_, _>>()?;
-        self.open_with(&shares)
+        let mut slot = self.pool.write().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Ok(());
+        }
+        let p = Pool::open_loaded_with(&self.dir, &shares, &self.policy)
+            .inspect_err(|e| self.note_refusal(e))?;
+        self.export(&mut slot, p)
     }
 
-    /// Adds one share (the text of a share file) to a sealed server; opens the pool when the
-    /// threshold is met. A corrupt, foreign or repeated share is refused on its own.
+    /// Logs a refusal by the access windows (a policy event, not a share problem).
+    fn note_refusal(&self, e: &PoolError) {
+        if let PoolError::Kms(KmsError::Policy(r)) = e {
+            warn!(refusal = %r, "unseal refused by policy");
+        }
+    }
+
+    /// Adds one share (the text of a share file) to a sealed server's unlock session; opens the
+    /// pool when the threshold is met. A corrupt, foreign or repeated share is refused on its
+    /// own (the shares given before it stay); outside the access windows every share is refused
+    /// and the session is emptied; partial progress older than `unlock.timeout` is discarded.
     pub fn add_share(&self, text: &str, origin: &str) -> Result<UnlockProgress, PoolError> {
         if let Some(p) = self.pool() {
             let need = usize::from(p.store.pool()?.threshold);
@@ -97,62 +121,71 @@ impl Service {
                 unlocked: true,
             });
         }
-        let rec = MetaStore::open(&self.dir.join(STORE_FILE))?.pool()?;
         let share = kms::parse_share_file(text, Path::new(origin))?;
         let loaded = LoadedShare {
             source: origin.to_string(),
             share,
         };
-        // Alone, a share can be checked against the pool: its pool, split and threshold.
-        kms::check_share(&loaded, rec.pool_id, rec.split_id, rec.threshold)?;
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let timeout = self.config.unlock.timeout.0;
-        if pending.since.is_some_and(|t| t.elapsed() > timeout) {
-            warn!(
-                discarded = pending.shares.len(),
-                "unlock timed out; the shares given so far are discarded"
-            );
-            *pending = Pending::default();
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if session.is_none() {
+            let rec = MetaStore::open(&self.dir.join(STORE_FILE))?.pool()?;
+            *session = Some(UnlockSession::new(
+                rec.pool_id,
+                rec.split_id,
+                rec.threshold,
+                self.policy.unlock.clone(),
+            ));
         }
-        if pending
-            .shares
-            .iter()
-            .any(|s| s.share.index == loaded.share.index)
-        {
-            return Err(PoolError::Invalid(format!(
-                "{origin}: share {} was already given",
-                loaded.share.index
-            )));
+        let Some(s) = session.as_mut() else {
+            return Err(PoolError::Invalid("no unlock session".into()));
+        };
+        let now = unix_now();
+        let (before, need) = s.progress(now);
+        match s.add(loaded, now) {
+            Ok(Step::Progress { have, need }) => {
+                info!(have, need, "unlock share accepted");
+                Ok(UnlockProgress {
+                    have: usize::from(have),
+                    need: usize::from(need),
+                    unlocked: false,
+                })
+            }
+            Ok(Step::Complete(kek)) => {
+                *session = None;
+                drop(session);
+                let mut slot = self.pool.write().unwrap_or_else(|p| p.into_inner());
+                if slot.is_some() {
+                    return Ok(UnlockProgress {
+                        have: usize::from(need),
+                        need: usize::from(need),
+                        unlocked: true,
+                    });
+                }
+                let store = Arc::new(MetaStore::open(&self.dir.join(STORE_FILE))?);
+                let p = Pool::open_unlocked(&self.dir, store, kek, &self.policy).inspect_err(|e| {
+                    warn!(error = %e, "the shares given combine to a key that does not open the pool; the unlock starts over");
+                })?;
+                self.export(&mut slot, p)?;
+                Ok(UnlockProgress {
+                    have: usize::from(need),
+                    need: usize::from(need),
+                    unlocked: true,
+                })
+            }
+            Err(e) => {
+                let e = PoolError::from(e);
+                self.note_refusal(&e);
+                if before > 0 && s.progress(now).0 == 0 {
+                    warn!(discarded = before, "unlock progress discarded");
+                }
+                Err(e)
+            }
         }
-        pending.shares.push(loaded);
-        pending.since.get_or_insert_with(std::time::Instant::now);
-        let have = pending.shares.len();
-        let need = usize::from(rec.threshold);
-        info!(have, need, "unlock share accepted");
-        if have < need {
-            return Ok(UnlockProgress {
-                have,
-                need,
-                unlocked: false,
-            });
-        }
-        let shares = std::mem::take(&mut pending.shares);
-        *pending = Pending::default();
-        drop(pending);
-        self.open_with(&shares)?;
-        Ok(UnlockProgress {
-            have,
-            need,
-            unlocked: true,
-        })
     }
 
-    fn open_with(&self, shares: &[LoadedShare]) -> Result<(), PoolError> {
-        let mut slot = self.pool.write().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return Ok(());
-        }
-        let p = Arc::new(Pool::open_loaded(&self.dir, shares)?);
+    /// Exports the volumes of a newly opened pool and starts its rotation task.
+    fn export(&self, slot: &mut Option<Arc<Pool>>, p: Pool) -> Result<(), PoolError> {
+        let p = Arc::new(p);
         let exports: Vec<Export> = p
             .volumes
             .values()
@@ -171,6 +204,10 @@ impl Service {
         self.exports
             .set(exports)
             .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        if !self.read_only {
+            let task = RotationTask::start(p.keys.clone(), p.volumes.values().cloned().collect())?;
+            *self.rotation.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        }
         info!(volumes = p.volumes.len(), "pool unlocked; volumes exported");
         *slot = Some(p);
         Ok(())
@@ -179,6 +216,14 @@ impl Service {
     /// Stops exporting and closes the pool (destage, checkpoint). Idempotent.
     pub fn close(&self) -> Result<(), PoolError> {
         let _ = self.exports.set(Vec::new());
+        if let Some(t) = self
+            .rotation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.stop();
+        }
         let p = self.pool.write().unwrap_or_else(|p| p.into_inner()).take();
         match p {
             Some(p) => p.close(),
@@ -193,9 +238,14 @@ impl Service {
             None => {
                 let mut s = Status::offline(&self.dir)?;
                 s.state = "sealed".into();
-                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let have = self
+                    .session
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                    .map_or(0, |x| usize::from(x.progress(unix_now()).0));
                 s.unlock = Some(UnlockProgress {
-                    have: pending.shares.len(),
+                    have,
                     need: s.threshold,
                     unlocked: false,
                 });
@@ -226,6 +276,20 @@ impl Service {
             let pr = s.add_share(text, origin).map_err(|e| e.to_string())?;
             serde_json::to_value(pr).map_err(|e| e.to_string())
         });
+        let s = self.clone();
+        h.add(
+            crate::lifecycle::commands::CONTROL_COMMAND,
+            move |args: &Value, p: &Progress| {
+                let cmd: crate::lifecycle::commands::KeyCommand =
+                    serde_json::from_value(args.clone())
+                        .map_err(|e| format!("malformed key command: {e}"))?;
+                let pool = s.pool().ok_or(
+                    "the server is sealed: unlock it first (`shardvol unlock --pool DIR --share FILE`)",
+                )?;
+                crate::lifecycle::commands::run(&pool, &cmd, &|v| p.send(v))
+                    .map_err(|e| e.to_string())
+            },
+        );
         h.add("ping", |_, _| Ok(json!("pong")));
         h
     }
@@ -242,6 +306,18 @@ pub struct Status {
     pub unlock: Option<UnlockProgress>,
     pub volumes: Vec<VolumeStatus>,
     pub disks: Vec<DiskStatus>,
+    /// Background re-encryption of an open pool: the key epoch and the rotation task's progress.
+    #[serde(default)]
+    pub keys: Option<KeysStatus>,
+}
+
+/// Key rotation as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeysStatus {
+    /// Master key version and epoch of new writes.
+    pub write_version: u32,
+    pub write_epoch: u32,
+    pub rotation: RotationProgress,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -308,6 +384,7 @@ impl Status {
                     state: d.state.clone(),
                 })
                 .collect(),
+            keys: None,
         })
     }
 
@@ -328,7 +405,13 @@ impl Status {
             })
             .collect();
         let degraded = disks.iter().any(|d| d.state != "ok");
+        let (write_version, write_epoch) = p.keys.write_key();
         Status {
+            keys: Some(KeysStatus {
+                write_version,
+                write_epoch,
+                rotation: p.keys.progress(),
+            }),
             pool: dir.display().to_string(),
             state: "unlocked".into(),
             threshold: rec.as_ref().map_or(0, |r| usize::from(r.threshold)),
