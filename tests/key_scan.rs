@@ -96,7 +96,10 @@ fn no_key_or_plaintext_reaches_any_file_of_the_pool() {
         .map(|s| kms::load_share_file(s).unwrap())
         .collect();
     let kek = kms::combine(&loaded, rec.pool_id, rec.split_id, rec.threshold).unwrap();
-    let wrapped = store.keys().unwrap()[0].wrapped.clone();
+    // Wrapped master keys live in the key-slot file (the store keeps only their state).
+    let wrapped = shardvol::lifecycle::keys_with_wrapped(&store).unwrap()[0]
+        .wrapped
+        .clone();
     let master = kms::unwrap_master(&kek, &wrapped, rec.pool_id, 1).unwrap();
     drop(store);
 
