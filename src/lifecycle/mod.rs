@@ -684,7 +684,7 @@ impl PoolKeys {
             match stripe {
                 Some(s) => work.push((v.clone(), s)),
                 None => work.extend(
-                    v.scan_stale_stripes(self.write_key(), usize::MAX)?
+                    v.stale_stripes(self.write_key(), usize::MAX)
                         .into_iter()
                         .map(|(s, _)| (v.clone(), s)),
                 ),

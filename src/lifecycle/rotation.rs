@@ -13,7 +13,7 @@
 //! Re-keying goes through [`Volume::rekey_stripe`] (crash-safe, through the journal). The task
 //! spends at most `rotation.rate` bytes per second: after re-keying `n` blocks it waits
 //! `n × 4096 / rate` seconds, so client I/O keeps the disks. Stale stripes are found by a scan
-//! ([`Volume::scan_stale_stripes`]) at most every [`RESCAN_EVERY`] or when the write key
+//! ([`Volume::stale_stripes`], from the generation stamps) at most every [`RESCAN_EVERY`] or when the write key
 //! changes, in batches of [`SCAN_BATCH`] stripes.
 //!
 //! Errors (a disk failing) are recorded in the progress and retried after [`ERROR_BACKOFF`];
@@ -265,7 +265,7 @@ impl Worker {
         let due = self.keys.due_key(now);
         let mut found = Vec::new();
         for (i, v) in self.volumes.iter().enumerate() {
-            for (s, k) in v.scan_stale_stripes(due, SCAN_BATCH)? {
+            for (s, k) in v.stale_stripes(due, SCAN_BATCH) {
                 found.push((k, i, s));
             }
         }

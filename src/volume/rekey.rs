@@ -16,7 +16,7 @@
 //! A block that was trimmed between the scan and the rewrite is rewritten as zeros (it reads the
 //! same, but holds space again until the next trim); the rewrite never brings back old data.
 //!
-//! Key usage ([`Volume::scan_key_usage`], [`Volume::scan_stale_stripes`]) comes from the
+//! Key usage ([`Volume::scan_key_usage`], [`Volume::stale_stripes`]) comes from the
 //! generation stamps the metadata store keeps for every destaged block and from the journal
 //! index: no disk I/O. A block destaged before stamps were recorded counts as *unknown*: it may
 //! need any version, so destroying a version is refused while any block is unknown, and the
@@ -235,16 +235,6 @@ impl Volume {
             }
         }
         Ok(u)
-    }
-
-    /// Stripes holding a block whose (version, epoch) is below `older_than` (or unknown), oldest
-    /// first, at most `limit` ([`Volume::stale_stripes`]).
-    pub fn scan_stale_stripes(
-        &self,
-        older_than: (u32, u32),
-        limit: usize,
-    ) -> Result<Vec<(StripeId, (u32, u32))>, VolumeError> {
-        Ok(self.stale_stripes(older_than, limit))
     }
 
     /// Destages everything, then rewrites both journal checkpoints under the current master
