@@ -15,11 +15,12 @@
 //!   active version; then the store records the new state; then (destroy) both key slots are
 //!   zeroed and fsynced and both superblock slots of every disk are rewritten without it. A
 //!   crash after the store commit is finished at the next open ([`PoolKeys::open`] erases the
-//!   slots and superblocks of every destroyed version again).
+//!   slots and superblock copies of every destroyed version again).
 //! - **reissue**: every live version is wrapped under the new KEK into its second slot (the
 //!   old one is protected) → new share files → store commit of the new split id (the switch) →
 //!   old slots zeroed → superblocks rewritten twice. Before the commit the old shares open the
-//!   pool; after it only the new ones do.
+//!   pool; after it only the new ones do. A crash after the commit is finished at the next open
+//!   (`finish_interrupted`).
 
 pub mod commands;
 pub mod rotation;
@@ -289,7 +290,7 @@ impl PoolKeys {
             admin: Mutex::new(()),
             progress: Mutex::new(RotationProgress::default()),
         });
-        this.finish_destroys()?;
+        this.finish_interrupted()?;
         {
             let mut h = lock(&this.epochs);
             h.advance_if_due(now_unix(), this.policy().period);
@@ -299,33 +300,36 @@ impl PoolKeys {
         Ok(this)
     }
 
-    /// Erases, again, the slots and superblock copies of every destroyed version: a crash may
-    /// have stopped a destroy after its store commit.
-    fn finish_destroys(&self) -> Result<(), PoolError> {
-        let destroyed: Vec<u32> = self
-            .store
-            .keys()?
+    /// Finishes what a crash may have interrupted after its store commit: erases, again, the
+    /// key slots of every destroyed version and the slots wrapped under an older split (a
+    /// re-split), and rewrites the superblocks if one still carries either.
+    fn finish_interrupted(&self) -> Result<(), PoolError> {
+        let split = self.store.pool()?.split_id;
+        let keys = self.store.keys()?;
+        let destroyed: Vec<u32> = keys
             .iter()
             .filter(|k| k.state == KeyState::Destroyed)
             .map(|k| k.version)
             .collect();
-        if destroyed.is_empty() {
-            return Ok(());
+        for k in &keys {
+            if destroyed.contains(&k.version) {
+                self.slots.erase(k.version, None)?;
+            } else {
+                self.slots.erase(k.version, Some(&split))?;
+            }
         }
         let mut stale = false;
-        for v in &destroyed {
-            self.slots.erase(*v, None)?;
-        }
         for d in self.disks.values() {
             if let Ok(sb) = crate::meta::read_superblock(d.as_ref()) {
-                stale |= sb
-                    .keys
-                    .iter()
-                    .any(|k| destroyed.contains(&k.version) && !k.wrapped.is_empty());
+                stale |= sb.pool.split_id != split
+                    || sb
+                        .keys
+                        .iter()
+                        .any(|k| destroyed.contains(&k.version) && !k.wrapped.is_empty());
             }
         }
         if stale {
-            warn!("finishing an interrupted destroy: rewriting the superblocks");
+            warn!("finishing an interrupted destroy or re-split: rewriting the superblocks");
             rewrite_superblocks(&self.store, &self.disks)?;
         }
         Ok(())

@@ -4,7 +4,8 @@
 //!    the shared write key);
 //! 2. re-keys *hot* stripes first: a stripe accessed at least `rotation.hot_threshold` times in
 //!    the current `rotation.hot_window` is re-keyed as soon as it holds a block that is not under
-//!    the current (version, epoch), without waiting for `max_age`; counts restart every window;
+//!    the current (version, epoch), without waiting for `max_age`; counts restart every window
+//!    (a threshold of 0 turns this off);
 //! 3. re-keys *stale* stripes, oldest key first: stripes with a block under an older master
 //!    version, or under an epoch that started more than `rotation.max_age` ago;
 //! 4. destroys archived versions whose `rotation.retention` has ended (when no block needs
@@ -226,7 +227,13 @@ impl Worker {
 
         // Hot stripes first.
         let mut hot = Vec::new();
-        for (i, v) in self.volumes.iter().enumerate() {
+        // A threshold of 0 turns the hot-stripe rule off.
+        let counted = if policy.hot_threshold == 0 {
+            &[][..]
+        } else {
+            &self.volumes[..]
+        };
+        for (i, v) in counted.iter().enumerate() {
             for (s, _) in v.hot_stripes(policy.hot_threshold) {
                 if self.hot_done.get(&(i, s.0)) != Some(&wk) {
                     hot.push((i, s));
