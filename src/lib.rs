@@ -9,9 +9,11 @@
 //! - [`disk`]: the `Disk` trait: inline (page cache), io_uring and pread backends, memory and
 //!   fault-injecting disks.
 //!
-//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes).
+//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks), [`pool`]
+//! (creating, opening and describing a pool of disks and volumes) and [`audit`] (the
+//! hash-chained, MAC'd log of key events).
 
+pub mod audit;
 pub mod crypto;
 pub mod disk;
 pub mod erasure;
