@@ -461,11 +461,7 @@ impl AuditLog {
                 return Ok(None);
             };
             let to = tail.seq;
-            let f = fields([
-                ("from", from.to_string()),
-                ("to", to.to_string()),
-                ("key_version", key.current_version().to_string()),
-            ]);
+            let f = fields([("from", from.to_string()), ("to", to.to_string())]);
             self.write_record(tail, EventKind::Attest, f, Some(key))
                 .map(Some)
         })();

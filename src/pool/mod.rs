@@ -494,10 +494,7 @@ impl Pool {
         audit.attest(&audit_key)?;
         audit.append(
             EventKind::Unlock,
-            audit_fields([
-                ("shares", share_indexes(share_files)),
-                ("key_version", active.to_string()),
-            ]),
+            audit_fields([("shares", share_indexes(share_files))]),
             Some(&audit_key),
         )?;
         let mut volumes = BTreeMap::new();
@@ -687,7 +684,6 @@ fn audit_pool_create(
             ("geometry", format!("{}+{}", opts.data, opts.parity)),
             ("shares", opts.shares.to_string()),
             ("threshold", opts.threshold.to_string()),
-            ("key_version", "1".to_string()),
         ]),
         Some(&key),
     )?;
