@@ -582,6 +582,7 @@ fn audit_verify(a: &AuditKeyArgs) -> Result<()> {
         );
     }
     if let Some(b) = r.first_broken {
+        println!("(the counts above stop at the first broken record)");
         bail!("audit log broken at {b}");
     }
     println!("audit log intact");
