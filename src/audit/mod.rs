@@ -404,6 +404,7 @@ impl AuditLog {
         self.tail.lock().unwrap_or_else(|e| {
             let mut g = e.into_inner();
             *g = None;
+            self.tail.clear_poison();
             g
         })
     }
