@@ -1,7 +1,8 @@
 //! Pools: creating one (disks, superblocks, keys, shares, metadata store), adding volumes,
 //! opening one with `t` shares, and describing one without any key.
 //!
-//! A pool directory holds `pool.redb` (the metadata store), by default `disks/` (one sparse
+//! A pool directory holds `pool.redb` (the metadata store), `audit.log` (the audit log of key
+//! events, [`crate::audit`]: creation, unlocks, refused unlocks), by default `disks/` (one sparse
 //! backing file per disk) and, only when the operator asks for it, `shares/`. Every volume has a
 //! region at the same offset on every disk (see `volume::format`); regions are appended.
 //!
