@@ -52,6 +52,40 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check or show the pool's audit log of key events (POOL/audit.log).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and the chain head in the store; with t shares, every MAC too.
+    /// Exits non-zero when the log is broken, naming the first broken record.
+    Verify(AuditKeyArgs),
+    /// Print the records: a table, or JSON lines with --json.
+    Show {
+        #[arg(long)]
+        pool: PathBuf,
+        /// Print each record as the JSON line it is stored as.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a broken log aside (renamed audit.log.broken-TIME) and start a new one whose first
+    /// record names the old one. Needs t shares; refused when the log verifies.
+    Restart(AuditKeyArgs),
+}
+
+#[derive(Args)]
+struct AuditKeyArgs {
+    /// Pool directory.
+    #[arg(long)]
+    pool: PathBuf,
+    /// A share file; repeat until the threshold is met (verify: to check the MACs).
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// A directory of share files (share-*.txt).
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -586,8 +620,171 @@ fn main() -> Result<()> {
         Some(Command::Unlock { pool, share }) => unlock(pool, share),
         Some(Command::Status { pool, json }) => status(pool, json),
         Some(Command::Config(c)) => config_cmd(c),
+        Some(Command::Audit(c)) => audit(c),
         None => unreachable!("clap prints help when no command is given"),
     }
+}
+
+/// Opens a pool's store and audit log for the `audit` commands, and its audit key when shares
+/// are given (unwrapped the way `serve` unlocks, but nothing is recorded: these commands only
+/// read the log, except `restart`).
+fn open_audit(
+    a: &AuditKeyArgs,
+) -> Result<(shardvol::audit::AuditLog, Option<shardvol::audit::AuditKey>)> {
+    use shardvol::audit::{AuditKey, AuditLog};
+    use shardvol::meta::{KeyState, MetaStore};
+    let store_path = a.pool.join(pool::STORE_FILE);
+    if !pool::exists(&a.pool) {
+        bail!(
+            "{} is not a shardvol pool (no {})",
+            a.pool.display(),
+            pool::STORE_FILE
+        );
+    }
+    let store = std::sync::Arc::new(MetaStore::open(&store_path)?);
+    let mut shares = a.share.clone();
+    if let Some(d) = &a.share_dir {
+        shares.extend(pool::shares_in(d)?);
+    }
+    let key = if shares.is_empty() {
+        None
+    } else {
+        let ring = pool::unlock(&store, &shares).context("cannot unlock the pool's keys")?;
+        let active = store
+            .keys()?
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(1);
+        Some(AuditKey::from_ring(&ring, active)?)
+    };
+    Ok((AuditLog::open(&a.pool, store), key))
+}
+
+fn audit(c: AuditCommand) -> Result<()> {
+    match c {
+        AuditCommand::Verify(a) => audit_verify(&a),
+        AuditCommand::Show { pool, json } => audit_show(&pool, json),
+        AuditCommand::Restart(a) => {
+            let (log, key) = open_audit(&a)?;
+            let key = key.context(
+                "restarting the audit log needs the pool's key: pass --share FILE once per share holder",
+            )?;
+            let r = log.restart(&key)?;
+            println!(
+                "set {} aside ({}); new log {} starts at record {}",
+                r.old_log.display(),
+                r.problem,
+                log.path().display(),
+                r.seq
+            );
+            Ok(())
+        }
+    }
+}
+
+fn audit_verify(a: &AuditKeyArgs) -> Result<()> {
+    let (log, key) = open_audit(a)?;
+    let r = log.verify(key.as_ref())?;
+    println!("audit log {}: {} records", log.path().display(), r.records);
+    match r.head {
+        Some((seq, _)) => println!("chain head in the store: record {seq}"),
+        None => println!("chain head in the store: none"),
+    }
+    if key.is_some() {
+        println!(
+            "MACs: {} of {} checked and valid{}",
+            r.macs_checked,
+            r.with_mac,
+            if r.macs_unverifiable > 0 {
+                format!(
+                    "; {} under archived or destroyed master keys not checked (later MACs cover them)",
+                    r.macs_unverifiable
+                )
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "MACs: NOT checked ({} records carry one): pass --share FILE (t of them) to check them",
+            r.with_mac
+        );
+    }
+    println!(
+        "sealed records (no MAC): {}, of which not yet attested: {}",
+        r.sealed, r.unattested
+    );
+    if let Some(t) = r.torn_tail {
+        println!(
+            "note: the log ends with a torn line of {} bytes at offset {} (an append interrupted              by a crash); it is not part of the chain, and the next append removes it and records              log-repaired",
+            t.len, t.offset
+        );
+    }
+    if r.head_lag {
+        println!(
+            "note: the chain head in the store is one record behind the log (a crash between the              two writes); the next append catches it up and records log-repaired"
+        );
+    }
+    if let Some(b) = r.first_broken {
+        println!("(the counts above stop at the first broken record)");
+        bail!("audit log broken at {b}");
+    }
+    println!("audit log intact");
+    Ok(())
+}
+
+fn audit_show(pool_dir: &std::path::Path, json: bool) -> Result<()> {
+    use shardvol::audit::{AuditLog, format_time_utc};
+    use shardvol::meta::MetaStore;
+    if !pool::exists(pool_dir) {
+        bail!(
+            "{} is not a shardvol pool (no {})",
+            pool_dir.display(),
+            pool::STORE_FILE
+        );
+    }
+    let store = std::sync::Arc::new(MetaStore::open(&pool_dir.join(pool::STORE_FILE))?);
+    let log = AuditLog::open(pool_dir, store);
+    let contents = log.read()?;
+    if !json {
+        println!(
+            "{:>6}  {:<20}  {:<15}  {:<7}  fields",
+            "seq", "time (UTC)", "event", "mac"
+        );
+    }
+    for line in &contents.lines {
+        match line {
+            Ok(r) if json => println!("{}", r.to_json()),
+            Ok(r) => {
+                let mac = r
+                    .key_version
+                    .map_or_else(|| "sealed".to_string(), |v| format!("key v{v}"));
+                let fields: Vec<String> =
+                    r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                println!(
+                    "{:>6}  {:<20}  {:<15}  {:<7}  {}",
+                    r.seq,
+                    format_time_utc(r.time_unix),
+                    r.event,
+                    mac,
+                    fields.join(" ")
+                );
+            }
+            Err(msg) => eprintln!("not a record: {msg}"),
+        }
+    }
+    if let Some(t) = contents.torn_tail {
+        eprintln!(
+            "note: torn last line of {} bytes at offset {} (an interrupted append)",
+            t.len, t.offset
+        );
+    }
+    if !json {
+        eprintln!("(shown as stored; `shardvol audit verify` checks them)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
