@@ -27,6 +27,8 @@ use crate::meta::{
 };
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
+pub mod recover;
+
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";
 /// Regions start on 1 MiB boundaries, so that every volume's slots stay aligned for
