@@ -479,15 +479,9 @@ fn recover(a: RecoverArgs) -> Result<()> {
         r.superblock_from.display()
     );
     let used = r.disks.iter().filter(|d| d.missing.is_none()).count();
-    println!(
-        "  disks: {used} used, {} missing",
-        r.disks.len() - used
-    );
+    println!("  disks: {used} used, {} missing", r.disks.len() - used);
     for d in &r.disks {
-        let path = d
-            .path
-            .as_ref()
-            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+        let path = d.path.as_ref().unwrap_or(&d.recorded).display();
         match &d.missing {
             None => println!("    disk {:>3}  used     {path}", d.id),
             Some(why) => println!("    disk {:>3}  missing  {path}: {why}", d.id),

@@ -69,6 +69,8 @@ pub struct RecoverOptions {
 #[derive(Clone, Debug)]
 pub struct DiskUse {
     pub id: DiskId,
+    /// Its path in the pool's disk table (where it was when the superblock was written).
+    pub recorded: PathBuf,
     /// The file given for it, if any.
     pub path: Option<PathBuf>,
     /// `None`: used; otherwise why it counts as missing.
@@ -140,7 +142,8 @@ fn ident(path: &Path) -> Option<(u64, u64)> {
     fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Ranges of block numbers as "blocks A-B (bytes X-Y)", at most [`LIST_MAX`] of them.
+/// Ranges of block numbers as "N blocks of 4 KiB: blocks A-B (bytes X-Y), …", at most
+/// [`LIST_MAX`] ranges named.
 pub fn describe_blocks(ranges: &[Range<u64>]) -> String {
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     let mut s: Vec<String> = ranges
@@ -169,14 +172,12 @@ fn read_disks(
 ) -> Result<(Vec<Given>, Superblock, PathBuf), PoolError> {
     let mut given: Vec<Given> = Vec::new();
     for p in paths {
-        let id = fs::metadata(p)
-            .map(|m| (m.dev(), m.ino()))
-            .map_err(|e| {
-                PoolError::Invalid(format!(
-                    "--disk {}: {e} (leave out the disks you do not have: they count as missing)",
-                    p.display()
-                ))
-            })?;
+        let id = fs::metadata(p).map(|m| (m.dev(), m.ino())).map_err(|e| {
+            PoolError::Invalid(format!(
+                "--disk {}: {e} (leave out the disks you do not have: they count as missing)",
+                p.display()
+            ))
+        })?;
         if let Some(other) = given.iter().find(|g| g.ident == id) {
             return Err(PoolError::Invalid(format!(
                 "--disk {} and --disk {} are the same file: give each disk once",
@@ -212,11 +213,15 @@ fn read_disks(
             foreign.join("; ")
         )));
     }
-    let newest = given
-        .iter()
-        .filter_map(|g| g.superblock.as_ref().ok().map(|sb| (sb, &g.path)))
-        .max_by_key(|(sb, _)| sb.seq)
-        .map(|(sb, p)| (sb.clone(), p.clone()));
+    // The first disk given with the highest seq.
+    let mut newest: Option<(Superblock, PathBuf)> = None;
+    for g in &given {
+        if let Ok(sb) = &g.superblock
+            && newest.as_ref().is_none_or(|(n, _)| sb.seq > n.seq)
+        {
+            newest = Some((sb.clone(), g.path.clone()));
+        }
+    }
     let Some((sb, from)) = newest else {
         let why: Vec<String> = given
             .iter()
@@ -488,7 +493,10 @@ fn copy_volume(
     if let Some(e) = copy.failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    let mut lbas = copy.unreadable.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut lbas = copy
+        .unreadable
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
     lbas.sort_unstable();
     let mut ranges: Vec<Range<u64>> = Vec::new();
     for l in lbas {
@@ -497,11 +505,7 @@ fn copy_volume(
             _ => ranges.push(l..l + 1),
         }
     }
-    Ok((
-        copy.copied.into_inner(),
-        copy.written.into_inner(),
-        ranges,
-    ))
+    Ok((copy.copied.into_inner(), copy.written.into_inner(), ranges))
 }
 
 /// Rebuilds the image of one volume from disks and shares (module docs).
@@ -591,39 +595,41 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
     let mut overlays: Vec<Arc<OverlayDisk>> = Vec::new();
     let mut uses = Vec::new();
     for d in &sb.disks {
-        let (disk, path, missing): (DiskRef, Option<PathBuf>, Option<String>) =
-            match by_id.get(&d.id) {
-                Some(g) => match OverlayDisk::open(&g.path, None) {
-                    Ok(o) => {
-                        let o = Arc::new(o);
-                        overlays.push(o.clone());
-                        let short = (o.size() < d.size).then(|| {
+        let (disk, path, missing): (DiskRef, Option<PathBuf>, Option<String>) = match by_id
+            .get(&d.id)
+        {
+            Some(g) => match OverlayDisk::open(&g.path, None) {
+                Ok(o) => {
+                    let o = Arc::new(o);
+                    overlays.push(o.clone());
+                    let short = (o.size() < d.size).then(|| {
                             format!(
                                 "{} bytes, the pool expects {}: what lies past its end is rebuilt from parity",
                                 o.size(),
                                 d.size
                             )
                         });
-                        if let Some(s) = short {
-                            notes.push((g.path.clone(), s));
-                        }
-                        (o, Some(g.path.clone()), None)
+                    if let Some(s) = short {
+                        notes.push((g.path.clone(), s));
                     }
-                    Err(e) => (
-                        missing_disk(d),
-                        Some(g.path.clone()),
-                        Some(format!("cannot be opened: {e}")),
-                    ),
-                },
-                None => (
+                    (o, Some(g.path.clone()), None)
+                }
+                Err(e) => (
                     missing_disk(d),
-                    None,
-                    Some("not given (or its superblock is unreadable)".into()),
+                    Some(g.path.clone()),
+                    Some(format!("cannot be opened: {e}")),
                 ),
-            };
+            },
+            None => (
+                missing_disk(d),
+                None,
+                Some("not given (or its superblock is unreadable)".into()),
+            ),
+        };
         disks.insert(d.id, disk);
         uses.push(DiskUse {
             id: d.id,
+            recorded: d.path.clone(),
             path,
             missing,
         });
@@ -635,13 +641,7 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
         .collect();
 
     let store = Arc::new(store);
-    let parts = parts_for(
-        &record,
-        &disks,
-        &sb.disks,
-        store,
-        Some((ring, write_key)),
-    )?;
+    let parts = parts_for(&record, &disks, &sb.disks, store, Some((ring, write_key)))?;
     let vol = Volume::open(parts).map_err(|e| {
         PoolError::Invalid(format!(
             "cannot open volume {}: {e}{}",
@@ -663,11 +663,12 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
     let lost = vol.install_allocation(&scan)?;
     if !lost.is_empty() && !opts.force {
         return Err(PoolError::Invalid(format!(
-            "{} of the volume cannot be rebuilt: more than {} of the disks holding their stripes are missing (disks missing: {}). \
-             Nothing was written. Find the missing disks, or add --force to write everything else (those blocks as zeros)",
-            describe_blocks(&lost),
+            "some blocks cannot be rebuilt: more than {} of the disks holding their stripes are missing \
+             (disks missing: {}). Nothing was written. Find the missing disks, or add --force to write \
+             everything else (those blocks as zeros). Blocks that cannot be rebuilt: {}",
             record.geometry.m,
-            missing.join(", ")
+            missing.join(", "),
+            describe_blocks(&lost)
         )));
     }
 

@@ -17,11 +17,20 @@
 //! 3. A row that is not consistent has a damaged entry. It is decoded again leaving out `d`
 //!    present entries at a time (`d = 1, 2, …` while `present - k >= 2d`, the radius within
 //!    which the error is unique); the first choice that makes the rest consistent wins and the
-//!    row counts as *repaired*. Failing that the row is *uncertain*: a block counts as
-//!    allocated if its own entry or the one rebuilt without it says so. A false "allocated"
-//!    makes a read of that block fail (a tag never verifies a hole), a false "hole" would read
-//!    as zeros: the scan errs on the side that is noticed.
-//! 4. With fewer than `k` chunks present, nothing can be rebuilt. A present data entry still
+//!    row counts as *repaired*.
+//! 4. Failing that, the tags decide: the row is read with the verified read path (`read_row`:
+//!    blocks kept verify with their tag, the others are rebuilt). A reading whose blocks all
+//!    verify is taken. A block that reads as empty could be a wiped chunk (zeros look like a
+//!    hole, and no tag contradicts a hole): the reading is taken if a parity entry read from a
+//!    disk agrees with it (another, damaged parity chunk may not); otherwise each empty data
+//!    chunk is rebuilt from the others, and if the rebuilt block verifies with its tag the
+//!    chunk was wiped and that reading is taken; if none does, the first reading is the only
+//!    one the tags allow within `m` faults. The row counts as *repaired*. If the row cannot be
+//!    read at all it is *uncertain*: a block counts as allocated if its own entry or the one
+//!    rebuilt without it says so. A false "allocated" makes a read of that block fail (a tag
+//!    never verifies a hole), a false "hole" would read as zeros: the scan errs on the side
+//!    that is noticed.
+//! 5. With fewer than `k` chunks present, nothing can be rebuilt. A present data entry still
 //!    says whether its own block is allocated. The blocks of missing data chunks are holes if a
 //!    present parity entry of the row is all zero (parity of entries that hold a tag is zero
 //!    with probability 2^-256), and *lost* otherwise: marked allocated, so reads of them fail,
@@ -38,8 +47,8 @@ use std::ops::Range;
 use super::format::{BlockMeta, META_SIZE};
 use super::state::Bits;
 use super::{Volume, VolumeError};
-use crate::disk::IoOp;
-use crate::layout::{BLOCK_SIZE_U64, BlockPos, ChunkIndex, StripeId};
+use crate::disk::{DiskRef, IoOp};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, StripeId};
 
 /// One metadata entry.
 type Entry = [u8; META_SIZE];
@@ -126,7 +135,7 @@ impl Volume {
                         alloc: data.iter().map(|d| !is_zero(&entry(d, row))).collect(),
                         repaired: false,
                     },
-                    _ => self.resolve_row(&entries),
+                    _ => self.resolve_row(stripe, row, &disks, &entries),
                 };
                 let alloc: Vec<Option<bool>> = match verdict {
                     RowVerdict::Known { alloc, repaired } => {
@@ -208,7 +217,13 @@ impl Volume {
     }
 
     /// The verdict on one row that is not known to be consistent (see the module docs).
-    fn resolve_row(&self, entries: &[Option<Entry>]) -> RowVerdict {
+    fn resolve_row(
+        &self,
+        stripe: StripeId,
+        row: u64,
+        disks: &[DiskRef],
+        entries: &[Option<Entry>],
+    ) -> RowVerdict {
         let k = usize::from(self.layout.geometry.k);
         let present: Vec<usize> = (0..entries.len())
             .filter(|c| entries[*c].is_some())
@@ -245,8 +260,49 @@ impl Volume {
                 }
             }
         }
-        // No consistent reading: allocated where the block's own entry, or the entry rebuilt
-        // from the others, says so.
+        // The metadata alone does not settle it: let the tags decide, with the verified read
+        // path (blocks kept verify with their tag, the others are rebuilt).
+        let known = |r: &super::io::Row| RowVerdict::Known {
+            alloc: r.shards[..k]
+                .iter()
+                .map(|s| !BlockMeta::decode(&s[BLOCK_SIZE..]).is_empty())
+                .collect(),
+            repaired: true,
+        };
+        let first = self.read_row(stripe, row, disks, &[]);
+        if let Ok(r) = &first {
+            // Blocks with a tag are proven by it. An empty block could be a wiped chunk: a
+            // parity entry read from a disk that agrees proves it empty (another, damaged
+            // parity chunk may disagree).
+            let metas: Vec<&[u8]> = r.shards[..k].iter().map(|s| &s[BLOCK_SIZE..]).collect();
+            let mut parity = vec![[0u8; META_SIZE]; entries.len() - k];
+            let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|x| x.as_mut_slice()).collect();
+            let encoded = self.codec.encode(&metas, &mut p).is_ok();
+            let checks: Vec<bool> = (k..entries.len())
+                .filter(|c| !r.rebuilt.contains(c))
+                .filter_map(|c| entries[c].map(|e| e == parity[c - k]))
+                .collect();
+            let all_tagged = metas.iter().all(|m| !BlockMeta::decode(m).is_empty());
+            if all_tagged || (encoded && (checks.is_empty() || checks.contains(&true))) {
+                return known(r);
+            }
+        }
+        // A data chunk that looks empty but, rebuilt from the others, holds a block whose tag
+        // verifies was wiped: take that reading.
+        for c in (0..k).filter(|c| entries[*c].is_some_and(|e| is_zero(&e))) {
+            if let Ok(r) = self.read_row(stripe, row, disks, &[c])
+                && !BlockMeta::decode(&r.shards[c][BLOCK_SIZE..]).is_empty()
+            {
+                return known(&r);
+            }
+        }
+        // No empty chunk hides a block: with at most `m` faults in the row, the first reading
+        // is the only one the tags allow.
+        if let Ok(r) = &first {
+            return known(r);
+        }
+        // Nothing settles it: allocated where the block's own entry, or the entry rebuilt from
+        // the others, says so.
         let alloc = (0..k)
             .map(|c| {
                 let own = entries[c].is_some_and(|e| !is_zero(&e));
@@ -263,7 +319,10 @@ impl Volume {
 
     /// Every entry of a row computed from the entries of the chunks `from` (exactly `k`).
     fn decode_row(&self, entries: &[Option<Entry>], from: &[usize]) -> Option<Vec<Entry>> {
-        let mut shards: Vec<Entry> = entries.iter().map(|e| e.unwrap_or([0; META_SIZE])).collect();
+        let mut shards: Vec<Entry> = entries
+            .iter()
+            .map(|e| e.unwrap_or([0; META_SIZE]))
+            .collect();
         let present: Vec<bool> = (0..entries.len()).map(|c| from.contains(&c)).collect();
         let mut refs: Vec<&mut [u8]> = shards.iter_mut().map(|s| s.as_mut_slice()).collect();
         self.codec.reconstruct(&mut refs, &present).ok()?;
