@@ -490,6 +490,11 @@ fn recover(a: RecoverArgs) -> Result<()> {
     for (p, note) in &r.notes {
         println!("  note: {}: {note}", p.display());
     }
+    if r.journal_lost {
+        println!(
+            "  journal: every journal disk is missing; writes that were only in the journal are not in the image"
+        );
+    }
     if r.journaled_blocks > 0 {
         println!(
             "  journal: {} blocks could not be destaged (disks missing) and were read from the journal",

@@ -33,10 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{PoolError, STORE_FILE, io_err, parts_for, unlock};
-use crate::disk::{Disk, DiskRef, FaultDisk, MemDisk, OverlayDisk};
+use crate::disk::{Disk, DiskRef, FaultDisk, MemDisk, OverlayDisk, Trigger};
 use crate::kms;
+use crate::layout::placement::Placement;
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, DiskId};
-use crate::meta::{DiskRecord, KeyState, MetaStore, Superblock, read_superblock};
+use crate::meta::{DiskRecord, KeyState, MetaStore, Superblock, VolumeRecord, read_superblock};
 use crate::volume::{AllocScan, BlockDevice, Volume, WriteKey};
 
 /// Bytes read from the volume per copy request: large enough that a request covers whole
@@ -90,6 +91,9 @@ pub struct Recovered {
     /// Remarks on files given: not used and why (no readable superblock, an id the disk table
     /// does not list), or shorter than the pool expects.
     pub notes: Vec<(PathBuf, String)>,
+    /// Every journal disk was missing: the volume was opened on an empty journal (`force`), so
+    /// writes that were only in the journal are not in the image.
+    pub journal_lost: bool,
     /// Blocks found in the journal at replay that could not be destaged (a disk missing); they
     /// are read from the journal.
     pub journaled_blocks: usize,
@@ -640,6 +644,32 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
         .map(|u| u.id.to_string())
         .collect();
 
+    // The journal lives on `m + 1` disks. With all of them gone, the writes that were only in
+    // the journal are lost; with --force the volume opens on an empty journal (the chunk slots
+    // of those disks still count as missing) and the destaged data is recovered.
+    let placement = Placement::new(record.placement_seed, super::placement_table(&sb.disks))
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+    let journal_disks = Volume::journal_disks(&placement, &record)?;
+    let journal_lost = journal_disks
+        .iter()
+        .all(|id| uses.iter().any(|u| u.id == *id && u.missing.is_some()));
+    if journal_lost {
+        let ids: Vec<String> = journal_disks.iter().map(|d| d.to_string()).collect();
+        if !opts.force {
+            return Err(PoolError::Invalid(format!(
+                "all {} journal disks of volume {} (disks {}) are missing: writes that were not yet \
+                 destaged when the pool stopped cannot be recovered. Find one of them, or add --force \
+                 to recover what was destaged",
+                journal_disks.len(),
+                record.name,
+                ids.join(", ")
+            )));
+        }
+        for d in sb.disks.iter().filter(|d| journal_disks.contains(&d.id)) {
+            disks.insert(d.id, journal_stand_in(d, &record));
+        }
+    }
+
     let store = Arc::new(store);
     let parts = parts_for(&record, &disks, &sb.disks, store, Some((ring, write_key)))?;
     let vol = Volume::open(parts).map_err(|e| {
@@ -694,6 +724,7 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
         superblock_from,
         disks: uses,
         notes,
+        journal_lost,
         journaled_blocks,
         scan,
         bytes_copied: copied,
@@ -702,6 +733,18 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
         overlay_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A missing journal disk replaced by an empty journal: its journal area is blank memory, every
+/// I/O beyond it (the chunk slots) fails as on a missing disk.
+fn journal_stand_in(d: &DiskRecord, v: &VolumeRecord) -> DiskRef {
+    let f = FaultDisk::new(Arc::new(MemDisk::new(d.path.display().to_string(), d.size)));
+    let h = f.handle();
+    let slots = v.region_offset + v.journal_size..u64::MAX;
+    h.fail_reads(Trigger::range(slots.clone()));
+    h.fail_writes(Trigger::range(slots.clone()));
+    h.fail_discards(Trigger::range(slots));
+    Arc::new(f)
 }
 
 /// A disk that is not there: every I/O fails as if it had been pulled.
