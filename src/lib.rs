@@ -10,7 +10,8 @@
 //!   fault-injecting disks.
 //!
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes).
+//! (creating, opening and describing a pool of disks and volumes; [`pool::recover`] rebuilds a
+//! volume's image from disks and shares alone).
 
 pub mod crypto;
 pub mod disk;

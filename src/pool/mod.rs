@@ -6,6 +6,8 @@
 //! region at the same offset on every disk (see `volume::format`); regions are appended.
 //!
 //! Errors name what is wrong and what to do; nothing here prints or logs key material.
+//!
+//! [`recover`]: offline recovery of a volume from its disks and `t` shares, without the store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;

@@ -126,16 +126,18 @@ impl Volume {
             let mut bits = Bits::new(g.blocks_per_stripe());
             let mut stripe_lost: Vec<u64> = Vec::new();
             for row in 0..bpc {
-                let entries: Vec<Option<Entry>> = areas
-                    .iter()
-                    .map(|a| a.as_ref().map(|a| entry(a, row)))
-                    .collect();
                 let verdict = match &consistent {
                     Some((rows, data)) if rows[row as usize] => RowVerdict::Known {
                         alloc: data.iter().map(|d| !is_zero(&entry(d, row))).collect(),
                         repaired: false,
                     },
-                    _ => self.resolve_row(stripe, row, &disks, &entries),
+                    _ => {
+                        let entries: Vec<Option<Entry>> = areas
+                            .iter()
+                            .map(|a| a.as_ref().map(|a| entry(a, row)))
+                            .collect();
+                        self.resolve_row(stripe, row, &disks, &entries)
+                    }
                 };
                 let alloc: Vec<Option<bool>> = match verdict {
                     RowVerdict::Known { alloc, repaired } => {
