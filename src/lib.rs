@@ -10,9 +10,10 @@
 //!   fault-injecting disks.
 //!
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks), [`pool`]
-//! (creating, opening and describing a pool of disks and volumes) and [`audit`] (the
-//! hash-chained, MAC'd log of key events). Around them: [`service`] (a served pool, sealed or
-//! unlocked), [`control`] (the admin socket) and [`config`] (TOML).
+//! (creating, opening and describing a pool of disks and volumes; [`pool::recover`] rebuilds a
+//! volume's image from disks and shares alone) and [`audit`] (the hash-chained, MAC'd log of
+//! key events). Around them: [`service`] (a served pool, sealed or unlocked), [`control`] (the
+//! admin socket) and [`config`] (TOML).
 
 pub mod audit;
 pub mod config;

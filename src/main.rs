@@ -55,6 +55,36 @@ enum Command {
     /// Check or show the pool's audit log of key events (POOL/audit.log).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Rebuild the plain image of a volume from disk files and shares alone: no metadata store,
+    /// no server, up to `m` disks missing. The disks are only read.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// A disk file (or block device) of the pool; repeat for every disk you have. Disks left
+    /// out count as missing and are rebuilt from parity.
+    #[arg(long, required = true)]
+    disk: Vec<PathBuf>,
+    /// A share file; repeat until the pool's threshold is met.
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// A directory of share files (share-*.txt).
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
+    /// Name of the volume to recover.
+    #[arg(long)]
+    volume: String,
+    /// The image to write: a new file (sparse), or with --force an existing file or block device.
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite an existing output; write an image even when some blocks cannot be rebuilt
+    /// (they are left as zeros, listed, and the exit status is 2).
+    #[arg(long)]
+    force: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -594,16 +624,103 @@ fn config_cmd(c: ConfigCommand) -> Result<()> {
     Ok(())
 }
 
+/// Exit status of `recover` when the image was written but some blocks could not be read.
+const EXIT_INCOMPLETE: i32 = 2;
+
+fn recover(a: RecoverArgs) -> Result<()> {
+    use shardvol::pool::recover::{RecoverOptions, describe_blocks, recover};
+    let mut shares = a.share.clone();
+    if let Some(d) = &a.share_dir {
+        shares.extend(pool::shares_in(d)?);
+    }
+    let r = recover(&RecoverOptions {
+        disks: a.disk.clone(),
+        shares,
+        volume: a.volume.clone(),
+        output: a.output.clone(),
+        force: a.force,
+        progress: !a.quiet,
+    })
+    .with_context(|| format!("cannot recover volume {}", a.volume))?;
+    println!(
+        "recovered volume {} ({}) of pool {} into {}",
+        r.volume,
+        human(r.size),
+        r.pool_id,
+        a.output.display()
+    );
+    println!(
+        "  pool description: superblock seq {} from {}",
+        r.superblock_seq,
+        r.superblock_from.display()
+    );
+    let used = r.disks.iter().filter(|d| d.missing.is_none()).count();
+    println!("  disks: {used} used, {} missing", r.disks.len() - used);
+    for d in &r.disks {
+        let path = d.path.as_ref().unwrap_or(&d.recorded).display();
+        match &d.missing {
+            None => println!("    disk {:>3}  used     {path}", d.id),
+            Some(why) => println!("    disk {:>3}  missing  {path}: {why}", d.id),
+        }
+    }
+    for (p, note) in &r.notes {
+        println!("  note: {}: {note}", p.display());
+    }
+    if r.journal_lost {
+        println!(
+            "  journal: every journal disk is missing; writes that were only in the journal are not in the image"
+        );
+    }
+    if r.journaled_blocks > 0 {
+        println!(
+            "  journal: {} blocks could not be destaged (disks missing) and were read from the journal",
+            r.journaled_blocks
+        );
+    }
+    println!(
+        "  allocation rebuilt from block metadata: {} blocks ({}) in {} stripes; {} rows repaired, {} uncertain, {} chunk areas unreadable",
+        r.scan.allocated,
+        human(r.scan.allocated * 4096),
+        r.scan.stripes,
+        r.scan.repaired_rows,
+        r.scan.uncertain_rows,
+        r.scan.unreadable_chunks
+    );
+    println!(
+        "  copied {} of data, wrote {} (zeros left as holes) in {:.1} s; replayed journal held {} in memory",
+        human(r.bytes_copied),
+        human(r.bytes_written),
+        r.seconds,
+        human(r.overlay_bytes)
+    );
+    if !r.unreadable.is_empty() {
+        eprintln!(
+            "error: the image is incomplete: {} could not be read and are zeros in {}",
+            describe_blocks(&r.unreadable),
+            a.output.display()
+        );
+        std::process::exit(EXIT_INCOMPLETE);
+    }
+    Ok(())
+}
+
+
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Recovery reports what it did itself; the volume's own warnings (journal kept, destaging
+    // retried) speak of a server that is not running.
+    let default_filter = match cli.command {
+        Some(Command::Recover(_)) => "warn,shardvol::volume=error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     shardvol::disk::keep_large_buffers_in_heap();
-    let cli = Cli::parse();
     match cli.command {
         Some(Command::Create(a)) => create(a),
         Some(Command::Inspect { pool, json }) => inspect(pool, json),
@@ -621,6 +738,7 @@ fn main() -> Result<()> {
         Some(Command::Status { pool, json }) => status(pool, json),
         Some(Command::Config(c)) => config_cmd(c),
         Some(Command::Audit(c)) => audit(c),
+        Some(Command::Recover(a)) => recover(a),
         None => unreachable!("clap prints help when no command is given"),
     }
 }

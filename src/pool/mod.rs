@@ -7,6 +7,8 @@
 //! region at the same offset on every disk (see `volume::format`); regions are appended.
 //!
 //! Errors name what is wrong and what to do; nothing here prints or logs key material.
+//!
+//! [`recover`]: offline recovery of a volume from its disks and `t` shares, without the store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -28,6 +30,8 @@ use crate::meta::{
     VolumeRecord, read_superblock, write_superblock,
 };
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
+
+pub mod recover;
 
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";

@@ -24,6 +24,7 @@ pub mod format;
 mod io;
 pub mod journal;
 pub mod mem;
+mod scan;
 pub mod state;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use self::format::{
     BlockMeta, MAX_RECORD_BLOCKS, RecordHeader, RecordKind, RegionLayout, blocks_of, header_pages,
 };
 use self::journal::{Journal, Reservation};
+pub use self::scan::AllocScan;
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, Stamp, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
 use crate::disk::{DiskRef, IoBuf};
