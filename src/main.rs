@@ -704,7 +704,6 @@ fn recover(a: RecoverArgs) -> Result<()> {
     Ok(())
 }
 
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Recovery reports what it did itself; the volume's own warnings (journal kept, destaging
