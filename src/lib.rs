@@ -9,12 +9,14 @@
 //! - [`disk`]: the `Disk` trait: inline (page cache), io_uring and pread backends, memory and
 //!   fault-injecting disks.
 //!
-//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes), and [`lifecycle`] (epochs,
-//! master key versions, archive and destroy, re-splitting the KEK, background re-encryption).
-//! Around them: [`service`] (a served pool, sealed or unlocked), [`control`] (the admin socket)
-//! and [`config`] (TOML).
+//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks), [`pool`]
+//! (creating, opening and describing a pool of disks and volumes; [`pool::recover`] rebuilds a
+//! volume's image from disks and shares alone), [`lifecycle`] (epochs, master key versions,
+//! archive and destroy, re-splitting the KEK, background re-encryption) and [`audit`] (the
+//! hash-chained, MAC'd log of key events). Around them: [`service`] (a served pool, sealed or
+//! unlocked), [`control`] (the admin socket) and [`config`] (TOML).
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod crypto;

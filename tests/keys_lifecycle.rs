@@ -360,7 +360,7 @@ fn unlock_session_two_of_three_stays_sealed_three_opens_corrupt_share_is_named()
         Step::Complete(k) => k,
         other => panic!("expected the KEK: {other:?}"),
     };
-    let p = Pool::open_unlocked(&t.pool, store, kek, &KeyPolicy::default()).unwrap();
+    let p = Pool::open_unlocked(&t.pool, store, kek, &KeyPolicy::default(), "1,2,5").unwrap();
     let mut b = vec![0u8; 8192];
     p.volumes["vol0"].read(0, &mut b).unwrap();
     assert_eq!(b, pattern(9, 8192));

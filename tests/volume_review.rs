@@ -1229,3 +1229,42 @@ fn key_usage_counts_blocks_per_version_and_epoch() {
     );
     vol.close().unwrap();
 }
+
+/// A data chunk wiped to zeros (a truncated disk file reads as zeros) looks like a row of
+/// never-written blocks; the stamps say they were written, so with another chunk of the row
+/// lost (m = 2 faults in all) every block is still rebuilt, never read as zeros or refused.
+#[test]
+fn wiped_chunk_is_not_mistaken_for_never_written_blocks() {
+    let size = 4 << 20;
+    let rig = Rig::standard(size);
+    let vol = rig.open();
+    let data = pattern(21, size as usize);
+    vol.write(0, &data, true).unwrap();
+    vol.destage().unwrap();
+    let l = Volume::layout_of(&rig.record);
+    let g = rig.record.geometry;
+    let bps = g.blocks_per_stripe() as usize;
+    for s in 0..l.stripes {
+        let d = rig.stripe_disks(s);
+        // Chunk 0's slot (data and metadata pages) wiped; chunk 1's disk gone.
+        rig.mems[d[0]].tamper(
+            l.slot_offset(StripeId(s)),
+            &vec![0u8; l.slot_size() as usize],
+        );
+        rig.faults[d[1]].set_gone(true);
+        // Chunk 1's blocks first (rebuilt from rows that include the wiped chunk 0), then
+        // the whole stripe.
+        let bpc = g.blocks_per_chunk() as usize;
+        let off = s as usize * bps * BS;
+        let c1 = off + bpc * BS;
+        let got = read(&vol, c1 as u64, bpc * BS).unwrap();
+        assert!(
+            got == data[c1..c1 + bpc * BS],
+            "stripe {s}: chunk 1 rebuilt"
+        );
+        let got = read(&vol, off as u64, bps * BS).unwrap();
+        assert!(got == data[off..off + bps * BS], "stripe {s} reads back");
+        rig.faults[d[1]].set_gone(false);
+    }
+    vol.close().unwrap();
+}

@@ -24,7 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod epochs;
-mod hex;
+pub(crate) mod hex;
 pub mod keyslots;
 pub mod policy;
 mod shares;

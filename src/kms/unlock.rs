@@ -68,6 +68,11 @@ impl UnlockSession {
         (self.shares.len() as u8, self.threshold)
     }
 
+    /// Indexes of the shares accepted so far, in arrival order.
+    pub fn given(&self) -> Vec<u8> {
+        self.shares.iter().map(|s| s.share.index).collect()
+    }
+
     /// Forgets every share given so far.
     pub fn reset(&mut self) {
         self.shares.clear();

@@ -33,6 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::audit::{AuditKey, AuditLog, EventKind, Fields, fields};
 use crate::crypto::{KeyRing, MasterKey};
 use crate::disk::DiskRef;
 use crate::kms::epochs::{Epoch, EpochHistory};
@@ -239,6 +240,8 @@ pub struct PoolKeys {
     disks: HashMap<DiskId, DiskRef>,
     admin: Mutex<()>,
     progress: Mutex<RotationProgress>,
+    /// Where key events go: the pool's audit log and its audit key (set by the pool once open).
+    audit: Mutex<Option<(Arc<AuditLog>, Arc<RwLock<AuditKey>>)>>,
 }
 
 impl std::fmt::Debug for PoolKeys {
@@ -289,6 +292,7 @@ impl PoolKeys {
             disks,
             admin: Mutex::new(()),
             progress: Mutex::new(RotationProgress::default()),
+            audit: Mutex::new(None),
         });
         this.finish_interrupted()?;
         {
@@ -333,6 +337,32 @@ impl PoolKeys {
             rewrite_superblocks(&self.store, &self.disks)?;
         }
         Ok(())
+    }
+
+    /// Sends key events to the pool's audit log, MAC'd under `key` (which this keeps in step
+    /// with the loaded master versions: a new active version MACs from then on, a destroyed
+    /// one's audit key is dropped).
+    pub fn attach_audit(&self, log: Arc<AuditLog>, key: Arc<RwLock<AuditKey>>) {
+        *lock(&self.audit) = Some((log, key));
+    }
+
+    /// Appends a key event to the audit log (if attached). The event already happened: a
+    /// failure to record it is logged, not returned.
+    pub fn record(&self, kind: EventKind, fields: Fields) {
+        let Some((log, key)) = lock(&self.audit).clone() else {
+            return;
+        };
+        let active = self.write_key.get().0;
+        let mut k = key.write().unwrap_or_else(PoisonError::into_inner);
+        if k.current_version() != active || k.versions() != self.ring.versions() {
+            match AuditKey::from_ring(&self.ring, active) {
+                Ok(nk) => *k = nk,
+                Err(e) => warn!(error = %e, "cannot refresh the audit key"),
+            }
+        }
+        if let Err(e) = log.append(kind, fields, Some(&k)) {
+            warn!(error = %e, event = kind.name(), "cannot record a key event in the audit log");
+        }
     }
 
     /// The key ring the volumes read and write with.
@@ -385,8 +415,16 @@ impl PoolKeys {
             return Ok(None);
         };
         write_json(&self.store, EPOCHS_ENTRY, &*h)?;
+        drop(h);
         self.write_key.set(self.write_key.get().0, e.number);
         info!(epoch = e.number, "new epoch: new writes use it");
+        self.record(
+            EventKind::Rotate,
+            fields([
+                ("epoch", e.number.to_string()),
+                ("reason", "period".to_string()),
+            ]),
+        );
         Ok(Some(e))
     }
 
@@ -395,8 +433,16 @@ impl PoolKeys {
         let mut h = lock(&self.epochs);
         let e = h.advance(now);
         write_json(&self.store, EPOCHS_ENTRY, &*h)?;
+        drop(h);
         self.write_key.set(self.write_key.get().0, e.number);
         info!(epoch = e.number, "new epoch started on request");
+        self.record(
+            EventKind::Rotate,
+            fields([
+                ("epoch", e.number.to_string()),
+                ("reason", "request".to_string()),
+            ]),
+        );
         Ok(e)
     }
 
@@ -448,6 +494,10 @@ impl PoolKeys {
         info!(
             version,
             "new master key version; older blocks re-encrypt in the background"
+        );
+        self.record(
+            EventKind::RotateMaster,
+            fields([("version", version.to_string())]),
         );
         Ok(version)
     }
@@ -527,6 +577,10 @@ impl PoolKeys {
         self.ring.remove(version);
         rewrite_superblocks(&self.store, &self.disks)?;
         info!(version, "master key version archived");
+        self.record(
+            EventKind::Archive,
+            fields([("version", version.to_string())]),
+        );
         Ok(())
     }
 
@@ -563,6 +617,10 @@ impl PoolKeys {
         self.slots.erase(version, None)?;
         rewrite_superblocks(&self.store, &self.disks)?;
         info!(version, "master key version destroyed");
+        self.record(
+            EventKind::Destroy,
+            fields([("version", version.to_string())]),
+        );
         Ok(())
     }
 
@@ -614,6 +672,16 @@ impl PoolKeys {
         let (new_kek, paths) =
             reissue_with(&self.store, &self.disks, &kek, count, threshold, share_dir)?;
         *kek = new_kek;
+        drop(kek);
+        let split = self.store.pool()?.split_id;
+        self.record(
+            EventKind::Reissue,
+            fields([
+                ("shares", count.to_string()),
+                ("threshold", threshold.to_string()),
+                ("split", crate::pool::hex(&split)),
+            ]),
+        );
         Ok(paths)
     }
 

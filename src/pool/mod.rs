@@ -1,21 +1,25 @@
 //! Pools: creating one (disks, superblocks, keys, shares, metadata store), adding volumes,
 //! opening one with `t` shares, and describing one without any key.
 //!
-//! A pool directory holds `pool.redb` (the metadata store), by default `disks/` (one sparse
+//! A pool directory holds `pool.redb` (the metadata store), `audit.log` (the audit log of key
+//! events, [`crate::audit`]: creation, unlocks, refused unlocks), by default `disks/` (one sparse
 //! backing file per disk) and, only when the operator asks for it, `shares/`. Every volume has a
 //! region at the same offset on every disk (see `volume::format`); regions are appended.
 //!
 //! Errors name what is wrong and what to do; nothing here prints or logs key material.
+//!
+//! [`recover`]: offline recovery of a volume from its disks and `t` shares, without the store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing::info;
 
+use crate::audit::{AuditKey, AuditLog, EventKind, Fields, fields as audit_fields};
 use crate::crypto::{KeyRing, MasterKey};
 use crate::disk::{DiskOptions, DiskRef};
 use crate::kms::{self, Kek, LoadedShare};
@@ -26,6 +30,8 @@ use crate::meta::{
     VolumeRecord, read_superblock, write_superblock,
 };
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
+
+pub mod recover;
 
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";
@@ -50,6 +56,8 @@ pub enum PoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
@@ -221,6 +229,7 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     parts.store.put_volume(&vol)?;
     write_superblocks(&parts.store, &refs, 1)?;
     let share_files = kms::write_share_files(&opts.share_dir, &shares)?;
+    audit_pool_create(opts, &parts.store, &pool_id, &master)?;
     info!(pool = %opts.pool.display(), volume = %opts.volume, "pool created");
     Ok(Created {
         pool_id,
@@ -426,6 +435,9 @@ pub struct Pool {
     pub volumes: BTreeMap<String, Arc<Volume>>,
     /// The pool's keys and their lifecycle (epochs, versions, rotation): `crate::lifecycle`.
     pub keys: Arc<crate::lifecycle::PoolKeys>,
+    /// The pool's audit log; [`Pool::audit`] appends to it with the pool's audit key.
+    pub audit: Arc<AuditLog>,
+    audit_key: Arc<RwLock<AuditKey>>,
 }
 
 /// Reads and combines share files, and unwraps the pool's master keys.
@@ -529,32 +541,48 @@ impl Pool {
         share_files: &[PathBuf],
         policy: &crate::kms::policy::KeyPolicy,
     ) -> Result<Self, PoolError> {
-        Self::open_loaded_with(dir, &load_shares(share_files)?, policy)
+        let shares = match load_shares(share_files) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Ok(store) = MetaStore::open(&dir.join(STORE_FILE)) {
+                    let audit = AuditLog::open(dir, Arc::new(store));
+                    audit_unlock_refused(&audit, "?", &e);
+                }
+                return Err(e);
+            }
+        };
+        Self::open_loaded_with(dir, &shares, policy)
     }
 
-    /// [`Pool::open_loaded`] under a key policy.
+    /// [`Pool::open_loaded`] under a key policy. A refusal by the access windows is recorded
+    /// in the audit log as a policy refusal.
     pub fn open_loaded_with(
         dir: &Path,
         shares: &[LoadedShare],
         policy: &crate::kms::policy::KeyPolicy,
     ) -> Result<Self, PoolError> {
         let store = Arc::new(open_store(dir)?);
-        policy
-            .unlock
-            .check(now_unix())
-            .map_err(|e| PoolError::Kms(e.into()))?;
-        let kek = kek_from_loaded(&store, shares)?;
-        Self::open_unlocked(dir, store, kek, policy)
+        let audit = Arc::new(AuditLog::open(dir, store.clone()));
+        if let Err(r) = policy.unlock.check(now_unix()) {
+            audit_policy_refusal(&audit, &share_indexes(shares), &r);
+            return Err(PoolError::Kms(r.into()));
+        }
+        let kek = kek_from_loaded(&store, shares).inspect_err(|e| {
+            audit_unlock_refused(&audit, &share_indexes(shares), e);
+        })?;
+        Self::open_unlocked(dir, store, kek, policy, &share_indexes(shares))
     }
 
     /// Opens a pool whose KEK is already combined (by an unlock session, or by
-    /// [`Pool::open_with`]).
+    /// [`Pool::open_with`]); `shares` names the shares that made it, for the audit log.
     pub fn open_unlocked(
         dir: &Path,
         store: Arc<MetaStore>,
         kek: Kek,
         policy: &crate::kms::policy::KeyPolicy,
+        shares: &str,
     ) -> Result<Self, PoolError> {
+        let audit = Arc::new(AuditLog::open(dir, store.clone()));
         let table = store.disks()?;
         let disks = open_disks(&table)?;
         let keys = crate::lifecycle::PoolKeys::open(
@@ -564,6 +592,15 @@ impl Pool {
             disks.clone(),
             policy.rotation.clone(),
         )?;
+        let audit_key = AuditKey::from_ring(&keys.ring(), keys.write_key().0)?;
+        audit.attest(&audit_key)?;
+        audit.append(
+            EventKind::Unlock,
+            audit_fields([("shares", shares.to_string())]),
+            Some(&audit_key),
+        )?;
+        let audit_key = Arc::new(RwLock::new(audit_key));
+        keys.attach_audit(audit.clone(), audit_key.clone());
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
             let parts = parts_for(
@@ -580,7 +617,27 @@ impl Pool {
             store,
             volumes,
             keys,
+            audit,
+            audit_key,
         })
+    }
+
+    /// Appends an audit record MAC'd under the pool's audit key; returns its seq.
+    pub fn audit(&self, kind: EventKind, fields: Fields) -> Result<u64, PoolError> {
+        let key = self
+            .audit_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(self.audit.append(kind, fields, Some(&key))?)
+    }
+
+    /// Replaces the audit key (after a master-key rotation: build it with
+    /// [`AuditKey::from_ring`] and the new active version).
+    pub fn set_audit_key(&self, key: AuditKey) {
+        *self
+            .audit_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = key;
     }
 
     /// Destages and checkpoints every volume.
@@ -713,4 +770,63 @@ pub fn inspect(dir: &Path) -> Result<PoolInfo, PoolError> {
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Records the creation of a pool, MAC'd under the new master key's audit key.
+fn audit_pool_create(
+    opts: &CreateOptions,
+    store: &Arc<MetaStore>,
+    pool_id: &[u8; 16],
+    master: &MasterKey,
+) -> Result<(), PoolError> {
+    let key = AuditKey::from_master(pool_id, master, 1)?;
+    AuditLog::open(&opts.pool, store.clone()).append(
+        EventKind::PoolCreate,
+        audit_fields([
+            ("pool_id", hex(pool_id)),
+            ("volume", opts.volume.clone()),
+            ("size", opts.size.to_string()),
+            ("geometry", format!("{}+{}", opts.data, opts.parity)),
+            ("shares", opts.shares.to_string()),
+            ("threshold", opts.threshold.to_string()),
+        ]),
+        Some(&key),
+    )?;
+    Ok(())
+}
+
+/// Records a refused unlock (sealed: no key). A failure to record it is logged, not returned:
+/// the caller reports the refusal itself.
+pub(crate) fn audit_unlock_refused(audit: &AuditLog, shares: &str, e: &PoolError) {
+    let f = audit_fields([
+        ("shares", shares.to_string()),
+        ("outcome", "refused".to_string()),
+        ("reason", e.to_string()),
+    ]);
+    if let Err(err) = audit.append(EventKind::UnlockRefused, f, None) {
+        tracing::warn!(error = %err, "cannot record the refused unlock in the audit log");
+    }
+}
+
+/// Records an unseal refused by the access windows (sealed: no key); a failure to record it is
+/// logged, not returned.
+pub(crate) fn audit_policy_refusal(
+    audit: &AuditLog,
+    shares: &str,
+    r: &crate::kms::policy::PolicyRefusal,
+) {
+    tracing::warn!(refusal = %r, "unseal refused by policy");
+    let f = audit_fields([("shares", shares.to_string()), ("reason", r.to_string())]);
+    if let Err(err) = audit.append(EventKind::PolicyRefusal, f, None) {
+        tracing::warn!(error = %err, "cannot record the policy refusal in the audit log");
+    }
+}
+
+/// Share indexes of the given shares, for audit records.
+pub(crate) fn share_indexes(shares: &[LoadedShare]) -> String {
+    shares
+        .iter()
+        .map(|s| s.share.index.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -96,16 +96,8 @@ impl Service {
         if slot.is_some() {
             return Ok(());
         }
-        let p = Pool::open_loaded_with(&self.dir, &shares, &self.policy)
-            .inspect_err(|e| self.note_refusal(e))?;
+        let p = Pool::open_loaded_with(&self.dir, &shares, &self.policy)?;
         self.export(&mut slot, p)
-    }
-
-    /// Logs a refusal by the access windows (a policy event, not a share problem).
-    fn note_refusal(&self, e: &PoolError) {
-        if let PoolError::Kms(KmsError::Policy(r)) = e {
-            warn!(refusal = %r, "unseal refused by policy");
-        }
     }
 
     /// Adds one share (the text of a share file) to a sealed server's unlock session; opens the
@@ -121,29 +113,49 @@ impl Service {
                 unlocked: true,
             });
         }
-        let share = kms::parse_share_file(text, Path::new(origin))?;
+        let store = Arc::new(MetaStore::open(&self.dir.join(STORE_FILE))?);
+        let audit = crate::audit::AuditLog::open(&self.dir, store.clone());
+        let attempt = |index: &str, outcome: &str, reason: &str| {
+            let f = crate::audit::fields([
+                ("share", index.to_string()),
+                ("origin", origin.to_string()),
+                ("outcome", outcome.to_string()),
+                ("reason", reason.to_string()),
+            ]);
+            if let Err(e) = audit.append(crate::audit::EventKind::UnlockAttempt, f, None) {
+                warn!(error = %e, "cannot record the unlock attempt in the audit log");
+            }
+        };
+        let share = match kms::parse_share_file(text, Path::new(origin)) {
+            Ok(s) => s,
+            Err(e) => {
+                attempt("?", "refused", &e.to_string());
+                return Err(e.into());
+            }
+        };
+        let index = share.index.to_string();
         let loaded = LoadedShare {
             source: origin.to_string(),
             share,
         };
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if session.is_none() {
-            let rec = MetaStore::open(&self.dir.join(STORE_FILE))?.pool()?;
-            *session = Some(UnlockSession::new(
+        let rec = store.pool()?;
+        let s = session.get_or_insert_with(|| {
+            UnlockSession::new(
                 rec.pool_id,
                 rec.split_id,
                 rec.threshold,
                 self.policy.unlock.clone(),
-            ));
-        }
-        let Some(s) = session.as_mut() else {
-            return Err(PoolError::Invalid("no unlock session".into()));
-        };
+            )
+        });
         let now = unix_now();
         let (before, need) = s.progress(now);
+        let mut given = s.given();
+        given.push(loaded.share.index);
         match s.add(loaded, now) {
             Ok(Step::Progress { have, need }) => {
                 info!(have, need, "unlock share accepted");
+                attempt(&index, "accepted", &format!("{have} of {need}"));
                 Ok(UnlockProgress {
                     have: usize::from(have),
                     need: usize::from(need),
@@ -153,6 +165,7 @@ impl Service {
             Ok(Step::Complete(kek)) => {
                 *session = None;
                 drop(session);
+                attempt(&index, "accepted", &format!("{need} of {need}"));
                 let mut slot = self.pool.write().unwrap_or_else(|p| p.into_inner());
                 if slot.is_some() {
                     return Ok(UnlockProgress {
@@ -161,10 +174,20 @@ impl Service {
                         unlocked: true,
                     });
                 }
-                let store = Arc::new(MetaStore::open(&self.dir.join(STORE_FILE))?);
-                let p = Pool::open_unlocked(&self.dir, store, kek, &self.policy).inspect_err(|e| {
-                    warn!(error = %e, "the shares given combine to a key that does not open the pool; the unlock starts over");
-                })?;
+                let shares = given
+                    .iter()
+                    .map(u8::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                drop(audit);
+                let p = Pool::open_unlocked(&self.dir, store, kek, &self.policy, &shares)
+                    .inspect_err(|e| {
+                        warn!(error = %e, "the shares given do not open the pool; the unlock starts over");
+                        if let Ok(st) = MetaStore::open(&self.dir.join(STORE_FILE)) {
+                            let audit = crate::audit::AuditLog::open(&self.dir, Arc::new(st));
+                            pool::audit_unlock_refused(&audit, &shares, e);
+                        }
+                    })?;
                 self.export(&mut slot, p)?;
                 Ok(UnlockProgress {
                     have: usize::from(need),
@@ -173,12 +196,16 @@ impl Service {
                 })
             }
             Err(e) => {
-                let e = PoolError::from(e);
-                self.note_refusal(&e);
-                if before > 0 && s.progress(now).0 == 0 {
-                    warn!(discarded = before, "unlock progress discarded");
+                if let KmsError::Policy(r) = &e {
+                    drop(session);
+                    pool::audit_policy_refusal(&audit, &index, r);
+                } else {
+                    attempt(&index, "refused", &e.to_string());
+                    if before > 0 && s.progress(now).0 == 0 {
+                        warn!(discarded = before, "unlock progress discarded");
+                    }
                 }
-                Err(e)
+                Err(e.into())
             }
         }
     }

@@ -190,14 +190,18 @@ impl Volume {
     /// that was never written (all zero) or one whose tag verifies for its position.
     pub(super) fn shard_ok(&self, stripe: StripeId, c: usize, row: u64, shard: &[u8]) -> bool {
         let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
-        if meta.is_empty() {
-            return shard[..BLOCK_SIZE].iter().all(|b| *b == 0);
-        }
         let lba = self.layout.geometry.lba_of(BlockPos {
             stripe,
             chunk: ChunkIndex(c as u16),
             block_in_chunk: row,
         });
+        if meta.is_empty() {
+            // A never-written block, unless the store recorded a write there: then the slot
+            // was wiped (a truncated file reads as zeros) and must be rebuilt.
+            let bps = self.layout.geometry.blocks_per_stripe();
+            return self.alloc.stamp(stripe, lba.0 - stripe.0 * bps).generation == 0
+                && shard[..BLOCK_SIZE].iter().all(|b| *b == 0);
+        }
         self.verify_home(lba, &meta, &shard[..BLOCK_SIZE])
     }
 
@@ -311,7 +315,7 @@ impl Volume {
 }
 
 /// All subsets of `items` of size `n`, in lexicographic order (`items` is at most `m` long).
-fn combinations(items: &[usize], n: usize) -> Vec<Vec<usize>> {
+pub(super) fn combinations(items: &[usize], n: usize) -> Vec<Vec<usize>> {
     if n == 0 {
         return vec![vec![]];
     }

@@ -25,6 +25,7 @@ mod io;
 pub mod journal;
 pub mod mem;
 mod rekey;
+mod scan;
 pub mod state;
 
 pub use self::rekey::{AccessCounter, KeyUsage};
@@ -41,6 +42,7 @@ use self::format::{
     BlockMeta, MAX_RECORD_BLOCKS, RecordHeader, RecordKind, RegionLayout, blocks_of, header_pages,
 };
 use self::journal::{Journal, Reservation};
+pub use self::scan::AllocScan;
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, Stamp, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
 use crate::disk::{DiskRef, IoBuf};
