@@ -25,7 +25,14 @@ use crate::meta::{
     DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock,
     VolumeRecord, read_superblock, write_superblock,
 };
+use crate::volume::health::Health;
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
+
+mod heal;
+pub use heal::{
+    DiskStatus, PoolStatus, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
+    VolumeStatus, status,
+};
 
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";
@@ -250,6 +257,14 @@ fn new_volume_record(
 fn size_disks(table: &mut [DiskRecord], vol: &VolumeRecord) -> Result<(), PoolError> {
     let need = vol.region_offset + vol.region_size;
     for d in table.iter_mut() {
+        size_disk(d, need)?;
+    }
+    Ok(())
+}
+
+/// Makes one disk at least `need` bytes (a file grows, sparse) and records its size.
+fn size_disk(d: &mut DiskRecord, need: u64) -> Result<(), PoolError> {
+    {
         let meta = fs::metadata(&d.path);
         let is_dev = meta.as_ref().is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
@@ -419,6 +434,8 @@ pub struct Pool {
     pub dir: PathBuf,
     pub store: Arc<MetaStore>,
     pub volumes: BTreeMap<String, Arc<Volume>>,
+    /// Health of the pool's disks, shared by its volumes (see `volume::health`).
+    pub health: Arc<Health>,
 }
 
 /// Reads and combines share files, and unwraps the pool's master keys.
@@ -460,6 +477,17 @@ impl Pool {
     /// Opens a pool with share files: unlocks the keys, opens the disks, replays every
     /// volume's journal.
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
+        Self::open_wrapped(dir, share_files, &|_, d| d)
+    }
+
+    /// [`Pool::open`], with every disk that opens passed through `wrap` first (tests put
+    /// fault-injecting disks there). A disk that is missing, too small or carries another
+    /// disk's superblock is marked failed and the pool opens without it.
+    pub fn open_wrapped(
+        dir: &Path,
+        share_files: &[PathBuf],
+        wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    ) -> Result<Self, PoolError> {
         let path = dir.join(STORE_FILE);
         if !path.exists() {
             return Err(PoolError::Invalid(format!(
@@ -471,7 +499,8 @@ impl Pool {
         let store = Arc::new(MetaStore::open(&path)?);
         let ring = Arc::new(unlock(&store, share_files)?);
         let table = store.disks()?;
-        let disks = open_disks(&table)?;
+        let health = heal::open_health(&store, &table, wrap)?;
+        let disks = health.proxies();
         let active = store
             .keys()?
             .iter()
@@ -489,21 +518,22 @@ impl Pool {
                 store.clone(),
                 Some((ring.clone(), write_key.clone())),
             )?;
-            volumes.insert(v.name.clone(), Volume::open(parts)?);
+            volumes.insert(v.name.clone(), Volume::open_with(parts, health.clone())?);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             store,
             volumes,
+            health,
         })
     }
 
-    /// Destages and checkpoints every volume.
+    /// Destages and checkpoints every volume, and saves the disks' health counters.
     pub fn close(&self) -> Result<(), PoolError> {
         for v in self.volumes.values() {
             v.close()?;
         }
-        Ok(())
+        self.save_health()
     }
 }
 

@@ -94,6 +94,16 @@ pub struct DiskCounters {
     pub rebuilt_chunks: u64,
 }
 
+/// What the store keeps of a disk's health (table `disk_health`): its counters and, while it
+/// rebuilds, the cursor up to which its chunks are rebuilt and durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHealthRecord {
+    pub counters: DiskCounters,
+    /// (volume id, stripe) of the rebuild: chunks of earlier stripes are on the disk.
+    #[serde(default)]
+    pub cursor: Option<(u64, u64)>,
+}
+
 /// Called after a disk changes state (with the registry and the disk's id), to make the change
 /// durable. Runs in the thread that saw the failure; must not call back into the volumes.
 pub type Persist = dyn Fn(&Health, DiskId) + Send + Sync;
