@@ -526,10 +526,9 @@ impl MetaStore {
         &self,
         def: TableDefinition<K, &[u8]>,
         what: &str,
-    ) -> Result<Vec<(K::SelfType<'static>, T)>, MetaError>
+    ) -> Result<Vec<(K, T)>, MetaError>
     where
-        K: redb::Key + 'static,
-        for<'a> K::SelfType<'a>: Into<K::SelfType<'static>>,
+        K: redb::Key + 'static + for<'a> redb::Value<SelfType<'a> = K>,
         T: DeserializeOwned,
     {
         let ctx = format!("cannot read {what}");
@@ -542,7 +541,7 @@ impl MetaStore {
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.err(&ctx, e))? {
             let (k, v) = row.map_err(|e| self.err(&ctx, e))?;
-            out.push((k.value().into(), self.decode_json(what, v.value())?));
+            out.push((k.value(), self.decode_json(what, v.value())?));
         }
         Ok(out)
     }
