@@ -10,8 +10,11 @@
 //!   fault-injecting disks.
 //!
 //! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes).
+//! (creating, opening and describing a pool of disks and volumes). Around them: [`service`] (a
+//! served pool, sealed or unlocked), [`control`] (the admin socket) and [`config`] (TOML).
 
+pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod disk;
 pub mod erasure;
@@ -20,4 +23,5 @@ pub mod layout;
 pub mod meta;
 pub mod nbd;
 pub mod pool;
+pub mod service;
 pub mod volume;

@@ -31,8 +31,39 @@ enum Command {
         json: bool,
     },
     /// Serve every volume of a pool over NBD. With no arguments at all: a demo pool in
-    /// ./shardvol-data.
+    /// ./shardvol-data. Without --share the server starts sealed: see `shardvol unlock`.
     Serve(ServeArgs),
+    /// Give one share to a sealed server; the pool opens when enough holders have done so.
+    Unlock {
+        #[arg(long)]
+        pool: PathBuf,
+        /// This holder's share file.
+        #[arg(long)]
+        share: PathBuf,
+    },
+    /// State of a pool: per volume and per disk (from the running server, or from the store).
+    Status {
+        #[arg(long)]
+        pool: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file: unknown keys and bad values are reported; prints the
+    /// effective configuration (defaults included) when it is valid.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the default configuration as TOML.
+    Defaults,
 }
 
 #[derive(Args)]
@@ -97,6 +128,9 @@ struct ServeArgs {
     /// Export every volume read-only: writes, trims and zeroes get EPERM.
     #[arg(long)]
     read_only: bool,
+    /// Configuration file (TOML; see `shardvol config defaults`).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Directory of the demo pool that `shardvol serve` with no arguments uses.
@@ -320,7 +354,13 @@ async fn shutdown_signal() {
 }
 
 fn serve(a: ServeArgs, demo: bool) -> Result<()> {
-    use shardvol::nbd::{self, Export, ExportTable, Listener, ServerConfig};
+    use shardvol::config::Config;
+    use shardvol::nbd::{self, Listener, ServerConfig};
+    use shardvol::service::Service;
+    let config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
     let (dir, mut shares, listen, socket) = if demo {
         let (dir, shares) = demo_pool()?;
         (
@@ -333,44 +373,28 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
         let dir = a.pool.clone().context(
             "--pool DIR is required (or run `shardvol serve` with no arguments for a demo)",
         )?;
-        let listen = if a.listen.is_empty() && a.socket.is_none() {
-            vec![DEFAULT_LISTEN.to_string()]
-        } else {
-            a.listen.clone()
-        };
-        (dir, a.share.clone(), listen, a.socket.clone())
+        let mut listen = config.server.listen.clone();
+        listen.extend(a.listen.iter().cloned());
+        let socket = a
+            .socket
+            .clone()
+            .or_else(|| config.server.socket.as_ref().map(PathBuf::from));
+        if listen.is_empty() && socket.is_none() {
+            listen.push(DEFAULT_LISTEN.to_string());
+        }
+        (dir, a.share.clone(), listen, socket)
     };
     if let Some(d) = &a.share_dir {
         shares.extend(pool::shares_in(d)?);
     }
-    if shares.is_empty() {
-        bail!(
-            "no shares given: pass --share FILE once per share holder (or --share-dir DIR) to unlock the pool"
-        );
+    let read_only = a.read_only || config.server.read_only;
+    let service = Service::new(&dir, config, read_only)
+        .with_context(|| format!("cannot serve {}", dir.display()))?;
+    if !shares.is_empty() {
+        service
+            .unlock_with_files(&shares)
+            .with_context(|| format!("cannot open pool {}", dir.display()))?;
     }
-    let p = pool::Pool::open(&dir, &shares)
-        .with_context(|| format!("cannot open pool {}", dir.display()))?;
-    let exports: Vec<Export> = p
-        .volumes
-        .values()
-        .map(|v| {
-            let r = v.record();
-            let g = r.geometry;
-            Export::new(
-                v.name(),
-                v.clone() as std::sync::Arc<dyn shardvol::volume::BlockDevice>,
-            )
-            .with_description(format!(
-                "shardvol {}+{} chunk {} KiB",
-                g.k,
-                g.m,
-                g.chunk_size / 1024
-            ))
-            .with_read_only(a.read_only)
-        })
-        .collect();
-    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
-    let table = std::sync::Arc::new(ExportTable::new(exports)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -390,9 +414,12 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
                 listeners.push(Listener::bind_unix(path).with_context(|| format!("cannot listen on {}", path.display()))?);
             }
         }
+        let control = shardvol::control::bind(&dir)
+            .with_context(|| format!("cannot open the control socket in {}", dir.display()))?;
         for l in &listeners {
             eprintln!("listening on {}", l.describe());
         }
+        eprintln!("control socket {}", shardvol::control::socket_path(&dir).display());
         if demo {
             let sock = socket.as_ref().map(|s| s.display().to_string()).unwrap_or_default();
             eprintln!();
@@ -403,18 +430,133 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
             eprintln!("  fio:     fio --name=demo --ioengine=nbd --uri='nbd+unix:///vol0?socket={sock}' --rw=randrw --bs=4k --size=256M");
             eprintln!();
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let control_task = tokio::spawn(shardvol::control::serve(
+            control,
+            shardvol::control::socket_path(&dir),
+            std::sync::Arc::new(service.handlers()),
+            wait_stop(stop_rx.clone()),
+        ));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
         let _ = nbd::sd_notify_ready();
-        eprintln!("ready: serving {}", names.join(", "));
-        nbd::serve(listeners, table, ServerConfig::default(), shutdown_signal()).await?;
+        match service.pool() {
+            Some(p) => eprintln!("ready: serving {}", p.volumes.keys().cloned().collect::<Vec<_>>().join(", ")),
+            None => {
+                let st = service.status()?;
+                eprintln!(
+                    "ready, SEALED: no volume is exported until {} share holders each run\n  shardvol unlock --pool {} --share FILE",
+                    st.threshold,
+                    dir.display()
+                );
+            }
+        }
+        let table = service.exports.clone();
+        nbd::serve(listeners, table, ServerConfig::default(), wait_stop(stop_rx)).await?;
+        let _ = control_task.await;
         Ok(())
     });
     if let Some(path) = &socket {
         let _ = std::fs::remove_file(path);
     }
-    let closed = p.close().context("flushing the volumes at shutdown");
+    let closed = service.close().context("flushing the volumes at shutdown");
     result?;
     closed?;
     eprintln!("stopped cleanly");
+    Ok(())
+}
+
+fn unlock(pool_dir: PathBuf, share: PathBuf) -> Result<()> {
+    let text = std::fs::read_to_string(&share)
+        .with_context(|| format!("cannot read share file {}", share.display()))?;
+    // Check the file locally first: a damaged file is named before anything is sent.
+    shardvol::kms::parse_share_file(&text, &share)?;
+    let args = serde_json::json!({ "share": text, "origin": share.display().to_string() });
+    let Some(v) = shardvol::control::call(&pool_dir, "unlock", args, |_| {})? else {
+        bail!(
+            "no server runs on {}: start `shardvol serve --pool {}` first (it starts sealed and waits for shares)",
+            pool_dir.display(),
+            pool_dir.display()
+        );
+    };
+    let p: shardvol::service::UnlockProgress = serde_json::from_value(v)?;
+    if p.unlocked {
+        println!(
+            "pool unlocked: {} of {} shares; the volumes are exported",
+            p.have, p.need
+        );
+    } else {
+        println!(
+            "share accepted: {} of {}; the pool stays sealed until {} more holder(s) run `shardvol unlock`",
+            p.have,
+            p.need,
+            p.need - p.have
+        );
+    }
+    Ok(())
+}
+
+fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
+    let v = match shardvol::control::call(&pool_dir, "status", serde_json::Value::Null, |_| {})? {
+        Some(v) => v,
+        None => serde_json::to_value(shardvol::service::Status::offline(&pool_dir)?)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let st: shardvol::service::Status = serde_json::from_value(v)?;
+    println!("pool {}: {}", st.pool, st.state);
+    if let Some(u) = &st.unlock {
+        println!("  unlock: {} of {} shares given", u.have, u.need);
+    }
+    println!("volumes:");
+    for v in &st.volumes {
+        print!(
+            "  {:<12} {:<9} {:>10} used of {:>10}",
+            v.name,
+            v.state,
+            human(v.allocated_bytes),
+            human(v.size)
+        );
+        if let Some(j) = v.journal_used_bytes {
+            print!("  journal {}", human(j));
+        }
+        println!();
+        if let Some(c) = &v.counters {
+            println!(
+                "      written {} blocks, read {}, rebuilt {}, repaired {}, rollbacks {}, destage errors {}",
+                c.blocks_written,
+                c.blocks_read,
+                c.blocks_reconstructed,
+                c.blocks_repaired,
+                c.rollbacks_detected,
+                c.destage_errors
+            );
+        }
+    }
+    println!("disks:");
+    for d in &st.disks {
+        println!("  {:>3}  {:<10} {:<12} {}", d.id, d.state, d.domain, d.path);
+    }
+    Ok(())
+}
+
+fn config_cmd(c: ConfigCommand) -> Result<()> {
+    use shardvol::config::Config;
+    match c {
+        ConfigCommand::Check { file } => {
+            let cfg = Config::load(&file)?;
+            eprintln!("{}: valid", file.display());
+            print!("{}", cfg.to_toml());
+        }
+        ConfigCommand::Defaults => print!("{}", Config::default().to_toml()),
+    }
     Ok(())
 }
 
@@ -437,9 +579,13 @@ fn main() -> Result<()> {
                 && a.share_dir.is_none()
                 && a.listen.is_empty()
                 && a.socket.is_none()
+                && a.config.is_none()
                 && !a.read_only;
             serve(a, demo)
         }
+        Some(Command::Unlock { pool, share }) => unlock(pool, share),
+        Some(Command::Status { pool, json }) => status(pool, json),
+        Some(Command::Config(c)) => config_cmd(c),
         None => unreachable!("clap prints help when no command is given"),
     }
 }

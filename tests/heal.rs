@@ -114,7 +114,11 @@ impl Rig {
             h.lock().unwrap()[id.0 as usize] = Some(f.handle());
             Arc::new(f)
         };
-        let pool = Pool::open_wrapped(&self.pool_dir(), &self.shares[..2], &wrap).unwrap();
+        let shares: Vec<_> = self.shares[..2]
+            .iter()
+            .map(|f| shardvol::kms::load_share_file(f).unwrap())
+            .collect();
+        let pool = Pool::open_wrapped(&self.pool_dir(), &shares, &wrap).unwrap();
         let handles = handles.lock().unwrap().clone();
         (pool, handles)
     }

@@ -33,8 +33,9 @@ use std::path::PathBuf;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use shares::{
-    SHARE_FILE_MAX_LEN, SHARE_FILE_VERSION_LINE, combine, encode_share_file, load_share_file,
-    parse_share_file, share_file_name, split, validate_split_params, write_share_files,
+    SHARE_FILE_MAX_LEN, SHARE_FILE_VERSION_LINE, check_share, combine, encode_share_file,
+    load_share_file, parse_share_file, share_file_name, split, validate_split_params,
+    write_share_files,
 };
 pub use wrap::{WRAP_AAD_LABEL, WRAPPED_LEN, unwrap_master, wrap_master};
 

@@ -100,28 +100,7 @@ pub fn combine(
         ));
     }
     for ls in shares {
-        let s = &ls.share;
-        if s.pool_id != pool_id {
-            return Err(KmsError::ForeignPool {
-                file: ls.source.clone(),
-                found: hex::encode(&s.pool_id),
-                expected: hex::encode(&pool_id),
-            });
-        }
-        if s.split_id != split_id {
-            return Err(KmsError::OtherSplit {
-                file: ls.source.clone(),
-                found: hex::encode(&s.split_id),
-                expected: hex::encode(&split_id),
-            });
-        }
-        if s.threshold != threshold {
-            return Err(KmsError::ThresholdMismatch {
-                file: ls.source.clone(),
-                found: s.threshold,
-                expected: threshold,
-            });
-        }
+        check_share(ls, pool_id, split_id, threshold)?;
     }
     for (i, later) in shares.iter().enumerate() {
         if let Some(earlier) = shares[..i]
@@ -167,6 +146,39 @@ pub fn combine(
     let kek = Kek::from_bytes(k);
     k.zeroize();
     Ok(kek)
+}
+
+/// Checks one share on its own against the pool: its pool, its split and its threshold. Used
+/// by [`combine`] and by an unlock that receives shares one at a time.
+pub fn check_share(
+    ls: &LoadedShare,
+    pool_id: [u8; 16],
+    split_id: [u8; 16],
+    threshold: u8,
+) -> Result<(), KmsError> {
+    let s = &ls.share;
+    if s.pool_id != pool_id {
+        return Err(KmsError::ForeignPool {
+            file: ls.source.clone(),
+            found: hex::encode(&s.pool_id),
+            expected: hex::encode(&pool_id),
+        });
+    }
+    if s.split_id != split_id {
+        return Err(KmsError::OtherSplit {
+            file: ls.source.clone(),
+            found: hex::encode(&s.split_id),
+            expected: hex::encode(&split_id),
+        });
+    }
+    if s.threshold != threshold {
+        return Err(KmsError::ThresholdMismatch {
+            file: ls.source.clone(),
+            found: s.threshold,
+            expected: threshold,
+        });
+    }
+    Ok(())
 }
 
 /// File name of share `index`: `share-<index>.txt`.

@@ -34,6 +34,10 @@ const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_na
 const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
 /// (volume id, stripe) → allocation bitmap, little-endian u64 words.
 const ALLOC: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("alloc");
+/// (volume id, stripe) → generation stamps of the stripe's blocks as the chunk slots hold them:
+/// 16 bytes per block (generation u64, key version u32, epoch u32, little-endian; all zero for a
+/// block that holds nothing). Written in the same transaction as the stripe's `alloc` entry.
+const STAMPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("stamps");
 
 /// The pool's redb database.
 pub struct MetaStore {
@@ -148,6 +152,8 @@ impl MetaStore {
                 .map_err(|e| store_err(path, what, e))?;
             txn.open_table(KEYS).map_err(|e| store_err(path, what, e))?;
             txn.open_table(ALLOC)
+                .map_err(|e| store_err(path, what, e))?;
+            txn.open_table(STAMPS)
                 .map_err(|e| store_err(path, what, e))?;
         }
         txn.commit().map_err(|e| store_err(path, what, e))?;
@@ -433,6 +439,10 @@ impl MetaStore {
             alloc
                 .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
                 .map_err(|e| self.err(&ctx, e))?;
+            txn.open_table(STAMPS)
+                .map_err(|e| self.err(&ctx, e))?
+                .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
+                .map_err(|e| self.err(&ctx, e))?;
             old.is_some()
         };
         txn.commit().map_err(|e| self.err(&ctx, e))?;
@@ -500,6 +510,64 @@ impl MetaStore {
                     }
                     None => {
                         table
+                            .remove((volume, *stripe))
+                            .map_err(|e| self.err(&ctx, e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// Generation stamps of a volume: (stripe, 16 bytes per block). Stores made before stamps
+    /// existed have no table: no stamps, which readers treat as "unknown".
+    pub fn stamps_load(&self, volume: u64) -> Result<Vec<(u64, Vec<u8>)>, MetaError> {
+        let ctx = format!("cannot read generation stamps of volume {volume}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = match txn.open_table(STAMPS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(&ctx, e)),
+        };
+        let mut out = Vec::new();
+        for row in table
+            .range((volume, 0u64)..=(volume, u64::MAX))
+            .map_err(|e| self.err(&ctx, e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(&ctx, e))?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Durably applies the home state of destaged stripes in one transaction: allocation bitmap
+    /// and generation stamps together (`None` deletes both entries of the stripe).
+    #[allow(clippy::type_complexity)]
+    pub fn home_commit(
+        &self,
+        volume: u64,
+        updates: &[(u64, Option<(Vec<u64>, Vec<u8>)>)],
+    ) -> Result<(), MetaError> {
+        let ctx = format!("cannot commit allocation of volume {volume}");
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        {
+            let mut alloc = txn.open_table(ALLOC).map_err(|e| self.err(&ctx, e))?;
+            let mut stamps = txn.open_table(STAMPS).map_err(|e| self.err(&ctx, e))?;
+            for (stripe, entry) in updates {
+                match entry {
+                    Some((words, st)) => {
+                        alloc
+                            .insert((volume, *stripe), encode_words(words).as_slice())
+                            .map_err(|e| self.err(&ctx, e))?;
+                        stamps
+                            .insert((volume, *stripe), st.as_slice())
+                            .map_err(|e| self.err(&ctx, e))?;
+                    }
+                    None => {
+                        alloc
+                            .remove((volume, *stripe))
+                            .map_err(|e| self.err(&ctx, e))?;
+                        stamps
                             .remove((volume, *stripe))
                             .map_err(|e| self.err(&ctx, e))?;
                     }

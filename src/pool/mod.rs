@@ -440,12 +440,17 @@ pub struct Pool {
 
 /// Reads and combines share files, and unwraps the pool's master keys.
 pub fn unlock(store: &MetaStore, share_files: &[PathBuf]) -> Result<KeyRing, PoolError> {
-    let pool = store.pool()?;
     let shares: Vec<LoadedShare> = share_files
         .iter()
         .map(|p| kms::load_share_file(p))
         .collect::<Result<_, _>>()?;
-    let kek = kms::combine(&shares, pool.pool_id, pool.split_id, pool.threshold)?;
+    unlock_loaded(store, &shares)
+}
+
+/// Combines loaded shares and unwraps the pool's master keys.
+pub fn unlock_loaded(store: &MetaStore, shares: &[LoadedShare]) -> Result<KeyRing, PoolError> {
+    let pool = store.pool()?;
+    let kek = kms::combine(shares, pool.pool_id, pool.split_id, pool.threshold)?;
     let ring = KeyRing::new(pool.pool_id);
     for k in store.keys()? {
         if matches!(k.state, KeyState::Active | KeyState::Retired) {
@@ -477,15 +482,24 @@ impl Pool {
     /// Opens a pool with share files: unlocks the keys, opens the disks, replays every
     /// volume's journal.
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
-        Self::open_wrapped(dir, share_files, &|_, d| d)
+        let shares: Vec<LoadedShare> = share_files
+            .iter()
+            .map(|p| kms::load_share_file(p))
+            .collect::<Result<_, _>>()?;
+        Self::open_loaded(dir, &shares)
     }
 
-    /// [`Pool::open`], with every disk that opens passed through `wrap` first (tests put
-    /// fault-injecting disks there). A disk that is missing, too small or carries another
+    /// Opens a pool with shares already read (e.g. received over the control socket).
+    pub fn open_loaded(dir: &Path, shares: &[LoadedShare]) -> Result<Self, PoolError> {
+        Self::open_wrapped(dir, shares, &|_, d| d)
+    }
+
+    /// [`Pool::open_loaded`], with every disk that opens passed through `wrap` first (tests
+    /// put fault-injecting disks there). A disk that is missing, too small or carries another
     /// disk's superblock is marked failed and the pool opens without it.
     pub fn open_wrapped(
         dir: &Path,
-        share_files: &[PathBuf],
+        shares: &[LoadedShare],
         wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
     ) -> Result<Self, PoolError> {
         let path = dir.join(STORE_FILE);
@@ -497,7 +511,7 @@ impl Pool {
             )));
         }
         let store = Arc::new(MetaStore::open(&path)?);
-        let ring = Arc::new(unlock(&store, share_files)?);
+        let ring = Arc::new(unlock_loaded(&store, shares)?);
         let table = store.disks()?;
         let health = heal::open_health(&store, &table, wrap)?;
         let disks = health.proxies();

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::format::META_SIZE;
-use super::state::{Bits, JEntry, StripeDirty};
+use super::state::{Bits, JEntry, Stamp, StripeDirty};
 use super::{DESTAGE_INTERVAL, Volume, VolumeError, snapshot_empty};
 use crate::disk::{IoBuf, IoOp};
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, StripeId};
@@ -67,12 +67,16 @@ pub(super) fn run(weak: Weak<Volume>) {
     }
 }
 
+/// New home state of a destaged stripe: (stripe, bitmap words and encoded stamps, or `None`
+/// when the stripe holds nothing any more).
+type HomeUpdate = (u64, Option<(Vec<u64>, Vec<u8>)>);
+
 /// What destaging one stripe did.
 enum Destaged {
     /// Nothing to destage.
     Nothing,
-    /// Destaged: the snapshot written, and the stripe's new home bitmap (`None`: empty).
-    Done(StripeDirty, (u64, Option<Vec<u64>>)),
+    /// Destaged: the snapshot written, and the stripe's new home state.
+    Done(StripeDirty, HomeUpdate),
     /// More than `m` of the stripe's disks are failed: its blocks stay in the journal (readable
     /// from there), from this sequence number on. New writes to the stripe are refused.
     Kept(u64),
@@ -121,7 +125,7 @@ impl Volume {
         let bps = self.layout.geometry.blocks_per_stripe();
         let queue = Mutex::new(stripes.into_iter());
         let done: Mutex<Vec<(u64, StripeDirty)>> = Mutex::new(Vec::new());
-        let home_updates: Mutex<Vec<(u64, Option<Vec<u64>>)>> = Mutex::new(Vec::new());
+        let home_updates: Mutex<Vec<HomeUpdate>> = Mutex::new(Vec::new());
         let first_error: Mutex<Option<VolumeError>> = Mutex::new(None);
         // Oldest record of the stripes that stay in the journal.
         let kept: Mutex<Option<u64>> = Mutex::new(None);
@@ -199,7 +203,7 @@ impl Volume {
         }
         if !home_updates.is_empty() {
             self.store
-                .alloc_commit(self.record.id, &home_updates)
+                .home_commit(self.record.id, &home_updates)
                 .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
         let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -278,7 +282,37 @@ impl Volume {
                 bits.set(i, false);
             }
         }
-        let update = (s, (!bits.is_empty()).then(|| bits.0.clone()));
+        let stamps = self.alloc.record_stamps(
+            stripe,
+            snap.blocks
+                .iter()
+                .map(|(lba, e)| {
+                    (
+                        lba - s * bps,
+                        Stamp {
+                            generation: e.meta.generation,
+                            version: e.meta.version,
+                            epoch: e.meta.epoch,
+                        },
+                    )
+                })
+                .chain(snap.trims.iter().flat_map(|t| {
+                    (0..bps)
+                        .filter(|i| t.bits.get(*i) && !snap.blocks.contains_key(&(s * bps + i)))
+                        .map(|i| (i, Stamp::default()))
+                })),
+        );
+        let update = (
+            s,
+            (!bits.is_empty()).then(|| {
+                (
+                    bits.0.clone(),
+                    stamps.unwrap_or_else(|| {
+                        Stamp::encode_all(&vec![Stamp::default(); bps as usize])
+                    }),
+                )
+            }),
+        );
         if bits.is_empty() {
             home.remove(&s);
         }

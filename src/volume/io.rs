@@ -100,10 +100,19 @@ impl Volume {
                 let m = BlockMeta::decode(&meta[mo..mo + META_SIZE]);
                 let ct = &data[i..i + BLOCK_SIZE];
                 if self.verify(*lba, &m, ct) {
-                    self.health.tag_ok(ids[c]);
-                    let mut b = ct.to_vec();
-                    self.unseal(*lba, &m, &mut b)?;
-                    block = Some(b);
+                    if self.rolled_back(*lba, &m) {
+                        self.stats
+                            .rollbacks_detected
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.health.tag_failure(ids[c]);
+                        warn!(volume = %self.record.name, lba = lba.0, disk = %self.health.name(ids[c]), found = m.generation,
+                            "block holds an older copy of itself (rolled back); rebuilding it from its row");
+                    } else {
+                        self.health.tag_ok(ids[c]);
+                        let mut b = ct.to_vec();
+                        self.unseal(*lba, &m, &mut b)?;
+                        block = Some(b);
+                    }
                 } else {
                     self.health.tag_failure(ids[c]);
                 }
@@ -134,7 +143,7 @@ impl Volume {
         let c = usize::from(p.chunk.0);
         let shard = &row.shards[c];
         let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
-        if !self.verify(lba, &meta, &shard[..BLOCK_SIZE]) {
+        if !self.verify_home(lba, &meta, &shard[..BLOCK_SIZE]) {
             return Err(VolumeError::Unrecoverable {
                 lba: lba.0,
                 why: "no combination of the surviving chunks rebuilds a block that passes its tag"
@@ -203,7 +212,7 @@ impl Volume {
             chunk: ChunkIndex(c as u16),
             block_in_chunk: row,
         });
-        self.verify(lba, &meta, &shard[..BLOCK_SIZE])
+        self.verify_home(lba, &meta, &shard[..BLOCK_SIZE])
     }
 
     /// Reads one row from every chunk and rebuilds the shards that are missing, fail their

@@ -42,7 +42,7 @@ use self::format::{
 };
 use self::health::Health;
 use self::journal::{Journal, Reservation};
-use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, StripeDirty, Trims};
+use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, Stamp, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
 use crate::disk::{DiskRef, IoBuf};
 use crate::erasure::Codec;
@@ -146,6 +146,8 @@ pub struct Stats {
     pub stripes_destaged: AtomicU64,
     pub full_stripe_destages: AtomicU64,
     pub destage_errors: AtomicU64,
+    /// Blocks whose slot held a valid but older copy (generation below the recorded one).
+    pub rollbacks_detected: AtomicU64,
 }
 
 /// Journal space (fraction of capacity) above which the destager runs without waiting for
@@ -307,6 +309,21 @@ impl Volume {
             .into_iter()
             .map(|(s, words)| (s, Bits(words)))
             .collect();
+        let mut stamps = HashMap::new();
+        for (s, bytes) in parts
+            .store
+            .stamps_load(parts.record.id)
+            .map_err(|e| VolumeError::Io(e.to_string()))?
+        {
+            let v = Stamp::decode_all(&bytes, bps as usize).ok_or_else(|| {
+                VolumeError::Io(format!(
+                    "metadata store: the generation stamps of stripe {s} of volume {} are damaged ({} bytes)",
+                    parts.record.name,
+                    bytes.len()
+                ))
+            })?;
+            stamps.insert(s, v);
+        }
         let vol = Arc::new(Self {
             record: parts.record,
             layout,
@@ -318,7 +335,7 @@ impl Volume {
             journal,
             locks: LockTable::new(),
             dirty: Mutex::new(Dirty::default()),
-            alloc: Alloc::new(bps, home),
+            alloc: Alloc::with_stamps(bps, home, stamps),
             store: parts.store,
             destage_lock: Mutex::new(()),
             kick: Condvar::new(),
@@ -378,6 +395,77 @@ impl Volume {
     /// Blocks whose newest copy is only in the journal.
     pub fn journaled_blocks(&self) -> usize {
         self.dirty().blocks()
+    }
+
+    /// Blocks per (master key version, epoch) that reads or a journal replay may still need:
+    /// every allocated block of the chunk slots, as its stamp records it, and every journaled
+    /// block. `(0, 0)` counts slot blocks whose stamp is unknown (destaged before stamps were
+    /// recorded): they may need any version.
+    pub fn key_usage(&self) -> std::collections::BTreeMap<(u32, u32), u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let bps = self.layout.geometry.blocks_per_stripe();
+        {
+            let home = self.alloc.home();
+            let stamps = self.alloc.stamps();
+            for (s, bits) in home.iter() {
+                let st = stamps.get(s);
+                for i in (0..bps).filter(|i| bits.get(*i)) {
+                    let key = st
+                        .and_then(|v| v.get(i as usize))
+                        .map_or((0, 0), |x| (x.version, x.epoch));
+                    *out.entry(key).or_insert(0) += 1;
+                }
+            }
+        }
+        for sd in self.dirty().stripes.values() {
+            for e in sd.blocks.values() {
+                *out.entry((e.meta.version, e.meta.epoch)).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Stripes holding a block sealed with a (version, epoch) older than `older_than`
+    /// (lexicographic: an older version, or the same version and an older epoch), oldest
+    /// first, at most `limit`; each with its oldest (version, epoch). Unknown stamps count as
+    /// oldest.
+    pub fn stale_stripes(
+        &self,
+        older_than: (u32, u32),
+        limit: usize,
+    ) -> Vec<(StripeId, (u32, u32))> {
+        let bps = self.layout.geometry.blocks_per_stripe();
+        let mut oldest: HashMap<u64, (u32, u32)> = HashMap::new();
+        let mut note = |s: u64, key: (u32, u32)| {
+            if key < older_than {
+                let e = oldest.entry(s).or_insert(key);
+                *e = (*e).min(key);
+            }
+        };
+        {
+            let home = self.alloc.home();
+            let stamps = self.alloc.stamps();
+            for (s, bits) in home.iter() {
+                let st = stamps.get(s);
+                for i in (0..bps).filter(|i| bits.get(*i)) {
+                    note(
+                        *s,
+                        st.and_then(|v| v.get(i as usize))
+                            .map_or((0, 0), |x| (x.version, x.epoch)),
+                    );
+                }
+            }
+        }
+        for (s, sd) in self.dirty().stripes.iter() {
+            for e in sd.blocks.values() {
+                note(*s, (e.meta.version, e.meta.epoch));
+            }
+        }
+        let mut v: Vec<(StripeId, (u32, u32))> =
+            oldest.into_iter().map(|(s, k)| (StripeId(s), k)).collect();
+        v.sort_by_key(|(s, k)| (*k, s.0));
+        v.truncate(limit);
+        v
     }
 
     /// Runs one destaging round now (the background destager also runs by itself). Returns
@@ -524,6 +612,22 @@ impl Volume {
             Ok(k) => k.verify(&meta.header(), ciphertext, &meta.tag).is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// Whether `meta` + `ciphertext`, read from the chunk slot of `lba`, is the copy the slot
+    /// should hold: intact (tag) and current (its generation is the one the metadata store
+    /// recorded when the block was destaged). An older copy with a valid tag, put back by a
+    /// rolled-back disk, fails here and is rebuilt from its row like a rotten block.
+    fn verify_home(&self, lba: Lba, meta: &BlockMeta, ciphertext: &[u8]) -> bool {
+        self.verify(lba, meta, ciphertext) && !self.rolled_back(lba, meta)
+    }
+
+    /// Whether `meta` (of an intact block) is older than what the slot of `lba` should hold.
+    fn rolled_back(&self, lba: Lba, meta: &BlockMeta) -> bool {
+        let pos = self.layout.geometry.locate(lba);
+        let bps = self.layout.geometry.blocks_per_stripe();
+        let want = self.alloc.stamp(pos.stripe, lba.0 - pos.stripe.0 * bps);
+        want.generation != 0 && want.generation != meta.generation
     }
 
     /// Decrypts a verified block in place.

@@ -127,20 +127,106 @@ impl Bits {
     }
 }
 
+/// What the chunk slot of a block holds, as the metadata store recorded it when the block was
+/// destaged: the generation (journal sequence number of the write), key version and epoch.
+/// A block whose slot returns a different generation was rolled back (or is rotten) and is
+/// rebuilt from its row. All zero: unknown (no stamp recorded), which disables the check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub generation: u64,
+    pub version: u32,
+    pub epoch: u32,
+}
+
+/// Bytes of one encoded [`Stamp`].
+pub const STAMP_SIZE: usize = 16;
+
+impl Stamp {
+    pub fn encode_all(stamps: &[Stamp]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(stamps.len() * STAMP_SIZE);
+        for s in stamps {
+            out.extend_from_slice(&s.generation.to_le_bytes());
+            out.extend_from_slice(&s.version.to_le_bytes());
+            out.extend_from_slice(&s.epoch.to_le_bytes());
+        }
+        out
+    }
+    /// Decodes `n` stamps; `None` when the length is not `n * STAMP_SIZE` (damaged entry).
+    pub fn decode_all(b: &[u8], n: usize) -> Option<Vec<Stamp>> {
+        if b.len() != n * STAMP_SIZE {
+            return None;
+        }
+        Some(
+            b.chunks_exact(STAMP_SIZE)
+                .map(|c| Stamp {
+                    generation: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
+                    version: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
+                    epoch: u32::from_le_bytes(c[12..16].try_into().expect("4 bytes")),
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Allocation bitmaps: `live` is what reads see (journal included); `home` is what the chunk
-/// slots on the disks hold, and is what the metadata store persists at each checkpoint.
+/// slots on the disks hold, and is what the metadata store persists at each checkpoint, with
+/// the generation stamps of the home blocks (`stamps`, same keys as `home`).
 pub struct Alloc {
     bits_per_stripe: u64,
     live: Mutex<HashMap<u64, Bits>>,
     pub home: Mutex<HashMap<u64, Bits>>,
+    stamps: Mutex<HashMap<u64, Vec<Stamp>>>,
 }
 
 impl Alloc {
     pub fn new(bits_per_stripe: u64, home: HashMap<u64, Bits>) -> Self {
+        Self::with_stamps(bits_per_stripe, home, HashMap::new())
+    }
+    pub fn with_stamps(
+        bits_per_stripe: u64,
+        home: HashMap<u64, Bits>,
+        stamps: HashMap<u64, Vec<Stamp>>,
+    ) -> Self {
         Self {
             bits_per_stripe,
             live: Mutex::new(home.clone()),
             home: Mutex::new(home),
+            stamps: Mutex::new(stamps),
+        }
+    }
+    pub fn stamps(&self) -> MutexGuard<'_, HashMap<u64, Vec<Stamp>>> {
+        self.stamps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The recorded stamp of block `i` of `stripe` (default: unknown).
+    pub fn stamp(&self, stripe: StripeId, i: u64) -> Stamp {
+        self.stamps()
+            .get(&stripe.0)
+            .and_then(|v| v.get(i as usize).copied())
+            .unwrap_or_default()
+    }
+    /// Records the stamps of a destaged stripe: `set` gives (block index, stamp) of every block
+    /// whose slot now holds new content (zero stamp = trimmed). Returns the stripe's encoded
+    /// stamps, or `None` when no block of it holds data any more.
+    pub fn record_stamps(
+        &self,
+        stripe: StripeId,
+        set: impl IntoIterator<Item = (u64, Stamp)>,
+    ) -> Option<Vec<u8>> {
+        let n = self.bits_per_stripe as usize;
+        let mut all = self.stamps();
+        let v = all
+            .entry(stripe.0)
+            .or_insert_with(|| vec![Stamp::default(); n]);
+        for (i, s) in set {
+            if let Some(slot) = v.get_mut(i as usize) {
+                *slot = s;
+            }
+        }
+        if v.iter().all(|s| *s == Stamp::default()) {
+            all.remove(&stripe.0);
+            None
+        } else {
+            Some(Stamp::encode_all(v))
         }
     }
     fn live(&self) -> MutexGuard<'_, HashMap<u64, Bits>> {
