@@ -496,7 +496,7 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
             assert_eq!(buf, model[lba as usize * BS..(lba as usize + 1) * BS]);
         }
     }
-    let st = p.status().unwrap();
+    let st = shardvol::service::Status::of_open(&rig.pool_dir(), &p);
     let last = st.volumes[0].last_scrub.as_ref().unwrap();
     assert_eq!(last.repaired, planted);
     drop(v);
@@ -610,7 +610,8 @@ fn rebuild_resumes_after_a_restart() {
         p.close().unwrap();
         model
     };
-    let status = pool::status(&rig.pool_dir()).unwrap();
+    let status = shardvol::service::Status::offline(&rig.pool_dir()).unwrap();
+    assert_eq!(status.volumes[0].state, "degraded");
     let d2 = &status.disks[2];
     assert_eq!(d2.state, "rebuilding");
     let cursor = d2.rebuild.as_ref().unwrap();
@@ -678,4 +679,62 @@ fn replace_refuses_bad_requests_with_clear_errors() {
         .to_string();
     assert!(e.contains("is disk 4"), "{e}");
     drop(p);
+}
+
+/// A block rolled back on its disk (an older copy of itself: valid tag, older generation) is
+/// found by scrub as a rollback, repaired, and reads its newest content.
+#[test]
+fn scrub_finds_and_repairs_a_rolled_back_block() {
+    let rig = Rig::new(6);
+    let (p, _) = rig.open();
+    let v = vol(&p);
+    let bps = 4 * u64::from(CHUNK) / BS as u64;
+    let (s, c, row) = (5u64, 2usize, 1u64);
+    let lba = s * bps + c as u64 * (bps / 4) + row;
+    let l = v.layout();
+    let (page, at) = l.meta_location(StripeId(s), row);
+    let block_at = l.block_offset(StripeId(s), row);
+    let file = rig.disk_path(rig.stripe_disks(&v, s)[c]);
+    let read_file = |off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        std::fs::File::open(&file)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
+        b
+    };
+    v.write(lba * BS as u64, &[1u8; BS], true).unwrap();
+    v.destage().unwrap();
+    let (old_block, old_meta) = (read_file(block_at, BS), read_file(page + at as u64, 64));
+    v.write(lba * BS as u64, &[2u8; BS], true).unwrap();
+    v.destage().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(&old_block, block_at).unwrap();
+    f.write_all_at(&old_meta, page + at as u64).unwrap();
+    let check = v.scrub(&ScrubOptions::default(), &|_| {}).unwrap();
+    assert_eq!(check.bad_found, 1, "{check:?}");
+    assert_eq!(check.bad[0].what, "rollback");
+    assert_eq!(check.bad[0].lba, Some(lba));
+    let fix = v
+        .scrub(
+            &ScrubOptions {
+                repair: true,
+                rate_bytes_per_s: 0,
+            },
+            &|_| {},
+        )
+        .unwrap();
+    assert_eq!(fix.repaired, 1, "{fix:?}");
+    assert_ne!(read_file(block_at, BS), old_block, "slot rewritten");
+    let mut buf = vec![0u8; BS];
+    v.read(lba * BS as u64, &mut buf).unwrap();
+    assert_eq!(buf, vec![2u8; BS]);
+    assert_eq!(
+        v.scrub(&ScrubOptions::default(), &|_| {})
+            .unwrap()
+            .bad_found,
+        0
+    );
+    drop(v);
+    p.close().unwrap();
 }

@@ -6,10 +6,10 @@
 //! surviving disk's superblock; its counters and rebuild cursor are the `disk_health` table; a
 //! volume's last scrub is the `scrubs` table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +161,44 @@ fn rewrite_superblocks(store: &MetaStore, h: &Health) -> Result<(), PoolError> {
     write_superblocks(store, &disks, seq)
 }
 
+/// Rebuilds running in this process, by (pool directory, disk id): one at a time per disk.
+static RUNNING: Mutex<BTreeSet<(PathBuf, u32)>> = Mutex::new(BTreeSet::new());
+
+/// A claim on the rebuild of one disk, released on drop.
+struct RunningRebuild((PathBuf, u32));
+
+impl RunningRebuild {
+    fn claim(dir: &Path, id: DiskId) -> Result<Self, PoolError> {
+        let key = (dir.to_path_buf(), id.0);
+        let mut r = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        if !r.insert(key.clone()) {
+            return Err(PoolError::Invalid(format!(
+                "a rebuild of disk {id} is already running"
+            )));
+        }
+        Ok(Self(key))
+    }
+}
+
+impl Drop for RunningRebuild {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+impl Pool {
+    /// Whether a rebuild of disk `id` runs in this process.
+    pub fn rebuild_running(&self, id: DiskId) -> bool {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(self.dir.clone(), id.0))
+    }
+}
+
 /// Options of a rebuild.
 #[derive(Clone, Debug, Default)]
 pub struct RebuildOptions {
@@ -259,6 +297,7 @@ impl Pool {
         progress: &dyn Fn(Progress),
     ) -> Result<RebuildReport, PoolError> {
         let started = Instant::now();
+        let _running = RunningRebuild::claim(&self.dir, id)?;
         let table = self.store.disks()?;
         let Some(mut rec) = table.iter().find(|d| d.id == id).cloned() else {
             return Err(PoolError::Invalid(format!(
@@ -413,76 +452,62 @@ impl Pool {
         Ok(report)
     }
 
-    /// Status of the open pool: live states and counters.
-    pub fn status(&self) -> Result<PoolStatus, PoolError> {
-        let mut st = status_from_store(&self.dir, &self.store)?;
-        st.online = true;
-        for d in &mut st.disks {
-            let id = DiskId(d.id);
-            d.state = state_name(self.health.state(id)).into();
-            d.counters = self.health.counters(id);
-            d.rebuild = rebuild_of(
-                self.health.state(id),
-                Some(self.health.cursor(id)),
-                &self.store,
+    /// Health of the open pool's disks (live states and counters) and its volumes' last
+    /// scrubs, for `status`.
+    pub fn health_view(&self) -> Result<HealthView, PoolError> {
+        let mut view = health_view_of(&self.store)?;
+        for id in self.health.ids() {
+            let state = self.health.state(id);
+            view.disks.insert(
+                id.0,
+                DiskHealthView {
+                    state: state_name(state).into(),
+                    counters: self.health.counters(id),
+                    rebuild: rebuild_status(state, Some(self.health.cursor(id)), &self.store),
+                },
             );
         }
-        let unusable = st.disks.iter().filter(|d| d.state != "ok").count();
-        for v in &mut st.volumes {
-            if let Some(vol) = self.volumes.get(&v.name) {
-                v.allocated_bytes = vol.allocated_blocks() * 4096;
-                v.journal_used = Some(vol.journal_used());
-            }
-            v.state = volume_state(unusable, v.parity_chunks).into();
-        }
-        Ok(st)
+        Ok(view)
     }
 }
 
-/// The pool as `status` shows it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PoolStatus {
-    pub pool: String,
-    pub pool_id: String,
-    /// Read from a running pool (live counters) rather than from the store of a stopped one.
-    pub online: bool,
-    pub volumes: Vec<VolumeStatus>,
-    pub disks: Vec<DiskStatus>,
+/// What `status` shows of the disks' health and the volumes' scrubs.
+#[derive(Clone, Debug, Default)]
+pub struct HealthView {
+    /// By disk id.
+    pub disks: BTreeMap<u32, DiskHealthView>,
+    /// Last scrub, by volume name.
+    pub scrubs: BTreeMap<String, ScrubSummary>,
+}
+
+impl HealthView {
+    /// State of a volume with `m` parity chunks: "ok", "degraded" (some disks failed or
+    /// rebuilding, at most `m`: everything is served) or "failed" (more than `m` disks out:
+    /// the stripes placed on them give I/O errors).
+    pub fn volume_state(&self, m: u16) -> &'static str {
+        match self.disks.values().filter(|d| d.state != "ok").count() {
+            0 => "ok",
+            n if n <= usize::from(m) => "degraded",
+            _ => "failed",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct VolumeStatus {
-    pub name: String,
-    pub id: u64,
-    pub size: u64,
-    pub data_chunks: u16,
-    pub parity_chunks: u16,
-    /// "ok", "degraded" (some disks failed or rebuilding, at most `m`: everything is served)
-    /// or "failed" (more than `m` disks out: stripes placed on them give I/O errors).
-    pub state: String,
-    pub allocated_bytes: u64,
-    /// Bytes of journal in use (online only).
-    pub journal_used: Option<u64>,
-    pub last_scrub: Option<ScrubSummary>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct DiskStatus {
-    pub id: u32,
-    pub path: String,
-    pub domain: String,
-    pub size: u64,
+pub struct DiskHealthView {
     /// "ok", "failed" or "rebuilding".
     pub state: String,
     pub counters: DiskCounters,
     pub rebuild: Option<RebuildStatus>,
 }
 
+/// Rebuild progress of a disk.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RebuildStatus {
+    /// The cursor: volume id and stripe.
     pub volume: u64,
     pub stripe: u64,
-    /// Stripes done over stripes of every volume, in percent.
+    /// Stripes done over the stripes of every volume, in percent.
     pub percent: f64,
 }
 
@@ -494,15 +519,7 @@ fn state_name(s: DiskState) -> &'static str {
     }
 }
 
-fn volume_state(unusable: usize, m: u16) -> &'static str {
-    match unusable {
-        0 => "ok",
-        n if n <= usize::from(m) => "degraded",
-        _ => "failed",
-    }
-}
-
-fn rebuild_of(
+fn rebuild_status(
     state: DiskState,
     cursor: Option<(u64, u64)>,
     store: &MetaStore,
@@ -535,8 +552,9 @@ fn rebuild_of(
     })
 }
 
-/// Status of a stopped pool, from its store alone (no key, no disk I/O).
-pub fn status(dir: &Path) -> Result<PoolStatus, PoolError> {
+/// Health of a stopped pool's disks and its volumes' last scrubs, from the store alone (no
+/// key, no disk I/O).
+pub fn health_view(dir: &Path) -> Result<HealthView, PoolError> {
     let path = dir.join(STORE_FILE);
     if !path.exists() {
         return Err(PoolError::Invalid(format!(
@@ -544,60 +562,33 @@ pub fn status(dir: &Path) -> Result<PoolStatus, PoolError> {
             dir.display()
         )));
     }
-    let store = MetaStore::open(&path)?;
-    status_from_store(dir, &store)
+    health_view_of(&MetaStore::open(&path)?)
 }
 
-fn status_from_store(dir: &Path, store: &MetaStore) -> Result<PoolStatus, PoolError> {
-    let pool = store.pool()?;
+fn health_view_of(store: &MetaStore) -> Result<HealthView, PoolError> {
     let healths: BTreeMap<u32, DiskHealthRecord> = store.disk_healths()?.into_iter().collect();
-    let scrubs: BTreeMap<u64, ScrubSummary> = store.scrubs()?.into_iter().collect();
-    let disks: Vec<DiskStatus> = store
+    let by_id: BTreeMap<u64, ScrubSummary> = store.scrubs()?.into_iter().collect();
+    let disks = store
         .disks()?
         .into_iter()
         .map(|d| {
             let h = healths.get(&d.id.0).copied().unwrap_or_default();
-            DiskStatus {
-                id: d.id.0,
-                path: d.path.display().to_string(),
-                domain: d.domain,
-                size: d.size,
-                state: state_name(d.state).into(),
-                counters: h.counters,
-                rebuild: rebuild_of(d.state, h.cursor, store),
-            }
+            (
+                d.id.0,
+                DiskHealthView {
+                    state: state_name(d.state).into(),
+                    counters: h.counters,
+                    rebuild: rebuild_status(d.state, h.cursor, store),
+                },
+            )
         })
         .collect();
-    let unusable = disks.iter().filter(|d| d.state != "ok").count();
-    let volumes = store
+    let scrubs = store
         .volumes()?
         .into_iter()
-        .map(|v| {
-            let allocated: u64 = store
-                .alloc_load(v.id)?
-                .iter()
-                .map(|(_, w)| w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>())
-                .sum();
-            Ok(VolumeStatus {
-                state: volume_state(unusable, v.geometry.m).into(),
-                last_scrub: scrubs.get(&v.id).cloned(),
-                name: v.name,
-                id: v.id,
-                size: v.size,
-                data_chunks: v.geometry.k,
-                parity_chunks: v.geometry.m,
-                allocated_bytes: allocated * 4096,
-                journal_used: None,
-            })
-        })
-        .collect::<Result<Vec<_>, PoolError>>()?;
-    Ok(PoolStatus {
-        pool: dir.display().to_string(),
-        pool_id: hex(&pool.pool_id),
-        online: false,
-        volumes,
-        disks,
-    })
+        .filter_map(|v| by_id.get(&v.id).map(|s| (v.name, s.clone())))
+        .collect();
+    Ok(HealthView { disks, scrubs })
 }
 
 fn absolute(p: &Path) -> PathBuf {

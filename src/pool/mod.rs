@@ -30,8 +30,8 @@ use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
 mod heal;
 pub use heal::{
-    DiskStatus, PoolStatus, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
-    VolumeStatus, status,
+    DiskHealthView, HealthView, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
+    health_view,
 };
 
 /// Name of the metadata store inside a pool directory.

@@ -34,7 +34,7 @@ use super::io::SHARD;
 use super::state::Bits;
 use super::{Volume, VolumeError};
 use crate::disk::{IoBuf, IoOp};
-use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, StripeId};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, Lba, StripeId};
 
 /// Most bad shards listed one by one in a report (all are counted).
 pub const MAX_LISTED: usize = 1000;
@@ -88,8 +88,9 @@ pub struct BadShard {
     pub disk: u32,
     /// The logical block, for data chunks.
     pub lba: Option<u64>,
-    /// "tag" (a data block that fails its check), "parity" (parity that does not match the
-    /// data) or "unrecoverable" (a row that cannot be rebuilt).
+    /// "tag" (a data block that fails its check), "rollback" (an intact but older copy of the
+    /// block: its generation is not the one the store recorded), "parity" (parity that does
+    /// not match the data) or "unrecoverable" (a row that cannot be rebuilt).
     pub what: String,
     pub repaired: bool,
 }
@@ -393,13 +394,26 @@ impl Volume {
                 if lost_rows.last() == Some(&row) {
                     continue;
                 }
+                let lba = self.lba_at(stripe, c, row);
+                let shard = self.shard_of(stripe, read[c], row);
+                let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
+                let what = if self.verify(Lba(lba), &meta, &shard[..BLOCK_SIZE])
+                    && self.rolled_back(Lba(lba), &meta)
+                {
+                    self.stats
+                        .rollbacks_detected
+                        .fetch_add(1, Ordering::Relaxed);
+                    "rollback"
+                } else {
+                    "tag"
+                };
                 out.bad.push(BadShard {
                     stripe: stripe.0,
                     row,
                     chunk: c as u16,
                     disk: ids[c].0,
-                    lba: Some(self.lba_at(stripe, c, row)),
-                    what: "tag".into(),
+                    lba: Some(lba),
+                    what: what.into(),
                     repaired: false,
                 });
             }
