@@ -486,3 +486,98 @@ impl Disk for MissingDisk {
         "missing"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{FaultDisk, MemDisk, Trigger};
+    use std::sync::atomic::AtomicUsize;
+
+    fn registry() -> (Arc<Health>, crate::disk::FaultHandle, Arc<AtomicUsize>) {
+        let f = FaultDisk::new(Arc::new(MemDisk::new("m0", 1 << 20)));
+        let h = f.handle();
+        let persisted = Arc::new(AtomicUsize::new(0));
+        let p = persisted.clone();
+        let health = Health::new(
+            [(DiskId(0), Arc::new(f) as DiskRef)],
+            FailurePolicy::default(),
+            Box::new(move |_, _| {
+                p.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        (health, h, persisted)
+    }
+
+    #[test]
+    fn read_errors_fail_a_disk_only_in_a_row() {
+        let (health, faults, persisted) = registry();
+        let d = health.proxies().remove(&DiskId(0)).unwrap();
+        faults.fail_reads(Trigger::always());
+        for _ in 0..READ_ERRORS_TO_FAIL - 1 {
+            assert!(crate::disk::read_at(d.as_ref(), 0, 4096).is_err());
+        }
+        // A success resets the count.
+        faults.clear();
+        crate::disk::read_at(d.as_ref(), 0, 4096).unwrap();
+        faults.fail_reads(Trigger::always());
+        for _ in 0..READ_ERRORS_TO_FAIL - 1 {
+            let _ = crate::disk::read_at(d.as_ref(), 0, 4096);
+        }
+        assert_eq!(health.state(DiskId(0)), DiskState::Ok);
+        let _ = crate::disk::read_at(d.as_ref(), 0, 4096);
+        assert!(health.is_failed(DiskId(0)));
+        assert_eq!(persisted.load(Ordering::SeqCst), 1);
+        // Failed: refused without reaching the disk, and persisted once only.
+        faults.clear();
+        assert!(crate::disk::read_at(d.as_ref(), 0, 4096).is_err());
+        assert!(!health.fail(DiskId(0), "again"));
+        assert_eq!(persisted.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            health.counters(DiskId(0)).io_errors,
+            2 * READ_ERRORS_TO_FAIL - 1
+        );
+    }
+
+    #[test]
+    fn a_write_error_or_a_gone_disk_fails_at_once_and_tags_fail_in_a_row() {
+        let (health, faults, _) = registry();
+        let d = health.proxies().remove(&DiskId(0)).unwrap();
+        faults.fail_writes(Trigger::always().times(1));
+        assert!(crate::disk::write_at(d.as_ref(), 0, &[1; 4096]).is_err());
+        assert!(health.is_failed(DiskId(0)));
+
+        let (health, faults, _) = registry();
+        let d = health.proxies().remove(&DiskId(0)).unwrap();
+        faults.set_gone(true);
+        assert!(crate::disk::read_at(d.as_ref(), 0, 4096).is_err());
+        assert!(health.is_failed(DiskId(0)));
+
+        let (health, _, _) = registry();
+        for _ in 0..TAG_FAILURES_TO_FAIL - 1 {
+            health.tag_failure(DiskId(0));
+        }
+        health.tag_ok(DiskId(0));
+        for _ in 0..TAG_FAILURES_TO_FAIL - 1 {
+            health.tag_failure(DiskId(0));
+        }
+        assert_eq!(health.state(DiskId(0)), DiskState::Ok);
+        health.tag_failure(DiskId(0));
+        assert!(health.is_failed(DiskId(0)));
+    }
+
+    #[test]
+    fn rebuilding_chunks_are_usable_only_before_the_cursor() {
+        let (health, _, _) = registry();
+        assert!(health.chunk_usable(DiskId(0), 2, 9));
+        health.set_state(DiskId(0), DiskState::Rebuilding);
+        health.set_cursor(DiskId(0), 2, 10);
+        assert!(health.degraded());
+        assert!(health.chunk_usable(DiskId(0), 1, 500));
+        assert!(health.chunk_usable(DiskId(0), 2, 9));
+        assert!(!health.chunk_usable(DiskId(0), 2, 10));
+        assert!(!health.chunk_usable(DiskId(0), 3, 0));
+        assert!(!health.chunk_usable(DiskId(7), 0, 0), "unknown disk");
+        health.set_state(DiskId(0), DiskState::Ok);
+        assert!(!health.degraded());
+    }
+}
