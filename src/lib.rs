@@ -9,10 +9,13 @@
 //! - [`disk`]: the `Disk` trait: inline (page cache), io_uring and pread backends, memory and
 //!   fault-injecting disks.
 //!
-//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks) and [`pool`]
-//! (creating, opening and describing a pool of disks and volumes). Around them: [`service`] (a
-//! served pool, sealed or unlocked), [`control`] (the admin socket) and [`config`] (TOML).
+//! Beside it: [`kms`] (KEK, shares, wrapping), [`meta`] (redb store, superblocks), [`pool`]
+//! (creating, opening and describing a pool of disks and volumes; [`pool::recover`] rebuilds a
+//! volume's image from disks and shares alone) and [`audit`] (the hash-chained, MAC'd log of
+//! key events). Around them: [`service`] (a served pool, sealed or unlocked), [`control`] (the
+//! admin socket) and [`config`] (TOML).
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod crypto;

@@ -58,6 +58,12 @@ enum Command {
     /// Disks of a pool.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Check or show the pool's audit log of key events (POOL/audit.log).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Rebuild the plain image of a volume from disk files and shares alone: no metadata store,
+    /// no server, up to `m` disks missing. The disks are only read.
+    Recover(RecoverArgs),
 }
 
 #[derive(Args)]
@@ -112,6 +118,64 @@ enum DiskCommand {
         #[command(flatten)]
         shares: HealShares,
     },
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// A disk file (or block device) of the pool; repeat for every disk you have. Disks left
+    /// out count as missing and are rebuilt from parity.
+    #[arg(long, required = true)]
+    disk: Vec<PathBuf>,
+    /// A share file; repeat until the pool's threshold is met.
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// A directory of share files (share-*.txt).
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
+    /// Name of the volume to recover.
+    #[arg(long)]
+    volume: String,
+    /// The image to write: a new file (sparse), or with --force an existing file or block device.
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite an existing output; write an image even when some blocks cannot be rebuilt
+    /// (they are left as zeros, listed, and the exit status is 2).
+    #[arg(long)]
+    force: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and the chain head in the store; with t shares, every MAC too.
+    /// Exits non-zero when the log is broken, naming the first broken record.
+    Verify(AuditKeyArgs),
+    /// Print the records: a table, or JSON lines with --json.
+    Show {
+        #[arg(long)]
+        pool: PathBuf,
+        /// Print each record as the JSON line it is stored as.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a broken log aside (renamed audit.log.broken-TIME) and start a new one whose first
+    /// record names the old one. Needs t shares; refused when the log verifies.
+    Restart(AuditKeyArgs),
+}
+
+#[derive(Args)]
+struct AuditKeyArgs {
+    /// Pool directory.
+    #[arg(long)]
+    pool: PathBuf,
+    /// A share file; repeat until the threshold is met (verify: to check the MACs).
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// A directory of share files (share-*.txt).
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -817,16 +881,102 @@ fn config_cmd(c: ConfigCommand) -> Result<()> {
     Ok(())
 }
 
+/// Exit status of `recover` when the image was written but some blocks could not be read.
+const EXIT_INCOMPLETE: i32 = 2;
+
+fn recover(a: RecoverArgs) -> Result<()> {
+    use shardvol::pool::recover::{RecoverOptions, describe_blocks, recover};
+    let mut shares = a.share.clone();
+    if let Some(d) = &a.share_dir {
+        shares.extend(pool::shares_in(d)?);
+    }
+    let r = recover(&RecoverOptions {
+        disks: a.disk.clone(),
+        shares,
+        volume: a.volume.clone(),
+        output: a.output.clone(),
+        force: a.force,
+        progress: !a.quiet,
+    })
+    .with_context(|| format!("cannot recover volume {}", a.volume))?;
+    println!(
+        "recovered volume {} ({}) of pool {} into {}",
+        r.volume,
+        human(r.size),
+        r.pool_id,
+        a.output.display()
+    );
+    println!(
+        "  pool description: superblock seq {} from {}",
+        r.superblock_seq,
+        r.superblock_from.display()
+    );
+    let used = r.disks.iter().filter(|d| d.missing.is_none()).count();
+    println!("  disks: {used} used, {} missing", r.disks.len() - used);
+    for d in &r.disks {
+        let path = d.path.as_ref().unwrap_or(&d.recorded).display();
+        match &d.missing {
+            None => println!("    disk {:>3}  used     {path}", d.id),
+            Some(why) => println!("    disk {:>3}  missing  {path}: {why}", d.id),
+        }
+    }
+    for (p, note) in &r.notes {
+        println!("  note: {}: {note}", p.display());
+    }
+    if r.journal_lost {
+        println!(
+            "  journal: every journal disk is missing; writes that were only in the journal are not in the image"
+        );
+    }
+    if r.journaled_blocks > 0 {
+        println!(
+            "  journal: {} blocks could not be destaged (disks missing) and were read from the journal",
+            r.journaled_blocks
+        );
+    }
+    println!(
+        "  allocation rebuilt from block metadata: {} blocks ({}) in {} stripes; {} rows repaired, {} uncertain, {} chunk areas unreadable",
+        r.scan.allocated,
+        human(r.scan.allocated * 4096),
+        r.scan.stripes,
+        r.scan.repaired_rows,
+        r.scan.uncertain_rows,
+        r.scan.unreadable_chunks
+    );
+    println!(
+        "  copied {} of data, wrote {} (zeros left as holes) in {:.1} s; replayed journal held {} in memory",
+        human(r.bytes_copied),
+        human(r.bytes_written),
+        r.seconds,
+        human(r.overlay_bytes)
+    );
+    if !r.unreadable.is_empty() {
+        eprintln!(
+            "error: the image is incomplete: {} could not be read and are zeros in {}",
+            describe_blocks(&r.unreadable),
+            a.output.display()
+        );
+        std::process::exit(EXIT_INCOMPLETE);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Recovery reports what it did itself; the volume's own warnings (journal kept, destaging
+    // retried) speak of a server that is not running.
+    let default_filter = match cli.command {
+        Some(Command::Recover(_)) => "warn,shardvol::volume=error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHARDVOL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     shardvol::disk::keep_large_buffers_in_heap();
-    let cli = Cli::parse();
     match cli.command {
         Some(Command::Create(a)) => create(a),
         Some(Command::Inspect { pool, json }) => inspect(pool, json),
@@ -852,8 +1002,172 @@ fn main() -> Result<()> {
             json,
             shares,
         })) => disk_replace(pool, disk, with, rate, json, shares),
+        Some(Command::Audit(c)) => audit(c),
+        Some(Command::Recover(a)) => recover(a),
         None => unreachable!("clap prints help when no command is given"),
     }
+}
+
+/// Opens a pool's store and audit log for the `audit` commands, and its audit key when shares
+/// are given (unwrapped the way `serve` unlocks, but nothing is recorded: these commands only
+/// read the log, except `restart`).
+fn open_audit(
+    a: &AuditKeyArgs,
+) -> Result<(shardvol::audit::AuditLog, Option<shardvol::audit::AuditKey>)> {
+    use shardvol::audit::{AuditKey, AuditLog};
+    use shardvol::meta::{KeyState, MetaStore};
+    let store_path = a.pool.join(pool::STORE_FILE);
+    if !pool::exists(&a.pool) {
+        bail!(
+            "{} is not a shardvol pool (no {})",
+            a.pool.display(),
+            pool::STORE_FILE
+        );
+    }
+    let store = std::sync::Arc::new(MetaStore::open(&store_path)?);
+    let mut shares = a.share.clone();
+    if let Some(d) = &a.share_dir {
+        shares.extend(pool::shares_in(d)?);
+    }
+    let key = if shares.is_empty() {
+        None
+    } else {
+        let ring = pool::unlock(&store, &shares).context("cannot unlock the pool's keys")?;
+        let active = store
+            .keys()?
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(1);
+        Some(AuditKey::from_ring(&ring, active)?)
+    };
+    Ok((AuditLog::open(&a.pool, store), key))
+}
+
+fn audit(c: AuditCommand) -> Result<()> {
+    match c {
+        AuditCommand::Verify(a) => audit_verify(&a),
+        AuditCommand::Show { pool, json } => audit_show(&pool, json),
+        AuditCommand::Restart(a) => {
+            let (log, key) = open_audit(&a)?;
+            let key = key.context(
+                "restarting the audit log needs the pool's key: pass --share FILE once per share holder",
+            )?;
+            let r = log.restart(&key)?;
+            println!(
+                "set {} aside ({}); new log {} starts at record {}",
+                r.old_log.display(),
+                r.problem,
+                log.path().display(),
+                r.seq
+            );
+            Ok(())
+        }
+    }
+}
+
+fn audit_verify(a: &AuditKeyArgs) -> Result<()> {
+    let (log, key) = open_audit(a)?;
+    let r = log.verify(key.as_ref())?;
+    println!("audit log {}: {} records", log.path().display(), r.records);
+    match r.head {
+        Some((seq, _)) => println!("chain head in the store: record {seq}"),
+        None => println!("chain head in the store: none"),
+    }
+    if key.is_some() {
+        println!(
+            "MACs: {} of {} checked and valid{}",
+            r.macs_checked,
+            r.with_mac,
+            if r.macs_unverifiable > 0 {
+                format!(
+                    "; {} under archived or destroyed master keys not checked (later MACs cover them)",
+                    r.macs_unverifiable
+                )
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "MACs: NOT checked ({} records carry one): pass --share FILE (t of them) to check them",
+            r.with_mac
+        );
+    }
+    println!(
+        "sealed records (no MAC): {}, of which not yet attested: {}",
+        r.sealed, r.unattested
+    );
+    if let Some(t) = r.torn_tail {
+        println!(
+            "note: the log ends with a torn line of {} bytes at offset {} (an append interrupted              by a crash); it is not part of the chain, and the next append removes it and records              log-repaired",
+            t.len, t.offset
+        );
+    }
+    if r.head_lag {
+        println!(
+            "note: the chain head in the store is one record behind the log (a crash between the              two writes); the next append catches it up and records log-repaired"
+        );
+    }
+    if let Some(b) = r.first_broken {
+        println!("(the counts above stop at the first broken record)");
+        bail!("audit log broken at {b}");
+    }
+    println!("audit log intact");
+    Ok(())
+}
+
+fn audit_show(pool_dir: &std::path::Path, json: bool) -> Result<()> {
+    use shardvol::audit::{AuditLog, format_time_utc};
+    use shardvol::meta::MetaStore;
+    if !pool::exists(pool_dir) {
+        bail!(
+            "{} is not a shardvol pool (no {})",
+            pool_dir.display(),
+            pool::STORE_FILE
+        );
+    }
+    let store = std::sync::Arc::new(MetaStore::open(&pool_dir.join(pool::STORE_FILE))?);
+    let log = AuditLog::open(pool_dir, store);
+    let contents = log.read()?;
+    if !json {
+        println!(
+            "{:>6}  {:<20}  {:<15}  {:<7}  fields",
+            "seq", "time (UTC)", "event", "mac"
+        );
+    }
+    for line in &contents.lines {
+        match line {
+            Ok(r) if json => println!("{}", r.to_json()),
+            Ok(r) => {
+                let mac = r
+                    .key_version
+                    .map_or_else(|| "sealed".to_string(), |v| format!("key v{v}"));
+                let fields: Vec<String> =
+                    r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                println!(
+                    "{:>6}  {:<20}  {:<15}  {:<7}  {}",
+                    r.seq,
+                    format_time_utc(r.time_unix),
+                    r.event,
+                    mac,
+                    fields.join(" ")
+                );
+            }
+            Err(msg) => eprintln!("not a record: {msg}"),
+        }
+    }
+    if let Some(t) = contents.torn_tail {
+        eprintln!(
+            "note: torn last line of {} bytes at offset {} (an interrupted append)",
+            t.len, t.offset
+        );
+    }
+    if !json {
+        eprintln!("(shown as stored; `shardvol audit verify` checks them)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

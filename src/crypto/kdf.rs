@@ -4,13 +4,15 @@
 //! PRK_v       = HKDF-Extract(salt = pool id (16 bytes), IKM = master key v (32 bytes))
 //! shard key   = HKDF-Expand(PRK_v, shard_info(id), 64)   → AES-256-XTS data key ‖ tweak key
 //! tag key     = HKDF-Expand(PRK_v, tag_info(volume), 32) → keyed-BLAKE3 key
+//! audit key   = HKDF-Expand(PRK_v, AUDIT_KEY_LABEL, 32)  → keyed-BLAKE3 key of the audit log's MACs
 //! ```
 //!
 //! `shard_info` (38 bytes) = [`SHARD_KEY_LABEL`] (16) ‖ volume id (u64 BE) ‖ stripe (u64 BE) ‖
 //! chunk index (u16 BE) ‖ epoch (u32 BE). `tag_info` (24 bytes) = [`TAG_KEY_LABEL`] (16) ‖
-//! volume id (u64 BE). The master-key version is not in `info`: it selects the IKM. Every field
-//! has a fixed width and the two labels differ (and the two infos differ in length), so no two
-//! distinct (purpose, fields) tuples share an `info`, and keys for different purposes, volumes,
+//! volume id (u64 BE). The audit key's `info` is [`AUDIT_KEY_LABEL`] alone (16 bytes). The
+//! master-key version is not in `info`: it selects the IKM. Every field has a fixed width, the
+//! three labels differ and the three infos differ in length, so no two distinct
+//! (purpose, fields) tuples share an `info`, and keys for different purposes, volumes,
 //! stripes, chunks or epochs are independent. These layouts are part of the on-disk format:
 //! changing one makes existing volumes unreadable (change the label to version them).
 //!
@@ -38,6 +40,9 @@ pub const TAG_KEY_LABEL: [u8; 16] = *b"shardvol/tag-key";
 pub const SHARD_INFO_LEN: usize = 16 + 8 + 8 + 2 + 4;
 /// Length of [`tag_info`].
 pub const TAG_INFO_LEN: usize = 16 + 8;
+/// Domain label of the audit log's MAC key; it is the whole HKDF `info` of that key (16 bytes,
+/// a length no other `info` has).
+pub const AUDIT_KEY_LABEL: [u8; 16] = *b"shardvol/aud-key";
 
 /// HKDF `info` of a shard key: label ‖ volume ‖ stripe ‖ chunk ‖ epoch, big-endian.
 pub fn shard_info(id: &ShardKeyId) -> [u8; SHARD_INFO_LEN] {
@@ -101,6 +106,14 @@ impl Prk {
     pub fn tag_key(&self, volume: u64) -> Result<TagKey, CryptoError> {
         let mut okm = Secret::<32>::zeroed();
         self.expand(&tag_info(volume), okm.bytes_mut())?;
+        Ok(TagKey::from_secret(okm))
+    }
+
+    /// The audit log's MAC key under this master version: HKDF-Expand(PRK_v,
+    /// [`AUDIT_KEY_LABEL`], 32), used as a keyed-BLAKE3 key (see `crate::audit`).
+    pub fn audit_key(&self) -> Result<TagKey, CryptoError> {
+        let mut okm = Secret::<32>::zeroed();
+        self.expand(&AUDIT_KEY_LABEL, okm.bytes_mut())?;
         Ok(TagKey::from_secret(okm))
     }
 }

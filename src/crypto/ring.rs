@@ -317,6 +317,16 @@ impl KeyRing {
         Ok(self.tags.insert(id, Arc::new(prk.tag_key(volume)?)))
     }
 
+    /// The audit log's MAC key under master key `version` (derived afresh, not cached: it is
+    /// asked for once per unlock).
+    pub fn audit_key(&self, version: u32) -> Result<TagKey, CryptoError> {
+        let versions = self.versions.read().unwrap_or_else(PoisonError::into_inner);
+        versions
+            .get(&version)
+            .ok_or(CryptoError::UnknownVersion(version))?
+            .audit_key()
+    }
+
     /// Number of shard ciphers currently cached.
     pub fn cached_ciphers(&self) -> usize {
         self.ciphers.len()

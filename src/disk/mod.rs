@@ -9,7 +9,9 @@
 //! - [`PreadDisk`]: `pread`/`pwrite` on worker threads, for hosts where io_uring is denied
 //!   ([`open_disk`] probes once per process and falls back with a logged reason);
 //! - [`MemDisk`]: sparse memory with a model of volatile and durable state, for crash tests;
-//! - [`FaultDisk`]: a wrapper that fails, corrupts or loses another disk on command.
+//! - [`FaultDisk`]: a wrapper that fails, corrupts or loses another disk on command;
+//! - [`OverlayDisk`]: a read-only view of another disk whose writes stay in memory (offline
+//!   recovery), over a [`ReadOnlyFile`].
 //!
 //! # Contract of [`Disk::submit`]
 //!
@@ -53,6 +55,7 @@ mod fault;
 mod file;
 mod inline;
 mod mem;
+mod overlay;
 mod pending;
 mod pread;
 pub mod uring;
@@ -62,6 +65,7 @@ pub use fault::{FaultCounts, FaultDisk, FaultHandle, Trigger};
 pub use file::{BACKEND_ENV, Backend, DiskOptions, create_file, open_disk, uring_available};
 pub use inline::InlineDisk;
 pub use mem::{CrashMode, CrashReport, MemDisk, MemDiskStats};
+pub use overlay::{OverlayDisk, OverlayStats, ReadOnlyFile};
 pub use pending::{Completer, Pending};
 pub use pread::PreadDisk;
 pub use uring::UringDisk;

@@ -23,7 +23,7 @@
 
 #![forbid(unsafe_code)]
 
-mod hex;
+pub(crate) mod hex;
 mod shares;
 mod wrap;
 

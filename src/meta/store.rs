@@ -38,6 +38,10 @@ const ALLOC: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("alloc");
 /// 16 bytes per block (generation u64, key version u32, epoch u32, little-endian; all zero for a
 /// block that holds nothing). Written in the same transaction as the stripe's `alloc` entry.
 const STAMPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("stamps");
+/// `"head"` → seq (u64 BE) ‖ SHA-256 hash (32 bytes) of the newest audit-log record (`crate::audit`).
+/// Created by the first [`MetaStore::put_audit_head`]; stores made earlier simply lack it.
+const AUDIT_HEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_head");
+const AUDIT_HEAD_KEY: &str = "head";
 
 /// The pool's redb database.
 pub struct MetaStore {
@@ -575,6 +579,41 @@ impl MetaStore {
             }
         }
         txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// The audit log's chain head: (seq, hash) of its newest record, or `None` if no record
+    /// was ever appended (or the store predates the audit log).
+    pub fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, MetaError> {
+        let ctx = "cannot read the audit chain head";
+        let txn = self.db.begin_read().map_err(|e| self.err(ctx, e))?;
+        let table = match txn.open_table(AUDIT_HEAD) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(ctx, e)),
+        };
+        let Some(v) = table.get(AUDIT_HEAD_KEY).map_err(|e| self.err(ctx, e))? else {
+            return Ok(None);
+        };
+        let bytes = v.value();
+        if bytes.len() != 40 {
+            return Err(self.err(
+                ctx,
+                format_args!("the entry is damaged ({} bytes, expected 40)", bytes.len()),
+            ));
+        }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&bytes[..8]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&bytes[8..]);
+        Ok(Some((u64::from_be_bytes(seq), hash)))
+    }
+
+    /// Durably records (seq, hash) of the audit log's newest record.
+    pub fn put_audit_head(&self, seq: u64, hash: &[u8; 32]) -> Result<(), MetaError> {
+        let mut v = [0u8; 40];
+        v[..8].copy_from_slice(&seq.to_be_bytes());
+        v[8..].copy_from_slice(hash);
+        self.write_one(AUDIT_HEAD, AUDIT_HEAD_KEY, &v, "the audit chain head")
     }
 }
 

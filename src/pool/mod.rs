@@ -1,21 +1,25 @@
 //! Pools: creating one (disks, superblocks, keys, shares, metadata store), adding volumes,
 //! opening one with `t` shares, and describing one without any key.
 //!
-//! A pool directory holds `pool.redb` (the metadata store), by default `disks/` (one sparse
+//! A pool directory holds `pool.redb` (the metadata store), `audit.log` (the audit log of key
+//! events, [`crate::audit`]: creation, unlocks, refused unlocks), by default `disks/` (one sparse
 //! backing file per disk) and, only when the operator asks for it, `shares/`. Every volume has a
 //! region at the same offset on every disk (see `volume::format`); regions are appended.
 //!
 //! Errors name what is wrong and what to do; nothing here prints or logs key material.
+//!
+//! [`recover`]: offline recovery of a volume from its disks and `t` shares, without the store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing::info;
 
+use crate::audit::{AuditKey, AuditLog, EventKind, Fields, fields as audit_fields};
 use crate::crypto::{KeyRing, MasterKey};
 use crate::disk::{DiskOptions, DiskRef};
 use crate::kms::{self, Kek, LoadedShare};
@@ -27,6 +31,8 @@ use crate::meta::{
 };
 use crate::volume::health::Health;
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
+
+pub mod recover;
 
 mod heal;
 pub use heal::{
@@ -57,6 +63,8 @@ pub enum PoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
@@ -223,6 +231,7 @@ pub fn create(opts: &CreateOptions) -> Result<Created, PoolError> {
     parts.store.put_volume(&vol)?;
     write_superblocks(&parts.store, &refs, 1)?;
     let share_files = kms::write_share_files(&opts.share_dir, &shares)?;
+    audit_pool_create(opts, &parts.store, &pool_id, &master)?;
     info!(pool = %opts.pool.display(), volume = %opts.volume, "pool created");
     Ok(Created {
         pool_id,
@@ -436,6 +445,9 @@ pub struct Pool {
     pub volumes: BTreeMap<String, Arc<Volume>>,
     /// Health of the pool's disks, shared by its volumes (see `volume::health`).
     pub health: Arc<Health>,
+    /// The pool's audit log; [`Pool::audit`] appends to it with the pool's audit key.
+    pub audit: Arc<AuditLog>,
+    audit_key: RwLock<AuditKey>,
 }
 
 /// Reads and combines share files, and unwraps the pool's master keys.
@@ -482,10 +494,21 @@ impl Pool {
     /// Opens a pool with share files: unlocks the keys, opens the disks, replays every
     /// volume's journal.
     pub fn open(dir: &Path, share_files: &[PathBuf]) -> Result<Self, PoolError> {
-        let shares: Vec<LoadedShare> = share_files
+        let shares: Vec<LoadedShare> = match share_files
             .iter()
             .map(|p| kms::load_share_file(p))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let e = PoolError::from(e);
+                if let Ok(store) = MetaStore::open(&dir.join(STORE_FILE)) {
+                    let audit = AuditLog::open(dir, Arc::new(store));
+                    audit_unlock_refused(&audit, "?", &e);
+                }
+                return Err(e);
+            }
+        };
         Self::open_loaded(dir, &shares)
     }
 
@@ -511,7 +534,10 @@ impl Pool {
             )));
         }
         let store = Arc::new(MetaStore::open(&path)?);
-        let ring = Arc::new(unlock_loaded(&store, shares)?);
+        let audit = Arc::new(AuditLog::open(dir, store.clone()));
+        let ring = Arc::new(unlock_loaded(&store, shares).inspect_err(|e| {
+            audit_unlock_refused(&audit, &share_indexes(shares), e);
+        })?);
         let table = store.disks()?;
         let health = heal::open_health(&store, &table, wrap)?;
         let disks = health.proxies();
@@ -523,6 +549,13 @@ impl Pool {
             .max()
             .unwrap_or(1);
         let write_key = Arc::new(WriteKey::new(active, 1));
+        let audit_key = AuditKey::from_ring(&ring, active)?;
+        audit.attest(&audit_key)?;
+        audit.append(
+            EventKind::Unlock,
+            audit_fields([("shares", share_indexes(shares))]),
+            Some(&audit_key),
+        )?;
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
             let parts = parts_for(
@@ -539,7 +572,27 @@ impl Pool {
             store,
             volumes,
             health,
+            audit,
+            audit_key: RwLock::new(audit_key),
         })
+    }
+
+    /// Appends an audit record MAC'd under the pool's audit key; returns its seq.
+    pub fn audit(&self, kind: EventKind, fields: Fields) -> Result<u64, PoolError> {
+        let key = self
+            .audit_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(self.audit.append(kind, fields, Some(&key))?)
+    }
+
+    /// Replaces the audit key (after a master-key rotation: build it with
+    /// [`AuditKey::from_ring`] and the new active version).
+    pub fn set_audit_key(&self, key: AuditKey) {
+        *self
+            .audit_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = key;
     }
 
     /// Destages and checkpoints every volume, and saves the disks' health counters.
@@ -672,4 +725,49 @@ pub fn inspect(dir: &Path) -> Result<PoolInfo, PoolError> {
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Records the creation of a pool, MAC'd under the new master key's audit key.
+fn audit_pool_create(
+    opts: &CreateOptions,
+    store: &Arc<MetaStore>,
+    pool_id: &[u8; 16],
+    master: &MasterKey,
+) -> Result<(), PoolError> {
+    let key = AuditKey::from_master(pool_id, master, 1)?;
+    AuditLog::open(&opts.pool, store.clone()).append(
+        EventKind::PoolCreate,
+        audit_fields([
+            ("pool_id", hex(pool_id)),
+            ("volume", opts.volume.clone()),
+            ("size", opts.size.to_string()),
+            ("geometry", format!("{}+{}", opts.data, opts.parity)),
+            ("shares", opts.shares.to_string()),
+            ("threshold", opts.threshold.to_string()),
+        ]),
+        Some(&key),
+    )?;
+    Ok(())
+}
+
+/// Records a refused unlock (sealed: no key). A failure to record it is logged, not returned:
+/// the caller reports the refusal itself.
+fn audit_unlock_refused(audit: &AuditLog, shares: &str, e: &PoolError) {
+    let f = audit_fields([
+        ("shares", shares.to_string()),
+        ("outcome", "refused".to_string()),
+        ("reason", e.to_string()),
+    ]);
+    if let Err(err) = audit.append(EventKind::UnlockRefused, f, None) {
+        tracing::warn!(error = %err, "cannot record the refused unlock in the audit log");
+    }
+}
+
+/// Share indexes of the given shares, for audit records.
+fn share_indexes(shares: &[LoadedShare]) -> String {
+    shares
+        .iter()
+        .map(|s| s.share.index.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

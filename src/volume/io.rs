@@ -340,7 +340,7 @@ impl Volume {
 }
 
 /// All subsets of `items` of size `n`, in lexicographic order (`items` is at most `m` long).
-fn combinations(items: &[usize], n: usize) -> Vec<Vec<usize>> {
+pub(super) fn combinations(items: &[usize], n: usize) -> Vec<Vec<usize>> {
     if n == 0 {
         return vec![vec![]];
     }

@@ -26,6 +26,7 @@ mod io;
 pub mod journal;
 pub mod mem;
 pub mod rebuild;
+mod scan;
 pub mod scrub;
 pub mod state;
 
@@ -42,6 +43,7 @@ use self::format::{
 };
 use self::health::Health;
 use self::journal::{Journal, Reservation};
+pub use self::scan::AllocScan;
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, Stamp, StripeDirty, Trims};
 use crate::crypto::{CryptoError, KeyRing, ShardKeyId};
 use crate::disk::{DiskRef, IoBuf};
@@ -502,6 +504,11 @@ impl Volume {
     fn kick_destager(&self) {
         *self.kick_flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.kick.notify_all();
+    }
+
+    /// Disks holding the chunks of a stripe, in chunk order.
+    fn stripe_disks(&self, stripe: StripeId) -> Result<Vec<DiskRef>, VolumeError> {
+        Self::disk_refs(&self.disks, &self.stripe_ids(stripe)?)
     }
 
     /// Ids of the disks holding the chunks of a stripe, in chunk order.

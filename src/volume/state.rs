@@ -259,6 +259,10 @@ impl Alloc {
             live.remove(&stripe.0);
         }
     }
+    /// Replaces every live bitmap (offline recovery rebuilds them from the disks).
+    pub fn replace_live(&self, live: HashMap<u64, Bits>) {
+        *self.live() = live;
+    }
     /// Blocks with data, over the whole volume.
     pub fn live_blocks(&self) -> u64 {
         self.live().values().map(Bits::count).sum()
