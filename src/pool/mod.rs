@@ -29,9 +29,16 @@ use crate::meta::{
     DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock,
     VolumeRecord, read_superblock, write_superblock,
 };
+use crate::volume::health::Health;
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
 pub mod recover;
+
+mod heal;
+pub use heal::{
+    DiskHealthView, HealthView, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
+    health_view,
+};
 
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";
@@ -259,6 +266,14 @@ fn new_volume_record(
 fn size_disks(table: &mut [DiskRecord], vol: &VolumeRecord) -> Result<(), PoolError> {
     let need = vol.region_offset + vol.region_size;
     for d in table.iter_mut() {
+        size_disk(d, need)?;
+    }
+    Ok(())
+}
+
+/// Makes one disk at least `need` bytes (a file grows, sparse) and records its size.
+fn size_disk(d: &mut DiskRecord, need: u64) -> Result<(), PoolError> {
+    {
         let meta = fs::metadata(&d.path);
         let is_dev = meta.as_ref().is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
@@ -428,6 +443,8 @@ pub struct Pool {
     pub dir: PathBuf,
     pub store: Arc<MetaStore>,
     pub volumes: BTreeMap<String, Arc<Volume>>,
+    /// Health of the pool's disks, shared by its volumes (see `volume::health`).
+    pub health: Arc<Health>,
     /// The pool's audit log; [`Pool::audit`] appends to it with the pool's audit key.
     pub audit: Arc<AuditLog>,
     audit_key: RwLock<AuditKey>,
@@ -497,6 +514,17 @@ impl Pool {
 
     /// Opens a pool with shares already read (e.g. received over the control socket).
     pub fn open_loaded(dir: &Path, shares: &[LoadedShare]) -> Result<Self, PoolError> {
+        Self::open_wrapped(dir, shares, &|_, d| d)
+    }
+
+    /// [`Pool::open_loaded`], with every disk that opens passed through `wrap` first (tests
+    /// put fault-injecting disks there). A disk that is missing, too small or carries another
+    /// disk's superblock is marked failed and the pool opens without it.
+    pub fn open_wrapped(
+        dir: &Path,
+        shares: &[LoadedShare],
+        wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    ) -> Result<Self, PoolError> {
         let path = dir.join(STORE_FILE);
         if !path.exists() {
             return Err(PoolError::Invalid(format!(
@@ -511,7 +539,8 @@ impl Pool {
             audit_unlock_refused(&audit, &share_indexes(shares), e);
         })?);
         let table = store.disks()?;
-        let disks = open_disks(&table)?;
+        let health = heal::open_health(&store, &table, wrap)?;
+        let disks = health.proxies();
         let active = store
             .keys()?
             .iter()
@@ -536,12 +565,13 @@ impl Pool {
                 store.clone(),
                 Some((ring.clone(), write_key.clone())),
             )?;
-            volumes.insert(v.name.clone(), Volume::open(parts)?);
+            volumes.insert(v.name.clone(), Volume::open_with(parts, health.clone())?);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             store,
             volumes,
+            health,
             audit,
             audit_key: RwLock::new(audit_key),
         })
@@ -565,12 +595,12 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner) = key;
     }
 
-    /// Destages and checkpoints every volume.
+    /// Destages and checkpoints every volume, and saves the disks' health counters.
     pub fn close(&self) -> Result<(), PoolError> {
         for v in self.volumes.values() {
             v.close()?;
         }
-        Ok(())
+        self.save_health()
     }
 }
 
