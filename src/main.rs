@@ -58,6 +58,12 @@ enum Command {
     /// Key shares of the pool.
     #[command(subcommand)]
     Shares(SharesCmd),
+    /// Read every block and the parity of a volume and check them; with --repair, rewrite what
+    /// fails from the other chunks. Uses the running server if there is one.
+    Scrub(ScrubArgs),
+    /// Disks of a pool.
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Check or show the pool's audit log of key events (POOL/audit.log).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -140,6 +146,60 @@ enum SharesCmd {
         /// Directory for the new share files (must not hold share files already).
         #[arg(long)]
         share_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct HealShares {
+    /// A share file (needed only when no server runs on the pool); repeat up to the threshold.
+    #[arg(long)]
+    share: Vec<PathBuf>,
+    /// A directory of share files (share-*.txt).
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ScrubArgs {
+    #[arg(long)]
+    pool: PathBuf,
+    /// The volume to scrub.
+    #[arg(long)]
+    volume: String,
+    /// Rewrite bad blocks and parity (otherwise only report them).
+    #[arg(long)]
+    repair: bool,
+    /// Most bytes read per second, e.g. 100M (0: no limit).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    rate: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    shares: HealShares,
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Replace a failed disk by a new one and rebuild its chunks onto it while the volumes
+    /// stay in service. Run again with the same path to resume an interrupted rebuild.
+    Replace {
+        #[arg(long)]
+        pool: PathBuf,
+        /// Id of the failed disk (`shardvol status` lists them).
+        #[arg(long)]
+        disk: u32,
+        /// The new disk: a file (created sparse) or a block device.
+        #[arg(long = "with")]
+        with: PathBuf,
+        /// Most bytes read per second, e.g. 200M (0: no limit).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        shares: HealShares,
     },
 }
 
@@ -537,6 +597,8 @@ fn serve(a: ServeArgs, demo: bool) -> Result<()> {
     let read_only = a.read_only || config.server.read_only;
     let service = Service::new(&dir, config, read_only)
         .with_context(|| format!("cannot serve {}", dir.display()))?;
+    shardvol::service::heal::start_background(&service)
+        .context("cannot start the background healer")?;
     if !shares.is_empty() {
         service
             .unlock_with_files(&shares)
@@ -687,9 +749,36 @@ fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
             );
         }
     }
+    for v in &st.volumes {
+        if let Some(s) = &v.last_scrub {
+            println!(
+                "  {}: last scrub {} s ago{}: {} blocks, {} parity rows checked, {} bad, {} repaired, {} unrecoverable",
+                v.name,
+                now_unix().saturating_sub(s.finished_unix),
+                if s.repair { " (repair)" } else { "" },
+                s.blocks_checked,
+                s.parity_checked,
+                s.bad_found,
+                s.repaired,
+                s.unrecoverable
+            );
+        }
+    }
     println!("disks:");
     for d in &st.disks {
         println!("  {:>3}  {:<10} {:<12} {}", d.id, d.state, d.domain, d.path);
+        if let Some(c) = &d.counters {
+            println!(
+                "       I/O errors {}, tag failures {}, repaired {}, rebuilt chunks {}",
+                c.io_errors, c.tag_failures, c.repaired, c.rebuilt_chunks
+            );
+        }
+        if let Some(r) = &d.rebuild {
+            println!(
+                "       rebuilding: {:.1}% (volume {} stripe {}); `shardvol disk replace` with the same path resumes it",
+                r.percent, r.volume, r.stripe
+            );
+        }
     }
     if let Some(k) = &st.keys {
         let r = &k.rotation;
@@ -702,6 +791,174 @@ fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
             r.blocks_done,
             r.remaining_stripes,
             r.rate_mb_s
+        );
+    }
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Prints progress lines on stderr, at most one a second (and the last).
+fn progress_printer(what: &'static str) -> impl Fn(&shardvol::volume::scrub::Progress) {
+    let last = std::cell::Cell::new(std::time::Instant::now());
+    move |p| {
+        if last.get().elapsed().as_secs_f64() < 1.0 && p.done < p.total {
+            return;
+        }
+        last.set(std::time::Instant::now());
+        let pct = if p.total == 0 {
+            100.0
+        } else {
+            p.done as f64 * 100.0 / p.total as f64
+        };
+        eprintln!(
+            "{what}: {}/{} stripes ({pct:.1}%), {}/s, ETA {:.0} s",
+            p.done,
+            p.total,
+            human(p.bytes_per_s as u64),
+            p.eta_s
+        );
+    }
+}
+
+/// Opens a stopped pool for an admin command, with its share files.
+fn open_offline(pool_dir: &std::path::Path, s: &HealShares) -> Result<pool::Pool> {
+    let mut files = s.share.clone();
+    if let Some(d) = &s.share_dir {
+        files.extend(pool::shares_in(d)?);
+    }
+    if files.is_empty() {
+        bail!(
+            "no server runs on {}: give --share FILE (up to the threshold) to work on the stopped pool",
+            pool_dir.display()
+        );
+    }
+    pool::Pool::open(pool_dir, &files)
+        .with_context(|| format!("cannot open pool {}", pool_dir.display()))
+}
+
+fn scrub(a: ScrubArgs) -> Result<()> {
+    use shardvol::volume::scrub::{Progress, ScrubOptions, ScrubReport};
+    let show = progress_printer("scrub");
+    let args = serde_json::json!({ "volume": a.volume, "repair": a.repair, "rate": a.rate });
+    let online = shardvol::control::call(&a.pool, "scrub", args, |v| {
+        if let Ok(p) = serde_json::from_value::<Progress>(v.clone()) {
+            show(&p);
+        }
+    })?;
+    let report: ScrubReport = match online {
+        Some(v) => serde_json::from_value(v)?,
+        None => {
+            let p = open_offline(&a.pool, &a.shares)?;
+            let opts = ScrubOptions {
+                repair: a.repair,
+                rate_bytes_per_s: a.rate,
+            };
+            let r = p.scrub(&a.volume, &opts, &|pr| show(&pr));
+            p.close().context("closing the pool")?;
+            r?
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "scrubbed {}: {} stripes, {} blocks and {} parity rows checked in {:.1} s ({}/s)",
+            a.volume,
+            report.stripes,
+            report.blocks_checked,
+            report.parity_checked,
+            report.seconds,
+            human((report.bytes_read as f64 / report.seconds.max(1e-9)) as u64)
+        );
+        println!(
+            "bad: {}, repaired: {}, unrecoverable blocks: {}, blocks on failed disks (served from parity): {}",
+            report.bad_found, report.repaired, report.unrecoverable, report.degraded
+        );
+        for b in report.bad.iter().take(20) {
+            println!(
+                "  stripe {} row {} chunk {} (disk {}){}: {}{}",
+                b.stripe,
+                b.row,
+                b.chunk,
+                b.disk,
+                b.lba.map(|l| format!(" lba {l}")).unwrap_or_default(),
+                b.what,
+                if b.repaired { ", repaired" } else { "" }
+            );
+        }
+        if report.bad.len() > 20 {
+            println!("  ... {} more (--json lists them)", report.bad.len() - 20);
+        }
+        if report.bad_found > report.repaired && !a.repair {
+            println!("run again with --repair to rewrite them");
+        }
+    }
+    if report.unrecoverable > 0 {
+        bail!(
+            "{} blocks cannot be rebuilt from the surviving chunks",
+            report.unrecoverable
+        );
+    }
+    Ok(())
+}
+
+fn disk_replace(
+    pool_dir: PathBuf,
+    disk: u32,
+    with: PathBuf,
+    rate: u64,
+    json: bool,
+    shares: HealShares,
+) -> Result<()> {
+    use shardvol::pool::{RebuildOptions, RebuildReport};
+    use shardvol::volume::scrub::Progress;
+    let show = progress_printer("rebuild");
+    let with = std::path::absolute(&with).unwrap_or(with);
+    let args = serde_json::json!({ "disk": disk, "with": with, "rate": rate });
+    let online = shardvol::control::call(&pool_dir, "disk_replace", args, |v| {
+        if let Ok(p) = serde_json::from_value::<Progress>(v.clone()) {
+            show(&p);
+        }
+    })?;
+    let report: RebuildReport = match online {
+        Some(v) => serde_json::from_value(v)?,
+        None => {
+            let p = open_offline(&pool_dir, &shares)?;
+            let opts = RebuildOptions {
+                rate_bytes_per_s: rate,
+                stop: None,
+            };
+            let r = p.replace_disk(shardvol::layout::DiskId(disk), &with, &opts, &|pr| {
+                show(&pr)
+            });
+            p.close().context("closing the pool")?;
+            r?
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "disk {} is now {}{}: {} chunks rebuilt, {} read, {} written in {:.1} s ({}/s)",
+            report.disk,
+            report.path,
+            if report.resumed { " (resumed)" } else { "" },
+            report.chunks,
+            human(report.bytes_read),
+            human(report.bytes_written),
+            report.seconds,
+            human((report.bytes_written as f64 / report.seconds.max(1e-9)) as u64)
+        );
+    }
+    if report.unrecoverable > 0 {
+        bail!(
+            "{} blocks could not be rebuilt (more than m chunks of their rows are lost)",
+            report.unrecoverable
         );
     }
     Ok(())
@@ -1023,6 +1280,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Scrub(a)) => scrub(a),
+        Some(Command::Disk(DiskCommand::Replace {
+            pool,
+            disk,
+            with,
+            rate,
+            json,
+            shares,
+        })) => disk_replace(pool, disk, with, rate, json, shares),
         Some(Command::Audit(c)) => audit(c),
         Some(Command::Recover(a)) => recover(a),
         None => unreachable!("clap prints help when no command is given"),

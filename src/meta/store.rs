@@ -644,3 +644,64 @@ impl MetaStore {
         )
     }
 }
+
+// ---- Self-healing: disk health and scrub results ----------------------------------------------
+//
+// Tables created on first write, so that pools made before them open unchanged; reading a table
+// that does not exist yet gives nothing.
+
+/// disk id → JSON disk health (counters, rebuild cursor): see `volume::health`.
+const DISK_HEALTH: TableDefinition<u32, &[u8]> = TableDefinition::new("disk_health");
+/// volume id → JSON result of the volume's last scrub: see `volume::scrub`.
+const SCRUBS: TableDefinition<u64, &[u8]> = TableDefinition::new("scrubs");
+
+impl MetaStore {
+    /// Rows of a table that may not exist yet, in key order.
+    fn read_optional<K, T>(
+        &self,
+        def: TableDefinition<K, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<(K, T)>, MetaError>
+    where
+        K: redb::Key + 'static + for<'a> redb::Value<SelfType<'a> = K>,
+        T: DeserializeOwned,
+    {
+        let ctx = format!("cannot read {what}");
+        let txn = self.db.begin_read().map_err(|e| self.err(&ctx, e))?;
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(&ctx, e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(&ctx, e))? {
+            let (k, v) = row.map_err(|e| self.err(&ctx, e))?;
+            out.push((k.value(), self.decode_json(what, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Health records of every disk that has one, by disk id.
+    pub fn disk_healths<T: DeserializeOwned>(&self) -> Result<Vec<(u32, T)>, MetaError> {
+        self.read_optional(DISK_HEALTH, "the disk health table")
+    }
+
+    /// Writes (or replaces) the health record of disk `id`.
+    pub fn put_disk_health<T: Serialize>(&self, id: DiskId, h: &T) -> Result<(), MetaError> {
+        let what = format!("health of disk {id}");
+        let v = self.encode_json(&format!("cannot encode {what}"), h)?;
+        self.write_one(DISK_HEALTH, id.0, &v, &what)
+    }
+
+    /// Last scrub result of every volume that has one, by volume id.
+    pub fn scrubs<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>, MetaError> {
+        self.read_optional(SCRUBS, "the scrub table")
+    }
+
+    /// Writes (or replaces) the last scrub result of volume `id`.
+    pub fn put_scrub<T: Serialize>(&self, volume: u64, s: &T) -> Result<(), MetaError> {
+        let what = format!("scrub result of volume {volume}");
+        let v = self.encode_json(&format!("cannot encode {what}"), s)?;
+        self.write_one(SCRUBS, volume, &v, &what)
+    }
+}

@@ -29,9 +29,16 @@ use crate::meta::{
     DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock,
     VolumeRecord, read_superblock, write_superblock,
 };
+use crate::volume::health::Health;
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
 pub mod recover;
+
+mod heal;
+pub use heal::{
+    DiskHealthView, HealthView, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
+    health_view,
+};
 
 /// Name of the metadata store inside a pool directory.
 pub const STORE_FILE: &str = "pool.redb";
@@ -264,6 +271,14 @@ fn new_volume_record(
 fn size_disks(table: &mut [DiskRecord], vol: &VolumeRecord) -> Result<(), PoolError> {
     let need = vol.region_offset + vol.region_size;
     for d in table.iter_mut() {
+        size_disk(d, need)?;
+    }
+    Ok(())
+}
+
+/// Makes one disk at least `need` bytes (a file grows, sparse) and records its size.
+fn size_disk(d: &mut DiskRecord, need: u64) -> Result<(), PoolError> {
+    {
         let meta = fs::metadata(&d.path);
         let is_dev = meta.as_ref().is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
@@ -435,6 +450,8 @@ pub struct Pool {
     pub volumes: BTreeMap<String, Arc<Volume>>,
     /// The pool's keys and their lifecycle (epochs, versions, rotation): `crate::lifecycle`.
     pub keys: Arc<crate::lifecycle::PoolKeys>,
+    /// Health of the pool's disks, shared by its volumes (see `volume::health`).
+    pub health: Arc<Health>,
     /// The pool's audit log; [`Pool::audit`] appends to it with the pool's audit key.
     pub audit: Arc<AuditLog>,
     audit_key: Arc<RwLock<AuditKey>>,
@@ -561,6 +578,27 @@ impl Pool {
         shares: &[LoadedShare],
         policy: &crate::kms::policy::KeyPolicy,
     ) -> Result<Self, PoolError> {
+        Self::open_wrapped_with(dir, shares, policy, &|_, d| d)
+    }
+
+    /// [`Pool::open_loaded`], with every disk that opens passed through `wrap` first (tests
+    /// put fault-injecting disks there). A disk that is missing, too small or carries another
+    /// disk's superblock is marked failed and the pool opens without it.
+    pub fn open_wrapped(
+        dir: &Path,
+        shares: &[LoadedShare],
+        wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    ) -> Result<Self, PoolError> {
+        Self::open_wrapped_with(dir, shares, &crate::kms::policy::KeyPolicy::default(), wrap)
+    }
+
+    /// [`Pool::open_wrapped`] under a key policy.
+    pub fn open_wrapped_with(
+        dir: &Path,
+        shares: &[LoadedShare],
+        policy: &crate::kms::policy::KeyPolicy,
+        wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    ) -> Result<Self, PoolError> {
         let store = Arc::new(open_store(dir)?);
         let audit = Arc::new(AuditLog::open(dir, store.clone()));
         if let Err(r) = policy.unlock.check(now_unix()) {
@@ -570,7 +608,8 @@ impl Pool {
         let kek = kek_from_loaded(&store, shares).inspect_err(|e| {
             audit_unlock_refused(&audit, &share_indexes(shares), e);
         })?;
-        Self::open_unlocked(dir, store, kek, policy, &share_indexes(shares))
+        drop(audit);
+        Self::open_unlocked_wrapped(dir, store, kek, policy, &share_indexes(shares), wrap)
     }
 
     /// Opens a pool whose KEK is already combined (by an unlock session, or by
@@ -582,9 +621,23 @@ impl Pool {
         policy: &crate::kms::policy::KeyPolicy,
         shares: &str,
     ) -> Result<Self, PoolError> {
+        Self::open_unlocked_wrapped(dir, store, kek, policy, shares, &|_, d| d)
+    }
+
+    /// [`Pool::open_unlocked`] with every disk passed through `wrap` (see
+    /// [`Pool::open_wrapped`]).
+    pub fn open_unlocked_wrapped(
+        dir: &Path,
+        store: Arc<MetaStore>,
+        kek: Kek,
+        policy: &crate::kms::policy::KeyPolicy,
+        shares: &str,
+        wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    ) -> Result<Self, PoolError> {
         let audit = Arc::new(AuditLog::open(dir, store.clone()));
         let table = store.disks()?;
-        let disks = open_disks(&table)?;
+        let health = heal::open_health(&store, &table, wrap)?;
+        let disks = health.proxies();
         let keys = crate::lifecycle::PoolKeys::open(
             dir,
             store.clone(),
@@ -610,13 +663,14 @@ impl Pool {
                 store.clone(),
                 Some((keys.ring(), keys.write_key_handle())),
             )?;
-            volumes.insert(v.name.clone(), Volume::open(parts)?);
+            volumes.insert(v.name.clone(), Volume::open_with(parts, health.clone())?);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             store,
             volumes,
             keys,
+            health,
             audit,
             audit_key,
         })
@@ -640,12 +694,12 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner) = key;
     }
 
-    /// Destages and checkpoints every volume.
+    /// Destages and checkpoints every volume, and saves the disks' health counters.
     pub fn close(&self) -> Result<(), PoolError> {
         for v in self.volumes.values() {
             v.close()?;
         }
-        Ok(())
+        self.save_health()
     }
 }
 

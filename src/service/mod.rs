@@ -26,6 +26,8 @@ use crate::nbd::{Export, ExportTable};
 use crate::pool::{self, Pool, PoolError, STORE_FILE};
 use crate::volume::BlockDevice;
 
+pub mod heal;
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -318,6 +320,7 @@ impl Service {
             },
         );
         h.add("ping", |_, _| Ok(json!("pong")));
+        heal::register(&mut h, self);
         h
     }
 }
@@ -356,6 +359,9 @@ pub struct VolumeStatus {
     pub allocated_bytes: u64,
     pub journal_used_bytes: Option<u64>,
     pub counters: Option<VolumeCounters>,
+    /// The volume's last scrub.
+    #[serde(default)]
+    pub last_scrub: Option<pool::ScrubSummary>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -376,13 +382,19 @@ pub struct DiskStatus {
     pub domain: String,
     /// "ok", "failed" or "rebuilding".
     pub state: String,
+    /// Errors, tag failures, repairs and rebuilt chunks (persisted across restarts).
+    #[serde(default)]
+    pub counters: Option<crate::volume::health::DiskCounters>,
+    /// Progress of the rebuild of a replacement disk.
+    #[serde(default)]
+    pub rebuild: Option<pool::RebuildStatus>,
 }
 
 impl Status {
     /// Status of a pool no server holds, from its store.
     pub fn offline(dir: &Path) -> Result<Self, PoolError> {
         let info = pool::inspect(dir)?;
-        let degraded = info.disks.iter().any(|d| d.state != "ok");
+        let health = pool::health_view(dir)?;
         Ok(Status {
             pool: dir.display().to_string(),
             state: "stopped".into(),
@@ -395,20 +407,26 @@ impl Status {
                 .map(|v| VolumeStatus {
                     name: v.name.clone(),
                     size: v.size,
-                    state: if degraded { "degraded" } else { "ok" }.into(),
+                    state: health.volume_state(v.parity_chunks).into(),
                     allocated_bytes: v.allocated_blocks * 4096,
                     journal_used_bytes: None,
                     counters: None,
+                    last_scrub: health.scrubs.get(&v.name).cloned(),
                 })
                 .collect(),
             disks: info
                 .disks
                 .iter()
-                .map(|d| DiskStatus {
-                    id: d.id,
-                    path: d.path.clone(),
-                    domain: d.domain.clone(),
-                    state: d.state.clone(),
+                .map(|d| {
+                    let h = health.disks.get(&d.id);
+                    DiskStatus {
+                        id: d.id,
+                        path: d.path.clone(),
+                        domain: d.domain.clone(),
+                        state: d.state.clone(),
+                        counters: h.map(|h| h.counters),
+                        rebuild: h.and_then(|h| h.rebuild.clone()),
+                    }
                 })
                 .collect(),
             keys: None,
@@ -419,19 +437,27 @@ impl Status {
     pub fn of_open(dir: &Path, p: &Pool) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let rec = p.store.pool().ok();
+        let health = p.health_view().unwrap_or_default();
         let disks: Vec<DiskStatus> = p
             .store
             .disks()
             .unwrap_or_default()
             .into_iter()
-            .map(|d| DiskStatus {
-                id: d.id.0,
-                path: d.path.display().to_string(),
-                domain: d.domain,
-                state: format!("{:?}", d.state).to_lowercase(),
+            .map(|d| {
+                let h = health.disks.get(&d.id.0);
+                DiskStatus {
+                    id: d.id.0,
+                    path: d.path.display().to_string(),
+                    domain: d.domain,
+                    state: h.map_or_else(
+                        || format!("{:?}", d.state).to_lowercase(),
+                        |h| h.state.clone(),
+                    ),
+                    counters: h.map(|h| h.counters),
+                    rebuild: h.and_then(|h| h.rebuild.clone()),
+                }
             })
             .collect();
-        let degraded = disks.iter().any(|d| d.state != "ok");
         let (write_version, write_epoch) = p.keys.write_key();
         Status {
             keys: Some(KeysStatus {
@@ -452,7 +478,7 @@ impl Status {
                     VolumeStatus {
                         name: v.name().to_string(),
                         size: v.record().size,
-                        state: if degraded { "degraded" } else { "ok" }.into(),
+                        state: health.volume_state(v.record().geometry.m).into(),
                         allocated_bytes: v.allocated_blocks() * 4096,
                         journal_used_bytes: Some(v.journal_used()),
                         counters: Some(VolumeCounters {
@@ -464,6 +490,7 @@ impl Status {
                             stripes_destaged: s.stripes_destaged.load(Relaxed),
                             destage_errors: s.destage_errors.load(Relaxed),
                         }),
+                        last_scrub: health.scrubs.get(v.name()).cloned(),
                     }
                 })
                 .collect(),

@@ -71,6 +71,17 @@ pub(super) fn run(weak: Weak<Volume>) {
 /// when the stripe holds nothing any more).
 type HomeUpdate = (u64, Option<(Vec<u64>, Vec<u8>)>);
 
+/// What destaging one stripe did.
+enum Destaged {
+    /// Nothing to destage.
+    Nothing,
+    /// Destaged: the snapshot written, and the stripe's new home state.
+    Done(StripeDirty, HomeUpdate),
+    /// More than `m` of the stripe's disks are failed: its blocks stay in the journal (readable
+    /// from there), from this sequence number on. New writes to the stripe are refused.
+    Kept(u64),
+}
+
 /// New content of one block of a stripe: a journaled block or zeros (trimmed).
 #[derive(Clone, Copy)]
 enum New {
@@ -83,8 +94,21 @@ impl Volume {
     pub(super) fn destage_all(&self) -> Result<(), VolumeError> {
         for _ in 0..1000 {
             self.destage_once()?;
-            if self.dirty().stripes.is_empty() {
+            let left: Vec<u64> = self.dirty().stripes.keys().copied().collect();
+            if left.is_empty() {
                 return Ok(());
+            }
+            // Stripes with more than m disks failed stay in the journal (see `Destaged::Kept`).
+            let lost: Vec<VolumeError> = left
+                .iter()
+                .filter_map(|s| self.check_stripe(StripeId(*s)).err())
+                .collect();
+            if lost.len() == left.len() {
+                return Err(VolumeError::Io(format!(
+                    "{} stripes keep their blocks in the journal; the first: {}",
+                    left.len(),
+                    lost[0]
+                )));
             }
         }
         Err(VolumeError::Io("destaging does not converge".into()))
@@ -103,6 +127,8 @@ impl Volume {
         let done: Mutex<Vec<(u64, StripeDirty)>> = Mutex::new(Vec::new());
         let home_updates: Mutex<Vec<HomeUpdate>> = Mutex::new(Vec::new());
         let first_error: Mutex<Option<VolumeError>> = Mutex::new(None);
+        // Oldest record of the stripes that stay in the journal.
+        let kept: Mutex<Option<u64>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..DESTAGE_WORKERS {
                 scope.spawn(|| {
@@ -118,7 +144,7 @@ impl Volume {
                             return;
                         };
                         match self.destage_one(StripeId(s), target, bps) {
-                            Ok(Some((snap, update))) => {
+                            Ok(Destaged::Done(snap, update)) => {
                                 done.lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .push((s, snap));
@@ -127,7 +153,11 @@ impl Volume {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .push(update);
                             }
-                            Ok(None) => {}
+                            Ok(Destaged::Kept(oldest)) => {
+                                let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+                                *k = Some(k.map_or(oldest, |o: u64| o.min(oldest)));
+                            }
+                            Ok(Destaged::Nothing) => {}
                             Err(e) => {
                                 first_error
                                     .lock()
@@ -147,19 +177,42 @@ impl Volume {
         let home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
         let pending: Vec<_> = self
             .disks
-            .values()
-            .map(|d| (d.name().to_string(), d.submit(vec![IoOp::Sync])))
+            .iter()
+            .filter(|(id, _)| !self.health.is_failed(**id))
+            .map(|(id, d)| (*id, d.submit(vec![IoOp::Sync])))
             .collect();
-        for (name, p) in pending {
-            p.wait()
-                .map_err(|e| VolumeError::Io(format!("sync of {name} after destaging: {e}")))?;
+        let mut lost_disk = false;
+        for (id, p) in pending {
+            if let Err(e) = p.wait() {
+                if !self.health.is_failed(id) {
+                    return Err(VolumeError::Io(format!(
+                        "sync of {} after destaging: {e}",
+                        self.health.name(id)
+                    )));
+                }
+                // The sync failed the disk: what it holds no longer counts. The stripes just
+                // written must still be whole without it.
+                lost_disk = true;
+            }
+        }
+        if lost_disk {
+            for (s, _) in &done {
+                let _g = self.locks.read(StripeId(*s));
+                self.check_stripe(StripeId(*s))?;
+            }
         }
         if !home_updates.is_empty() {
             self.store
                 .home_commit(self.record.id, &home_updates)
                 .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
-        self.journal.checkpoint(target)?;
+        let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+        let checkpoint = match kept {
+            // Records from the oldest kept one on must stay replayable.
+            Some(oldest) if oldest <= target => self.journal.last_live_before(oldest),
+            _ => target,
+        };
+        self.journal.checkpoint(checkpoint)?;
         let n = done.len();
         for (s, snap) in done {
             let _g = self.locks.write(StripeId(s));
@@ -190,28 +243,31 @@ impl Volume {
     }
 
     /// Destages one stripe under its write lock: returns the snapshot destaged and the stripe's
-    /// new home bitmap (`None` when it holds nothing), or `None` when there was nothing to do.
+    /// new home bitmap (`None` when it holds nothing), or what else happened.
     fn destage_one(
         &self,
         stripe: StripeId,
         target: u64,
         bps: u64,
-    ) -> Result<Option<(StripeDirty, HomeUpdate)>, VolumeError> {
+    ) -> Result<Destaged, VolumeError> {
         let s = stripe.0;
         let _g = self.locks.write(stripe);
         let Some(snap) = self.dirty().stripes.get(&s).cloned() else {
-            return Ok(None);
+            return Ok(Destaged::Nothing);
         };
         if snapshot_empty(&snap) {
-            return Ok(None);
+            return Ok(Destaged::Nothing);
         }
-        let newest = snap
-            .blocks
-            .values()
-            .map(|e| e.seq)
-            .chain(snap.trims.as_ref().map(|t| t.seq))
-            .max()
-            .unwrap_or(0);
+        let seqs = || {
+            snap.blocks
+                .values()
+                .map(|e| e.seq)
+                .chain(snap.trims.as_ref().map(|t| t.seq))
+        };
+        if self.check_stripe(stripe).is_err() {
+            return Ok(Destaged::Kept(seqs().min().unwrap_or(target + 1)));
+        }
+        let newest = seqs().max().unwrap_or(0);
         if newest > target {
             self.journal.flush_to(newest)?;
         }
@@ -260,7 +316,7 @@ impl Volume {
         if bits.is_empty() {
             home.remove(&s);
         }
-        Ok(Some((snap, update)))
+        Ok(Destaged::Done(snap, update))
     }
 
     /// Writes the snapshot of one stripe into its chunk slots (stripe write lock held).
@@ -270,7 +326,11 @@ impl Volume {
         let bpc = g.blocks_per_chunk();
         let bps = g.blocks_per_stripe();
         let first_lba = stripe.0 * bps;
-        let disks = self.stripe_disks(stripe)?;
+        let ids = self.stripe_ids(stripe)?;
+        let disks = Self::disk_refs(&self.disks, &ids)?;
+        // Chunks on failed disks (or not rebuilt yet) are neither read nor written: parity is
+        // still computed over the whole row, so they are rebuilt from it when needed.
+        let mut usable = self.usable(stripe, &ids);
 
         // (chunk, row) → new content.
         let mut new: BTreeMap<(usize, u64), New> = BTreeMap::new();
@@ -293,15 +353,22 @@ impl Volume {
             let slot = self.layout.slot_offset(stripe);
             let pending: Vec<_> = disks
                 .iter()
-                .map(|d| {
-                    d.submit(vec![IoOp::Discard {
-                        offset: slot,
-                        len: self.layout.slot_size(),
-                    }])
+                .enumerate()
+                .filter(|(c, _)| usable[*c])
+                .map(|(c, d)| {
+                    (
+                        c,
+                        d.submit(vec![IoOp::Discard {
+                            offset: slot,
+                            len: self.layout.slot_size(),
+                        }]),
+                    )
                 })
                 .collect();
-            for p in pending {
-                p.wait().map_err(|e| VolumeError::Io(e.to_string()))?;
+            for (c, p) in pending {
+                if let Err(e) = p.wait() {
+                    self.written_around(stripe, &ids, &mut usable, c, &e)?;
+                }
             }
             return Ok(());
         }
@@ -324,6 +391,7 @@ impl Volume {
             let pending: Vec<_> = disks
                 .iter()
                 .enumerate()
+                .filter(|(c, _)| usable[*c])
                 .map(|(c, d)| {
                     let mut ops = vec![IoOp::Read {
                         offset: page_a,
@@ -335,10 +403,10 @@ impl Volume {
                             buf: IoBuf::zeroed(nrows * BLOCK_SIZE),
                         });
                     }
-                    d.submit(ops)
+                    (c, d.submit(ops))
                 })
                 .collect();
-            for (c, p) in pending.into_iter().enumerate() {
+            for (c, p) in pending {
                 match p.wait() {
                     Ok(ops) => {
                         for (i, op) in ops.into_iter().enumerate() {
@@ -351,12 +419,17 @@ impl Volume {
                             }
                         }
                     }
+                    Err(e) if self.health.is_failed(ids[c]) => {
+                        // The read failed the disk: write around it from now on.
+                        self.written_around(stripe, &ids, &mut usable, c, &e)?;
+                    }
                     Err(e) => {
-                        // Writing around a chunk that cannot be read would leave it holding an
-                        // older block with a valid tag. Keep the data in the journal instead.
+                        // Writing around a chunk that cannot be read but is still trusted would
+                        // leave it holding an older block with a valid tag. Keep the data in the
+                        // journal instead; the disk is failed if this goes on.
                         return Err(VolumeError::Io(format!(
                             "stripe {stripe}: chunk {c} on {} unreadable: {e}",
-                            disks[c].name()
+                            self.health.name(ids[c])
                         )));
                     }
                 }
@@ -419,9 +492,16 @@ impl Volume {
                 let bad: Vec<usize> = (0..k)
                     .filter(|c| !new.contains_key(&(*c, r)))
                     .filter(|&c| {
+                        if !usable[c] {
+                            return true;
+                        }
                         let mut shard = data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].to_vec();
                         shard.extend_from_slice(&metas[c][i * META_SIZE..(i + 1) * META_SIZE]);
-                        !self.shard_ok(stripe, c, r, &shard)
+                        let ok = self.shard_ok(stripe, c, r, &shard);
+                        if !ok {
+                            self.health.tag_failure(ids[c]);
+                        }
+                        !ok
                     })
                     .collect();
                 if bad.is_empty() {
@@ -430,16 +510,21 @@ impl Volume {
                 let row = self
                     .read_row(stripe, r, &disks, &bad)
                     .map_err(VolumeError::Io)?;
+                let mut fixed = 0;
                 for c in bad {
                     data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
                         .copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
                     metas[c][i * META_SIZE..(i + 1) * META_SIZE]
                         .copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
-                    repaired.insert((c, r));
+                    if usable[c] {
+                        repaired.insert((c, r));
+                        self.health.repaired(ids[c], 1);
+                        fixed += 1;
+                    }
                 }
                 self.stats
                     .blocks_repaired
-                    .fetch_add(row.rebuilt.len() as u64, Ordering::Relaxed);
+                    .fetch_add(fixed, Ordering::Relaxed);
             }
         }
 
@@ -463,6 +548,9 @@ impl Volume {
         // Write phase.
         let mut pending = Vec::with_capacity(width);
         for (c, d) in disks.iter().enumerate() {
+            if !usable[c] {
+                continue;
+            }
             let mut ops = Vec::new();
             let meta_rows: &[u8] = if c < k { &metas[c] } else { &pmeta[c - k] };
             let page = &mut pages[c];
@@ -515,17 +603,44 @@ impl Volume {
                 offset: page_a,
                 buf: IoBuf::from_slice(page),
             });
-            pending.push((d.name().to_string(), d.submit(ops)));
+            pending.push((c, d.submit(ops)));
         }
-        for (name, p) in pending {
-            p.wait().map_err(|e| {
-                VolumeError::Io(format!("destaging stripe {stripe} to {name}: {e}"))
-            })?;
+        for (c, p) in pending {
+            if let Err(e) = p.wait() {
+                self.written_around(stripe, &ids, &mut usable, c, &e)?;
+            }
         }
         if full {
             self.stats
                 .full_stripe_destages
                 .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Chunk `c` of a stripe being destaged failed with `e`. If that failed its disk, the
+    /// stripe is written around it (fine while no more than `m` chunks are unusable); otherwise
+    /// the error stands and the stripe stays in the journal.
+    fn written_around(
+        &self,
+        stripe: StripeId,
+        ids: &[crate::layout::DiskId],
+        usable: &mut [bool],
+        c: usize,
+        e: &crate::disk::DiskError,
+    ) -> Result<(), VolumeError> {
+        if !self.health.is_failed(ids[c]) {
+            return Err(VolumeError::Io(format!(
+                "destaging stripe {stripe} to {}: {e}",
+                self.health.name(ids[c])
+            )));
+        }
+        usable[c] = false;
+        let gone = usable.iter().filter(|u| !**u).count();
+        if gone > usize::from(self.layout.geometry.m) {
+            return Err(VolumeError::Io(format!(
+                "destaging stripe {stripe}: {gone} of its disks failed ({e})"
+            )));
         }
         Ok(())
     }

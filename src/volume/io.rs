@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::format::{BlockMeta, META_SIZE};
 use super::{Volume, VolumeError};
 use crate::disk::{DiskRef, IoBuf, IoOp};
-use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, Lba, StripeId};
+use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64, BlockPos, ChunkIndex, DiskId, Lba, StripeId};
 
 /// Bytes of one row shard: a block and its metadata entry (a multiple of 64, as the codec needs).
 pub(super) const SHARD: usize = BLOCK_SIZE + META_SIZE;
@@ -35,7 +35,9 @@ impl Volume {
         lbas: &[Lba],
     ) -> Result<Vec<Vec<u8>>, VolumeError> {
         let g = self.layout.geometry;
-        let disks = self.stripe_disks(stripe)?;
+        let ids = self.stripe_ids(stripe)?;
+        let disks = Self::disk_refs(&self.disks, &ids)?;
+        let usable = self.usable(stripe, &ids);
         // One contiguous run of blocks (and the metadata pages covering it) per chunk.
         let mut runs: Vec<Option<(u64, u64)>> = vec![None; g.width()];
         let pos: Vec<BlockPos> = lbas.iter().map(|l| g.locate(*l)).collect();
@@ -49,6 +51,10 @@ impl Volume {
         let mut pending = Vec::new();
         for (c, run) in runs.iter().enumerate() {
             let Some((a, b)) = *run else { continue };
+            if !usable[c] {
+                // Failed, or not rebuilt yet: its blocks come from the other chunks.
+                continue;
+            }
             let (meta_a, _) = self.layout.meta_location(stripe, a);
             let (meta_b, _) = self.layout.meta_location(stripe, b);
             let ops = vec![
@@ -98,18 +104,22 @@ impl Volume {
                         self.stats
                             .rollbacks_detected
                             .fetch_add(1, Ordering::Relaxed);
-                        warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), found = m.generation,
+                        self.health.tag_failure(ids[c]);
+                        warn!(volume = %self.record.name, lba = lba.0, disk = %self.health.name(ids[c]), found = m.generation,
                             "block holds an older copy of itself (rolled back); rebuilding it from its row");
                     } else {
+                        self.health.tag_ok(ids[c]);
                         let mut b = ct.to_vec();
                         self.unseal(*lba, &m, &mut b)?;
                         block = Some(b);
                     }
+                } else {
+                    self.health.tag_failure(ids[c]);
                 }
             }
             let b = match block {
                 Some(b) => b,
-                None => self.rebuild_block(stripe, *p, *lba, &disks, disk_answered)?,
+                None => self.rebuild_block(stripe, *p, *lba, &disks, &ids, disk_answered)?,
             };
             out.push(b);
         }
@@ -124,6 +134,7 @@ impl Volume {
         p: BlockPos,
         lba: Lba,
         disks: &[DiskRef],
+        ids: &[DiskId],
         disk_answered: bool,
     ) -> Result<Vec<u8>, VolumeError> {
         let row = self
@@ -142,10 +153,13 @@ impl Volume {
         self.stats
             .blocks_reconstructed
             .fetch_add(1, Ordering::Relaxed);
-        if disk_answered {
+        // Written back only where the disk answered and is still trusted (a disk the read just
+        // failed is written around).
+        if disk_answered && !self.health.is_failed(ids[c]) {
             match self.write_back(stripe, p.block_in_chunk, &disks[c], shard) {
                 Ok(()) => {
                     self.stats.blocks_repaired.fetch_add(1, Ordering::Relaxed);
+                    self.health.repaired(ids[c], 1);
                     warn!(volume = %self.record.name, lba = lba.0, disk = %disks[c].name(), "block failed its check; rebuilt from parity and repaired");
                 }
                 Err(e) => {
@@ -220,25 +234,32 @@ impl Volume {
         let g = self.layout.geometry;
         let (k, width) = (usize::from(g.k), g.width());
         let (page_off, at) = self.layout.meta_location(stripe, row);
+        let ids = self.stripe_ids(stripe).map_err(|e| e.to_string())?;
+        let usable = self.usable(stripe, &ids);
         let pending: Vec<_> = disks
             .iter()
-            .map(|d| {
-                d.submit(vec![
-                    IoOp::Read {
-                        offset: self.layout.block_offset(stripe, row),
-                        buf: IoBuf::zeroed(BLOCK_SIZE),
-                    },
-                    IoOp::Read {
-                        offset: page_off,
-                        buf: IoBuf::zeroed(BLOCK_SIZE),
-                    },
-                ])
+            .enumerate()
+            .map(|(c, d)| {
+                usable[c].then(|| {
+                    d.submit(vec![
+                        IoOp::Read {
+                            offset: self.layout.block_offset(stripe, row),
+                            buf: IoBuf::zeroed(BLOCK_SIZE),
+                        },
+                        IoOp::Read {
+                            offset: page_off,
+                            buf: IoBuf::zeroed(BLOCK_SIZE),
+                        },
+                    ])
+                })
             })
             .collect();
         let mut shards = vec![vec![0u8; SHARD]; width];
         let mut present = vec![false; width];
         for (c, p) in pending.into_iter().enumerate() {
-            let Ok(ops) = p.wait() else { continue };
+            let Some(Ok(ops)) = p.map(|p| p.wait()) else {
+                continue;
+            };
             let mut bufs = ops.into_iter().filter_map(|op| {
                 if let IoOp::Read { buf, .. } = op {
                     Some(buf)
@@ -251,10 +272,18 @@ impl Volume {
             };
             shards[c][..BLOCK_SIZE].copy_from_slice(&data);
             shards[c][BLOCK_SIZE..].copy_from_slice(&page[at..at + META_SIZE]);
-            present[c] =
-                !distrust.contains(&c) && (c >= k || self.shard_ok(stripe, c, row, &shards[c]));
+            let distrusted = distrust.contains(&c);
+            present[c] = !distrusted && (c >= k || self.shard_ok(stripe, c, row, &shards[c]));
+            if !distrusted && !present[c] {
+                self.health.tag_failure(ids[c]);
+            }
         }
-        self.rebuild_row(stripe, row, shards, present)
+        let row = self.rebuild_row(stripe, row, shards, present.clone())?;
+        // Parity shards the rebuild had to leave out were bad.
+        for &c in row.rebuilt.iter().filter(|&&c| c >= k && present[c]) {
+            self.health.tag_failure(ids[c]);
+        }
+        Ok(row)
     }
 
     /// Rebuilds the shards of a row not marked present; see [`Volume::read_row`].

@@ -714,6 +714,20 @@ impl Journal {
         self.lock().checkpoint_seq
     }
 
+    /// The newest record before `seq` that a checkpoint can name (a live record), or the
+    /// current checkpoint when there is none: where to checkpoint so that `seq` and everything
+    /// after it are replayed.
+    pub fn last_live_before(&self, seq: u64) -> u64 {
+        let st = self.lock();
+        st.live
+            .iter()
+            .map(|(s, _, _)| *s)
+            .filter(|s| *s < seq)
+            .max()
+            .unwrap_or(st.checkpoint_seq)
+            .max(st.checkpoint_seq)
+    }
+
     /// Reads one payload page from the first replica whose copy passes `check`.
     pub fn read_page_checked(
         &self,
@@ -764,6 +778,8 @@ fn wait_replicas(pending: Vec<(String, crate::disk::Pending)>, what: &str) -> (u
     for (name, p) in pending {
         match p.wait() {
             Ok(_) => ok += 1,
+            // A failed or pulled disk is logged once, by the pool's health registry.
+            Err(e @ crate::disk::DiskError::Gone { .. }) => last = e.to_string(),
             Err(e) => {
                 warn!(disk = %name, error = %e, "journal {what} failed on one replica");
                 last = e.to_string();

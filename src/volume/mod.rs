@@ -21,11 +21,14 @@
 
 mod destage;
 pub mod format;
+pub mod health;
 mod io;
 pub mod journal;
 pub mod mem;
+pub mod rebuild;
 mod rekey;
 mod scan;
+pub mod scrub;
 pub mod state;
 
 pub use self::rekey::{AccessCounter, KeyUsage};
@@ -41,6 +44,7 @@ use tracing::{info, warn};
 use self::format::{
     BlockMeta, MAX_RECORD_BLOCKS, RecordHeader, RecordKind, RegionLayout, blocks_of, header_pages,
 };
+use self::health::Health;
 use self::journal::{Journal, Reservation};
 pub use self::scan::AllocScan;
 use self::state::{Alloc, Bits, Dirty, JEntry, LockTable, Stamp, StripeDirty, Trims};
@@ -199,6 +203,8 @@ pub struct Volume {
     stop: AtomicBool,
     destager: Mutex<Option<JoinHandle<()>>>,
     pub stats: Stats,
+    /// The pool's disk health registry (see [`health`]).
+    health: Arc<Health>,
     /// Accesses per stripe, for the rotation task's "hot stripe" rule (`rekey.rs`).
     access: AccessCounter,
 }
@@ -263,7 +269,21 @@ impl Volume {
     }
 
     /// Opens a volume: replays its journal, destages what it finds, and starts the destager.
+    /// The volume has a health registry of its own that counts errors but fails no disk
+    /// ([`Health::observe_only`]); a pool opens its volumes with [`Volume::open_with`].
     pub fn open(parts: VolumeParts) -> Result<Arc<Self>, VolumeError> {
+        let health = Health::observe_only(parts.disks.clone());
+        Self::open_with(parts, health)
+    }
+
+    /// Opens a volume whose disks are those of `health` (the pool's registry, shared by every
+    /// volume of the pool): the volume does its I/O through the registry's proxies, so a disk
+    /// the registry fails is written around and rebuilt from parity (`parts.disks` is not used).
+    pub fn open_with(
+        mut parts: VolumeParts,
+        health: Arc<Health>,
+    ) -> Result<Arc<Self>, VolumeError> {
+        parts.disks = health.proxies();
         let layout = Self::layout_of(&parts.record);
         let placement = Self::placement_of(&parts)?;
         let jd = Self::disk_refs(
@@ -332,6 +352,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             destager: Mutex::new(None),
             stats: Stats::default(),
+            health,
             access: AccessCounter::new(),
         });
         let n = replayed.len();
@@ -495,11 +516,49 @@ impl Volume {
 
     /// Disks holding the chunks of a stripe, in chunk order.
     fn stripe_disks(&self, stripe: StripeId) -> Result<Vec<DiskRef>, VolumeError> {
-        let ids = self
-            .placement
+        Self::disk_refs(&self.disks, &self.stripe_ids(stripe)?)
+    }
+
+    /// Ids of the disks holding the chunks of a stripe, in chunk order.
+    fn stripe_ids(&self, stripe: StripeId) -> Result<Vec<DiskId>, VolumeError> {
+        self.placement
             .place(stripe, self.layout.geometry.width())
-            .map_err(|e| VolumeError::Config(e.to_string()))?;
-        Self::disk_refs(&self.disks, &ids)
+            .map_err(|e| VolumeError::Config(e.to_string()))
+    }
+
+    /// Which chunks of a stripe may be read and written (their disk is neither failed nor
+    /// rebuilding past this stripe). Call with the stripe's lock held.
+    fn usable(&self, stripe: StripeId, ids: &[DiskId]) -> Vec<bool> {
+        if !self.health.degraded() {
+            return vec![true; ids.len()];
+        }
+        ids.iter()
+            .map(|id| self.health.chunk_usable(*id, self.record.id, stripe.0))
+            .collect()
+    }
+
+    /// An error when more than `m` chunks of a stripe are unusable: its blocks that are not in
+    /// the journal cannot be read, and nothing new can be destaged to it.
+    fn check_stripe(&self, stripe: StripeId) -> Result<(), VolumeError> {
+        if !self.health.degraded() {
+            return Ok(());
+        }
+        let ids = self.stripe_ids(stripe)?;
+        let gone = self.usable(stripe, &ids).iter().filter(|u| !**u).count();
+        let m = usize::from(self.layout.geometry.m);
+        if gone > m {
+            return Err(VolumeError::Io(format!(
+                "stripe {stripe} of volume {} has {gone} of its {} disks failed and tolerates {m}: replace the failed disks",
+                self.record.name,
+                ids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pool's disk health registry.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -754,6 +813,8 @@ impl Volume {
 
     fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         for (stripe, at, len) in self.pieces(offset, data.len() as u64) {
+            // A stripe that lost more than m chunks could never be destaged: refuse up front.
+            self.check_stripe(stripe)?;
             self.access.touch(stripe);
             let (first, count) = blocks_of(at, len);
             let mut done = 0u64;
@@ -896,6 +957,7 @@ impl Volume {
         }
         let bps = self.layout.geometry.blocks_per_stripe();
         for (stripe, at, plen) in self.pieces(first_whole, last_whole - first_whole) {
+            self.check_stripe(stripe)?;
             let (first, count) = blocks_of(at, plen);
             let from = first.0 - stripe.0 * bps;
             self.append(stripe, 0, |r| {

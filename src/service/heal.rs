@@ -1,0 +1,154 @@
+//! Self-healing on a served pool: the `scrub` and `disk_replace` control commands, and the
+//! background healer (scheduled scrubs from `[scrub]`, and the resumption of a rebuild that a
+//! restart interrupted, at `[rebuild] rate`).
+//!
+//! | command | args | progress | result |
+//! |---|---|---|---|
+//! | `scrub` | `volume`, `repair` (bool), `rate` (bytes/s, 0: none) | `{done, total, bytes, bytes_per_s, eta_s}` | the scrub report |
+//! | `disk_replace` | `disk` (id), `with` (path), `rate` (bytes/s) | the same | the rebuild report |
+
+use std::cell::Cell;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::Service;
+use crate::control::{Handlers, Progress as Sink};
+use crate::layout::DiskId;
+use crate::meta::DiskState;
+use crate::pool::{Pool, RebuildOptions};
+use crate::volume::scrub::{Progress, ScrubOptions};
+
+/// Least time between two progress lines sent to a client: enough to show a rate, few enough
+/// lines for a long scrub.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How often the background healer looks for work.
+const HEALER_TICK: Duration = Duration::from_secs(5);
+
+/// Registers the self-healing commands.
+pub(super) fn register(h: &mut Handlers, service: &Arc<Service>) {
+    let s = service.clone();
+    h.add("scrub", move |args: &Value, sink: &Sink| {
+        let pool = unlocked(&s)?;
+        let volume = args
+            .get("volume")
+            .and_then(Value::as_str)
+            .ok_or("scrub needs \"volume\": the name of the volume")?;
+        let opts = ScrubOptions {
+            repair: args.get("repair").and_then(Value::as_bool).unwrap_or(false),
+            rate_bytes_per_s: args.get("rate").and_then(Value::as_u64).unwrap_or(0),
+        };
+        let report = pool
+            .scrub(volume, &opts, &throttled(sink))
+            .map_err(|e| e.to_string())?;
+        serde_json::to_value(report).map_err(|e| e.to_string())
+    });
+    let s = service.clone();
+    h.add("disk_replace", move |args: &Value, sink: &Sink| {
+        let pool = unlocked(&s)?;
+        let disk = args
+            .get("disk")
+            .and_then(Value::as_u64)
+            .and_then(|d| u32::try_from(d).ok())
+            .ok_or("disk_replace needs \"disk\": the id of the failed disk")?;
+        let with = args
+            .get("with")
+            .and_then(Value::as_str)
+            .ok_or("disk_replace needs \"with\": the path of the new disk")?;
+        let opts = RebuildOptions {
+            rate_bytes_per_s: args.get("rate").and_then(Value::as_u64).unwrap_or(0),
+            stop: None,
+        };
+        let report = pool
+            .replace_disk(
+                DiskId(disk),
+                std::path::Path::new(with),
+                &opts,
+                &throttled(sink),
+            )
+            .map_err(|e| e.to_string())?;
+        serde_json::to_value(report).map_err(|e| e.to_string())
+    });
+}
+
+fn unlocked(s: &Service) -> Result<Arc<Pool>, String> {
+    s.pool()
+        .ok_or_else(|| "the pool is sealed: unlock it first (`shardvol unlock`)".to_string())
+}
+
+/// A progress callback that sends at most one line per [`PROGRESS_EVERY`] (and the last one).
+fn throttled(sink: &Sink) -> impl Fn(Progress) + '_ {
+    let last = Cell::new(Instant::now() - PROGRESS_EVERY);
+    move |p: Progress| {
+        if last.get().elapsed() >= PROGRESS_EVERY || p.done == p.total {
+            last.set(Instant::now());
+            sink.send(json!(p));
+        }
+    }
+}
+
+/// Starts the background healer of a served pool: every few seconds, once the pool is
+/// unlocked, it resumes the rebuild of any disk left rebuilding (onto the path recorded for
+/// it) and scrubs every volume whose last scrub is older than `[scrub] interval`. The thread
+/// ends with the service.
+pub fn start_background(service: &Arc<Service>) -> std::io::Result<()> {
+    let weak = Arc::downgrade(service);
+    std::thread::Builder::new()
+        .name("healer".into())
+        .spawn(move || healer(weak))
+        .map(drop)
+}
+
+fn healer(weak: Weak<Service>) {
+    loop {
+        std::thread::sleep(HEALER_TICK);
+        let Some(service) = weak.upgrade() else {
+            return;
+        };
+        let Some(pool) = service.pool() else { continue };
+        let mb = |rate: f64| (rate * 1e6) as u64;
+        for id in pool.health.ids() {
+            if pool.health.state(id) != DiskState::Rebuilding || pool.rebuild_running(id) {
+                continue;
+            }
+            let Ok(Some(rec)) = pool.store.disk(id) else {
+                continue;
+            };
+            let opts = RebuildOptions {
+                rate_bytes_per_s: mb(service.config.rebuild.rate),
+                stop: None,
+            };
+            info!(disk = id.0, "resuming an interrupted rebuild");
+            if let Err(e) = pool.replace_disk(id, &rec.path, &opts, &|_| {}) {
+                warn!(disk = id.0, error = %e, "the rebuild did not complete; it is retried");
+            }
+        }
+        let interval = service.config.scrub.interval.0;
+        if interval.is_zero() {
+            continue;
+        }
+        let view = match pool.health_view() {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for name in pool.volumes.keys() {
+            let last = view.scrubs.get(name).map_or(0, |s| s.finished_unix);
+            if now.saturating_sub(last) < interval.as_secs() {
+                continue;
+            }
+            let opts = ScrubOptions {
+                repair: service.config.scrub.repair,
+                rate_bytes_per_s: mb(service.config.scrub.rate),
+            };
+            info!(volume = %name, "scheduled scrub");
+            if let Err(e) = pool.scrub(name, &opts, &|_| {}) {
+                warn!(volume = %name, error = %e, "scheduled scrub failed");
+            }
+        }
+    }
+}
