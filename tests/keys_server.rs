@@ -156,6 +156,29 @@ fn sealed_server_unlocks_share_by_share_then_key_commands_run_over_the_socket() 
         let mut b = vec![0u8; data.len()];
         vol.read(0, &mut b).unwrap();
         assert_eq!(b, data);
+
+        // Every key event is in the audit log, in order, and the chain verifies.
+        let pool = r.svc.pool().unwrap();
+        let events: Vec<String> = pool
+            .audit
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        let pos = |e: &str| {
+            events
+                .iter()
+                .position(|x| x == e)
+                .unwrap_or_else(|| panic!("no {e} event in {events:?}"))
+        };
+        assert!(events.iter().filter(|e| *e == "unlock-attempt").count() >= 3);
+        assert!(pos("unlock") < pos("rotate-master"));
+        assert!(pos("rotate-master") < pos("rotate"));
+        assert!(pos("rotate") < pos("destroy"));
+        assert!(pos("destroy") < pos("reissue"));
+        let report = pool.audit.verify(None).unwrap();
+        assert!(report.intact(), "{report:?}");
     }
     // Restarted sealed: an old share is refused by name; two new ones open it.
     let new = pool::shares_in(&tmp.path().join("new")).unwrap();
@@ -194,6 +217,11 @@ fn a_server_outside_its_unlock_window_refuses_every_share() {
         "{e}"
     );
     assert!(r.svc.is_sealed());
+    let log = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    assert!(
+        log.contains("policy-refusal"),
+        "the refusal is audited: {log}"
+    );
     let status = control::call(&dir, "status", json!(null), |_| {})
         .unwrap()
         .unwrap();

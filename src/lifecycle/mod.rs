@@ -226,6 +226,9 @@ pub struct KeyStatus {
     pub rotation: RotationProgress,
 }
 
+/// The pool's audit log and the audit key its records are MAC'd with.
+type AuditSink = (Arc<AuditLog>, Arc<RwLock<AuditKey>>);
+
 /// The keys of an unlocked pool and their lifecycle. Shared by the volumes (ring, write key),
 /// the rotation task and the administrative commands.
 pub struct PoolKeys {
@@ -241,7 +244,7 @@ pub struct PoolKeys {
     admin: Mutex<()>,
     progress: Mutex<RotationProgress>,
     /// Where key events go: the pool's audit log and its audit key (set by the pool once open).
-    audit: Mutex<Option<(Arc<AuditLog>, Arc<RwLock<AuditKey>>)>>,
+    audit: Mutex<Option<AuditSink>>,
 }
 
 impl std::fmt::Debug for PoolKeys {
