@@ -194,6 +194,14 @@ fn sealed_server_unlocks_share_by_share_then_key_commands_run_over_the_socket() 
     let mut b = vec![0u8; data.len()];
     vol.read(0, &mut b).unwrap();
     assert_eq!(b, data);
+    drop(vol);
+    drop(r);
+    let log = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    assert_eq!(
+        log.matches("\"seal\"").count(),
+        2,
+        "each server stop seals the pool: {log}"
+    );
 }
 
 #[test]

@@ -255,7 +255,18 @@ impl Service {
         }
         let p = self.pool.write().unwrap_or_else(|p| p.into_inner()).take();
         match p {
-            Some(p) => p.close(),
+            Some(p) => {
+                let closed = p.close();
+                // The keys leave memory with the pool: the server is sealed from here on.
+                p.keys.record(
+                    crate::audit::EventKind::Seal,
+                    crate::audit::fields([(
+                        "outcome",
+                        if closed.is_ok() { "clean" } else { "error" }.to_string(),
+                    )]),
+                );
+                closed
+            }
             None => Ok(()),
         }
     }
