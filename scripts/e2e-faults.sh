@@ -16,9 +16,11 @@
 #      disk too many: the same row of some stripes flipped on m+1 disks; reading every block of
 #      the volume must give an error for exactly the data blocks of those rows and the right data
 #      for every other block;
-#   e. replace a disk while fio runs: fio writes and verifies (crc32c) while a disk file is
-#      truncated; once `shardvol status` shows it failed, `shardvol disk replace` rebuilds it onto
-#      a new file while fio still writes; fio must find zero errors and every disk must be ok.
+#   e. replace a disk while fio runs: the volume filled with random data, then fio writes and
+#      verifies (crc32c) while a disk file is truncated; once `shardvol status` shows it failed,
+#      `shardvol disk replace` rebuilds it onto a new file while fio still writes; fio must find
+#      zero errors and every disk must be ok. Prints the rebuild's MB/s and the volume's
+#      sequential read rate.
 # Each scenario prints its counts; the script exits non-zero at the first failure.
 #
 #   scripts/e2e-faults.sh
@@ -321,6 +323,11 @@ scenario_e() {
     server_start unix
     local uri json=$WORK/e/fio.json dir=$WORK/e
     uri=$(server_uri)
+    # The whole volume holds random data first, so that the rebuild and the sequential read
+    # below move real data, not holes.
+    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
+    bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
+    rm -f "$dir/fill.bin"
     {
         bounded fio --name=replace --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-64k \
             --size="$E2E_FIO_SIZE" --rate="$E2E_REPLACE_FIO_RATE" --iodepth=16 --verify=crc32c \
