@@ -9,15 +9,30 @@
 #   c. offline recovery: data written and flushed (some of it only in the journal when the server
 #      is killed), pool.redb and m disk files deleted, `shardvol recover` rebuilds the image, which
 #      must equal what the server served; the remaining disk files must be unchanged.
+#   d. bit rot and scrub: random data written and destaged, then bits flipped in random blocks and
+#      metadata entries of at most m disks per stripe (scripts/lib/bitrot.py); `shardvol scrub
+#      --repair` through the running server must list exactly the flipped shards and repair them
+#      all, a second scrub must find nothing, and the volume must read back identical. Then one
+#      disk too many: the same row of some stripes flipped on m+1 disks; reading every block of
+#      the volume must give an error for exactly the data blocks of those rows and the right data
+#      for every other block;
+#   e. replace a disk while fio runs: the volume filled with random data, then fio writes and
+#      verifies (crc32c) while a disk file is truncated; once `shardvol status` shows it failed,
+#      `shardvol disk replace` rebuilds it onto a new file while fio still writes; fio must find
+#      zero errors and every disk must be ok. Prints the rebuild's MB/s and the volume's
+#      sequential read rate.
 # Each scenario prints its counts; the script exits non-zero at the first failure.
 #
 #   scripts/e2e-faults.sh
 #   E2E_SCENARIOS="b" E2E_KILL_CYCLES=10 scripts/e2e-faults.sh
+#   E2E_SCENARIOS="d e" scripts/e2e-faults.sh
 #
 # Environment: E2E_SIZE (volume size, default 256M), E2E_FIO_SIZE (bytes fio writes and verifies in
-# scenario a, default 64M), E2E_FIO_RATE (its write rate, default 16m), E2E_KILL_CYCLES (default 50), E2E_KILL_SPAN (blocks the kill -9 writer
-# uses, default 4096 = 16 MiB), E2E_SCENARIOS (default "c b a": the one that needs degraded
-# destaging runs last, so the others report even while it fails), KEEP_WORK=1.
+# scenarios a and e, default 64M), E2E_FIO_RATE (its write rate in a, default 16m),
+# E2E_REPLACE_FIO_RATE (its write rate in e, default 8m), E2E_KILL_CYCLES (default 50), E2E_KILL_SPAN (blocks the kill -9 writer
+# uses, default 4096 = 16 MiB), E2E_ROT_SHARDS (shards flipped in scenario d, default 300),
+# E2E_ROT_ROWS (rows flipped on m+1 disks in scenario d, default 16), E2E_SEED (scenario d's
+# random choices; default $RANDOM, printed), E2E_SCENARIOS (default "c b a d e"), KEEP_WORK=1.
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/server.sh"
@@ -34,7 +49,10 @@ E2E_FIO_SIZE=${E2E_FIO_SIZE:-64M}
 E2E_FIO_RATE=${E2E_FIO_RATE:-16m}
 E2E_KILL_CYCLES=${E2E_KILL_CYCLES:-50}
 E2E_KILL_SPAN=${E2E_KILL_SPAN:-4096}
-E2E_SCENARIOS=${E2E_SCENARIOS:-c b a}
+E2E_SCENARIOS=${E2E_SCENARIOS:-c b a d e}
+E2E_REPLACE_FIO_RATE=${E2E_REPLACE_FIO_RATE:-8m}
+E2E_ROT_SHARDS=${E2E_ROT_SHARDS:-300}
+E2E_ROT_ROWS=${E2E_ROT_ROWS:-16}
 # 4+2 with small chunks and a 32 MiB journal: every stripe touches every disk of the 6, so each
 # fault reaches every stripe, and pools stay small. The journal is smaller than E2E_FIO_SIZE, so
 # scenario a cannot pass by keeping everything in the journal: it needs destaging to go on with
@@ -44,6 +62,7 @@ M=2
 # Debian's python3 has the libnbd bindings (python3-libnbd); a python3 earlier in PATH may not.
 PY=${PY:-/usr/bin/python3}
 STAMPED="$SCRIPTS_DIR/lib/stamped.py"
+BITROT="$SCRIPTS_DIR/lib/bitrot.py"
 
 need_cmd fio qemu-io nbdcopy cmp sha256sum truncate
 "$PY" -c 'import nbd' 2>/dev/null || die "$PY cannot import nbd (python3-libnbd; run scripts/install-deps.sh)"
@@ -176,11 +195,201 @@ scenario_c() {
     log "c: recovered $(stat -c %s "$dir/recovered.img") bytes ($(du -k "$dir/recovered.img" | cut -f1) KiB on disk) in $((SECONDS - t0))s without pool.redb and with 2 of 6 disks deleted: identical; the 4 disk files left are unchanged"
 }
 
+# json_field FILE EXPR: a value from a JSON file (python expression on `j`).
+json_field() {
+    "$PY" -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1"
+}
+
+# status_json FILE: `shardvol status --json` of the running server into FILE.
+status_json() {
+    timeout 30 "$SHARDVOL_BIN" status --pool "$SERVER_POOL" --json >"$1" 2>/dev/null
+}
+
+_journal_empty() {
+    status_json "$WORK/status.json" &&
+        [[ $(json_field "$WORK/status.json" "j['volumes'][0]['journal_used_bytes']") == 0 ]]
+}
+
+# _disk_failed ID: whether the running server reports disk ID as failed.
+_disk_failed() {
+    status_json "$WORK/status.json" &&
+        [[ $(json_field "$WORK/status.json" "[d['state'] for d in j['disks'] if d['id'] == $1][0]") == failed ]]
+}
+
+# rot_geometry: "slots_start,slot_size,chunk_size,k" of the volume (docs/write-path.md, region
+# layout), from `shardvol inspect` of the stopped pool. The pool's one volume ends where the disk files end, so the chunk slots start at the
+# file size minus stripes * slot_size; that must be region_offset (1 MiB aligned) + journal_size.
+rot_geometry() {
+    "$SHARDVOL_BIN" inspect --pool "$SERVER_POOL" --json >"$WORK/inspect.json" 2>/dev/null ||
+        die "shardvol inspect failed"
+    "$PY" - "$WORK/inspect.json" <<'PYEOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+v = j["volumes"][0]
+chunk = v["chunk_size"]
+slot = chunk + (chunk // 4096 * 64 + 4095) // 4096 * 4096
+size = j["disks"][0]["size"]
+start = size - v["stripes"] * slot
+region = start - v["journal_size"]
+if region <= 0 or region % (1 << 20):
+    sys.exit(f"chunk slots at {start}: region offset {region} is not 1 MiB aligned")
+print(f"{start},{slot},{chunk},{v['data_chunks']}")
+PYEOF
+}
+
+# rot_disks ID...: "id=path,..." for bitrot.py.
+rot_disks() {
+    local out="" id
+    for id in "$@"; do out+="$id=$(disk_file "$id"),"; done
+    echo "${out%,}"
+}
+
+scenario_d() {
+    step "d: bit rot in up to $M disks per stripe, scrub --repair; then $((M + 1)) disks: EIO, never wrong data"
+    new_pool d
+    local uri dir=$WORK/d seed=${E2E_SEED:-$RANDOM} written=$((24 << 20))
+    # (inspect reads the store, which a running server holds)
+    local geo stripes k chunk
+    geo=$(rot_geometry) || die "cannot locate the chunk slots"
+    server_start unix
+    uri=$(server_uri)
+    head -c "$written" /dev/urandom >"$dir/random.bin"
+    bounded nbdcopy --flush "$dir/random.bin" "$uri" || die "nbdcopy into the export failed"
+    wait_until 60 "the journal to be destaged (status: journal empty)" _journal_empty ||
+        die "the journal was not destaged within 60 s"
+    chunk=$(cut -d, -f3 <<<"$geo")
+    k=$(cut -d, -f4 <<<"$geo")
+    stripes=$((written / (k * chunk)))
+    log "d: $written bytes written and destaged ($stripes stripes); chunk slots at $geo (start,slot,chunk,k); seed $seed"
+
+    local out
+    out=$("$PY" "$BITROT" rot "$geo" "$(rot_disks 0 1 2 3 4 5)" "$stripes" "$E2E_ROT_SHARDS" "$M" \
+        "$seed" "$dir/rot.json") || die "bitrot.py rot failed: $out"
+    log "d: $out"
+    bounded "$SHARDVOL_BIN" scrub --pool "$SERVER_POOL" --volume "$EXPORT" --repair --json \
+        >"$dir/scrub1.json" 2>"$dir/scrub1.err" || {
+        cat "$dir/scrub1.err" >&2
+        die "shardvol scrub --repair failed"
+    }
+    local q="'checked {} blocks and {} parity rows: bad {}, repaired {}, unrecoverable {}, in {:.2f} s'.format(j['blocks_checked'], j['parity_checked'], j['bad_found'], j['repaired'], j['unrecoverable'], j['seconds'])"
+    log "d: scrub --repair: $(json_field "$dir/scrub1.json" "$q")"
+    out=$("$PY" "$BITROT" match-scrub "$dir/rot.json" "$dir/scrub1.json" 2>"$dir/match.err") || {
+        echo "$out" >&2
+        cat "$dir/match.err" >&2
+        die "the scrub did not find and repair exactly the flipped shards"
+    }
+    log "d: $out"
+    [[ $(json_field "$dir/scrub1.json" "j['unrecoverable']") == 0 ]] || die "the scrub reports unrecoverable blocks"
+    bounded "$SHARDVOL_BIN" scrub --pool "$SERVER_POOL" --volume "$EXPORT" --json \
+        >"$dir/scrub2.json" 2>"$dir/scrub2.err" || die "the second scrub failed: $(cat "$dir/scrub2.err")"
+    log "d: second scrub: $(json_field "$dir/scrub2.json" "$q")"
+    [[ $(json_field "$dir/scrub2.json" "j['bad_found'] + j['unrecoverable']") == 0 ]] ||
+        die "the second scrub still finds bad shards"
+    bounded nbdcopy "$uri" "$dir/served.img" || die "nbdcopy out of the export failed"
+    cmp -n "$written" "$dir/random.bin" "$dir/served.img" || die "the volume differs from what was written"
+    cmp -n $(($(stat -c %s "$dir/served.img") - written)) -i "$written:0" "$dir/served.img" /dev/zero ||
+        die "the volume is not zero after the written data"
+    log "d: the volume reads back identical after the repair"
+
+    # One disk too many: the same rows on m+1 disks, chosen at random.
+    local three
+    read -r -a three < <("$PY" -c 'import random, sys
+print(*sorted(random.Random(int(sys.argv[1])).sample(range(6), int(sys.argv[2]))))' "$seed" $((M + 1)))
+    out=$("$PY" "$BITROT" rot-rows "$geo" "$(rot_disks "${three[@]}")" "$stripes" "$E2E_ROT_ROWS" \
+        "$seed" "$dir/rows.json") || die "bitrot.py rot-rows failed: $out"
+    log "d: disks ${three[*]}: $out"
+    out=$(bounded "$PY" "$BITROT" read "$uri" "$dir/random.bin" "$dir/rows.json" 2>"$dir/read.err") || {
+        echo "$out" >&2
+        cat "$dir/read.err" >&2
+        die "reads with $((M + 1)) disks rotten: wrong data, or errors where there should be none"
+    }
+    log "d: $out"
+    # A scrub that finds unrecoverable blocks prints its report and exits non-zero.
+    local src=0
+    bounded "$SHARDVOL_BIN" scrub --pool "$SERVER_POOL" --volume "$EXPORT" --json \
+        >"$dir/scrub3.json" 2>"$dir/scrub3.err" || src=$?
+    ((src == 1)) || die "the scrub with unrecoverable blocks exited with $src, not 1: $(cat "$dir/scrub3.err")"
+    local lost
+    lost=$(json_field "$dir/rows.json" "len(j['lost'])")
+    log "d: scrub with $((M + 1)) disks rotten: $(json_field "$dir/scrub3.json" "$q")"
+    [[ $(json_field "$dir/scrub3.json" "j['unrecoverable']") == "$lost" ]] ||
+        die "the scrub counts $(json_field "$dir/scrub3.json" "j['unrecoverable']") unrecoverable blocks, $lost were lost"
+    server_stop TERM
+}
+
+scenario_e() {
+    step "e: a disk truncated and replaced while fio writes and verifies (crc32c)"
+    new_pool e
+    server_start unix
+    local uri json=$WORK/e/fio.json dir=$WORK/e
+    uri=$(server_uri)
+    # The whole volume holds random data first, so that the rebuild and the sequential read
+    # below move real data, not holes.
+    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
+    bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
+    rm -f "$dir/fill.bin"
+    {
+        bounded fio --name=replace --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-64k \
+            --size="$E2E_FIO_SIZE" --rate="$E2E_REPLACE_FIO_RATE" --iodepth=16 --verify=crc32c \
+            --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=0 \
+            --output-format=json --output="$json" || exit $?
+    } &
+    local fio_pid=$! t0=$SECONDS
+    sleep 1
+    kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the disk was damaged (lower E2E_REPLACE_FIO_RATE)"
+    local victim=3
+    truncate -s 0 "$(disk_file $victim)"
+    log "e: truncated $(disk_file $victim) to 0 bytes while fio runs"
+    wait_until 30 "the server to mark disk $victim failed" _disk_failed "$victim" ||
+        die "disk $victim was not marked failed within 30 s of its truncation"
+    log "e: status shows disk $victim failed $((SECONDS - t0 - 1))s after the truncation"
+    kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the replacement started (lower E2E_REPLACE_FIO_RATE)"
+    bounded "$SHARDVOL_BIN" disk replace --pool "$SERVER_POOL" --disk "$victim" --with "$dir/new-disk.img" \
+        --json >"$dir/rebuild.json" 2>"$dir/rebuild.err" || {
+        cat "$dir/rebuild.err" >&2
+        die "shardvol disk replace failed"
+    }
+    local running=no
+    kill -0 "$fio_pid" 2>/dev/null && running=yes
+    local q="'{} chunks rebuilt, {:.1f} MiB read, {:.1f} MiB written in {:.2f} s: {:.0f} MB/s read, {:.0f} MB/s written; completed {}, unrecoverable {}'.format(j['chunks'], j['bytes_read'] / 2**20, j['bytes_written'] / 2**20, j['seconds'], j['bytes_read'] / j['seconds'] / 1e6, j['bytes_written'] / j['seconds'] / 1e6, j['completed'], j['unrecoverable'])"
+    log "e: disk replace: $(json_field "$dir/rebuild.json" "$q"); fio still running afterwards: $running"
+    [[ $(json_field "$dir/rebuild.json" "j['completed'] and j['unrecoverable'] == 0") == True ]] ||
+        die "the rebuild did not complete, or left unrecoverable blocks"
+    local rc=0
+    wait "$fio_pid" || rc=$?
+    local written verified errors
+    written=$(json_field "$json" "j['jobs'][0]['write']['io_bytes']" 2>/dev/null || echo "?")
+    verified=$(json_field "$json" "j['jobs'][0]['read']['io_bytes']" 2>/dev/null || echo "?")
+    errors=$(json_field "$json" "j['jobs'][0]['error']" 2>/dev/null || echo "?")
+    log "e: fio wrote $written bytes, verified $verified bytes, error code $errors, exit $rc"
+    if ((rc != 0)) || [[ "$errors" != 0 ]]; then
+        tail -n 20 "$SERVER_LOG" >&2 || true
+        die "fio reported errors across the replacement (exit $rc, error $errors)"
+    fi
+    [[ "$verified" == "$written" ]] || die "fio verified $verified bytes of the $written written"
+    status_json "$dir/status.json" || die "shardvol status failed"
+    local states
+    states=$(json_field "$dir/status.json" "' '.join(f\"{d['id']}:{d['state']}\" for d in j['disks'])")
+    log "e: status after the rebuild: disks $states"
+    [[ $(json_field "$dir/status.json" "all(d['state'] == 'ok' for d in j['disks'])") == True ]] ||
+        die "not every disk is ok after the rebuild: $states"
+    # The sequential read rate of the same volume, for comparison with the rebuild's.
+    local t1 t2
+    t1=$(date +%s.%N)
+    bounded nbdcopy --requests=8 --request-size=$((1 << 20)) "$uri" "$dir/read.img" || die "nbdcopy out of the export failed"
+    t2=$(date +%s.%N)
+    log "e: sequential read of the volume ($(stat -c %s "$dir/read.img") bytes, nbdcopy 8 x 1 MiB): $("$PY" -c "import sys; print(f'{int(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2])) / 1e6:.0f}')" "$(stat -c %s "$dir/read.img")" "$t1" "$t2") MB/s"
+    rm -f "$dir/read.img"
+    server_stop TERM
+}
+
 for s in $E2E_SCENARIOS; do
     case "$s" in
         a) scenario_a ;;
         b) scenario_b ;;
         c) scenario_c ;;
-        *) die "unknown scenario $s (a, b or c)" ;;
+        d) scenario_d ;;
+        e) scenario_e ;;
+        *) die "unknown scenario $s (a, b, c, d or e)" ;;
     esac
 done

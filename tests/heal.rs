@@ -738,3 +738,56 @@ fn scrub_finds_and_repairs_a_rolled_back_block() {
     drop(v);
     p.close().unwrap();
 }
+
+/// A flipped bit in the reserved bytes (28..32) of a data block's metadata entry is bit rot of
+/// that block: scrub must blame the data chunk ("tag", on its disk), not the two parity chunks
+/// whose metadata parity no longer matches, and repair it from the row.
+#[test]
+fn scrub_blames_a_data_block_whose_reserved_metadata_bytes_rotted() {
+    let rig = Rig::new(6);
+    let (p, _) = rig.open();
+    let v = vol(&p);
+    let mut model = vec![0u8; SIZE as usize];
+    StdRng::seed_from_u64(21).fill(&mut model[..]);
+    v.write(0, &model, true).unwrap();
+    v.destage().unwrap();
+    let (s, c, row) = (3u64, 1usize, 2u64);
+    let disk = rig.stripe_disks(&v, s)[c];
+    let (page, off) = v.layout().meta_location(StripeId(s), row);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rig.disk_path(disk))
+        .unwrap();
+    let at = page + off as u64 + 29;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x04;
+    f.write_all_at(&b, at).unwrap();
+    let check = v.scrub(&ScrubOptions::default(), &|_| {}).unwrap();
+    assert_eq!(check.bad_found, 1, "{check:?}");
+    assert_eq!(check.bad[0].what, "tag", "{check:?}");
+    assert_eq!(check.bad[0].disk, disk as u32, "{check:?}");
+    assert_eq!(check.bad[0].chunk, c as u16, "{check:?}");
+    let fix = v
+        .scrub(
+            &ScrubOptions {
+                repair: true,
+                rate_bytes_per_s: 0,
+            },
+            &|_| {},
+        )
+        .unwrap();
+    assert_eq!((fix.bad_found, fix.repaired), (1, 1), "{fix:?}");
+    f.read_exact_at(&mut b, at).unwrap();
+    assert_eq!(b[0], 0, "the reserved byte is written back as 0");
+    assert_eq!(
+        v.scrub(&ScrubOptions::default(), &|_| {})
+            .unwrap()
+            .bad_found,
+        0
+    );
+    assert_matches(&v, &model, "after the repair");
+    drop(v);
+    p.close().unwrap();
+}

@@ -46,6 +46,9 @@ pub struct BlockMeta {
     pub epoch: u32,
     pub lba: u64,
     pub flags: u32,
+    /// Bytes 28..32: 0 when written. Kept as read so that the tag covers the stored bytes: a
+    /// flipped bit here fails the block's check instead of passing unseen.
+    pub reserved: u32,
     pub tag: [u8; 32],
 }
 
@@ -65,6 +68,7 @@ impl BlockMeta {
         b[12..16].copy_from_slice(&self.epoch.to_le_bytes());
         b[16..24].copy_from_slice(&self.lba.to_le_bytes());
         b[24..28].copy_from_slice(&self.flags.to_le_bytes());
+        b[28..32].copy_from_slice(&self.reserved.to_le_bytes());
         b
     }
 
@@ -79,6 +83,7 @@ impl BlockMeta {
             epoch: u32_at(12),
             lba: u64_at(16),
             flags: u32_at(24),
+            reserved: u32_at(28),
             tag,
         }
     }
@@ -375,6 +380,7 @@ mod tests {
             epoch: 9,
             lba: 1234,
             flags: 0,
+            reserved: 0,
             tag: [0xab; 32],
         };
         let e = m.encode();
@@ -382,6 +388,31 @@ mod tests {
         assert_eq!(&e[..32], &m.header());
         assert!(!m.is_empty());
         assert!(BlockMeta::decode(&[0u8; 64]).is_empty());
+    }
+
+    #[test]
+    fn every_stored_header_byte_reaches_the_tagged_header() {
+        // The tag covers `header()`: a flipped bit anywhere in bytes 0..32 of a stored entry
+        // (the reserved bytes 28..32 included) must change it, or bit rot there passes unseen.
+        let m = BlockMeta {
+            generation: 7,
+            version: 2,
+            epoch: 9,
+            lba: 1234,
+            flags: 0,
+            reserved: 0,
+            tag: [0xab; 32],
+        };
+        let e = m.encode();
+        for byte in 0..META_HEADER {
+            for bit in 0..8 {
+                let mut c = e;
+                c[byte] ^= 1 << bit;
+                let d = BlockMeta::decode(&c);
+                assert_ne!(d.header(), m.header(), "byte {byte} bit {bit}");
+                assert_eq!(&d.header()[..], &c[..META_HEADER]);
+            }
+        }
     }
 
     #[test]

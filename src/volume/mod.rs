@@ -609,6 +609,7 @@ impl Volume {
             epoch,
             lba: lba.0,
             flags: 0,
+            reserved: 0,
             tag: [0; 32],
         };
         meta.tag = self
