@@ -583,23 +583,7 @@ impl Journal {
             volume: self.volume,
         });
         for s in [1 - slot, slot] {
-            let offset = self.layout.region_offset + s * BLOCK_SIZE_U64;
-            let pending: Vec<_> = self
-                .disks
-                .iter()
-                .map(|d| {
-                    d.submit(vec![IoOp::Write {
-                        offset,
-                        buf: IoBuf::from_slice(&bytes),
-                    }])
-                })
-                .collect();
-            if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
-                return Err(JournalError::Failed(
-                    "checkpoint reached no journal disk".into(),
-                ));
-            }
-            sync_all(&self.disks).map_err(JournalError::Failed)?;
+            self.write_checkpoint_slot(s, &bytes)?;
         }
         Ok(())
     }
@@ -663,23 +647,7 @@ impl Journal {
             position,
             volume: self.volume,
         });
-        let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
-        let pending: Vec<_> = self
-            .disks
-            .iter()
-            .map(|d| {
-                d.submit(vec![IoOp::Write {
-                    offset,
-                    buf: IoBuf::from_slice(&bytes),
-                }])
-            })
-            .collect();
-        if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
-            return Err(JournalError::Failed(
-                "checkpoint reached no journal disk".into(),
-            ));
-        }
-        sync_all(&self.disks).map_err(JournalError::Failed)?;
+        self.write_checkpoint_slot(slot, &bytes)?;
         let mut st = self.lock();
         st.next_seq = seq + 1;
         st.completed_through = seq;
@@ -692,6 +660,28 @@ impl Journal {
         st.used = 0;
         self.changed.notify_all();
         Ok(())
+    }
+
+    /// Writes a sealed checkpoint into slot `slot` of every journal disk and syncs them; at
+    /// least one disk must take it.
+    fn write_checkpoint_slot(&self, slot: u64, bytes: &[u8]) -> Result<(), JournalError> {
+        let offset = self.layout.region_offset + slot * BLOCK_SIZE_U64;
+        let pending: Vec<_> = self
+            .disks
+            .iter()
+            .map(|d| {
+                d.submit(vec![IoOp::Write {
+                    offset,
+                    buf: IoBuf::from_slice(bytes),
+                }])
+            })
+            .collect();
+        if pending.into_iter().filter_map(|p| p.wait().ok()).count() == 0 {
+            return Err(JournalError::Failed(
+                "checkpoint reached no journal disk".into(),
+            ));
+        }
+        sync_all(&self.disks).map_err(JournalError::Failed)
     }
 
     /// Frees the space of records up to the last checkpoint. Call after the index no longer
