@@ -464,6 +464,13 @@ fn create(a: CreateArgs) -> Result<()> {
 }
 
 fn inspect(pool_dir: PathBuf, json: bool) -> Result<()> {
+    if shardvol::control::call(&pool_dir, "ping", serde_json::Value::Null, |_| {})?.is_some() {
+        bail!(
+            "a server is running on {}: it holds the metadata store; use `shardvol status --pool {}` (or stop the server to inspect)",
+            pool_dir.display(),
+            pool_dir.display()
+        );
+    }
     let info = pool::inspect(&pool_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -1355,49 +1362,28 @@ fn audit(c: AuditCommand) -> Result<()> {
 }
 
 fn audit_verify(a: &AuditKeyArgs) -> Result<()> {
+    // A running server holds the store: it verifies with its own keys (MACs included).
+    if let Some(v) =
+        shardvol::control::call(&a.pool, "audit_verify", serde_json::Value::Null, |_| {})?
+    {
+        let out: shardvol::service::AuditVerifyOutput = serde_json::from_value(v)?;
+        println!("(verified by the server running on {})", a.pool.display());
+        return print_audit_verify(&out);
+    }
     let (log, key) = open_audit(a)?;
     let r = log.verify(key.as_ref())?;
-    println!("audit log {}: {} records", log.path().display(), r.records);
-    match r.head {
-        Some((seq, _)) => println!("chain head in the store: record {seq}"),
-        None => println!("chain head in the store: none"),
+    print_audit_verify(&shardvol::service::audit_verify_output(
+        &log.path().display().to_string(),
+        &r,
+        key.is_some(),
+    ))
+}
+
+fn print_audit_verify(out: &shardvol::service::AuditVerifyOutput) -> Result<()> {
+    for l in &out.lines {
+        println!("{l}");
     }
-    if key.is_some() {
-        println!(
-            "MACs: {} of {} checked and valid{}",
-            r.macs_checked,
-            r.with_mac,
-            if r.macs_unverifiable > 0 {
-                format!(
-                    "; {} under archived or destroyed master keys not checked (later MACs cover them)",
-                    r.macs_unverifiable
-                )
-            } else {
-                String::new()
-            }
-        );
-    } else {
-        println!(
-            "MACs: NOT checked ({} records carry one): pass --share FILE (t of them) to check them",
-            r.with_mac
-        );
-    }
-    println!(
-        "sealed records (no MAC): {}, of which not yet attested: {}",
-        r.sealed, r.unattested
-    );
-    if let Some(t) = r.torn_tail {
-        println!(
-            "note: the log ends with a torn line of {} bytes at offset {} (an append interrupted              by a crash); it is not part of the chain, and the next append removes it and records              log-repaired",
-            t.len, t.offset
-        );
-    }
-    if r.head_lag {
-        println!(
-            "note: the chain head in the store is one record behind the log (a crash between the              two writes); the next append catches it up and records log-repaired"
-        );
-    }
-    if let Some(b) = r.first_broken {
+    if let Some(b) = &out.broken {
         println!("(the counts above stop at the first broken record)");
         bail!("audit log broken at {b}");
     }
@@ -1406,8 +1392,20 @@ fn audit_verify(a: &AuditKeyArgs) -> Result<()> {
 }
 
 fn audit_show(pool_dir: &std::path::Path, json: bool) -> Result<()> {
-    use shardvol::audit::{AuditLog, format_time_utc};
+    use shardvol::audit::AuditLog;
     use shardvol::meta::MetaStore;
+    if let Some(v) = shardvol::control::call(
+        pool_dir,
+        "audit_show",
+        serde_json::json!({ "json": json }),
+        |_| {},
+    )? {
+        let lines: Vec<String> = serde_json::from_value(v)?;
+        for l in lines {
+            println!("{l}");
+        }
+        return Ok(());
+    }
     if !pool::exists(pool_dir) {
         bail!(
             "{} is not a shardvol pool (no {})",
@@ -1417,42 +1415,8 @@ fn audit_show(pool_dir: &std::path::Path, json: bool) -> Result<()> {
     }
     let store = std::sync::Arc::new(MetaStore::open(&pool_dir.join(pool::STORE_FILE))?);
     let log = AuditLog::open(pool_dir, store);
-    let contents = log.read()?;
-    if !json {
-        println!(
-            "{:>6}  {:<20}  {:<15}  {:<7}  fields",
-            "seq", "time (UTC)", "event", "mac"
-        );
-    }
-    for line in &contents.lines {
-        match line {
-            Ok(r) if json => println!("{}", r.to_json()),
-            Ok(r) => {
-                let mac = r
-                    .key_version
-                    .map_or_else(|| "sealed".to_string(), |v| format!("key v{v}"));
-                let fields: Vec<String> =
-                    r.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-                println!(
-                    "{:>6}  {:<20}  {:<15}  {:<7}  {}",
-                    r.seq,
-                    format_time_utc(r.time_unix),
-                    r.event,
-                    mac,
-                    fields.join(" ")
-                );
-            }
-            Err(msg) => eprintln!("not a record: {msg}"),
-        }
-    }
-    if let Some(t) = contents.torn_tail {
-        eprintln!(
-            "note: torn last line of {} bytes at offset {} (an interrupted append)",
-            t.len, t.offset
-        );
-    }
-    if !json {
-        eprintln!("(shown as stored; `shardvol audit verify` checks them)");
+    for l in shardvol::service::audit_show_lines(&log, json).map_err(anyhow::Error::msg)? {
+        println!("{l}");
     }
     Ok(())
 }

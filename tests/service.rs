@@ -98,6 +98,27 @@ fn sealed_until_threshold_then_exported() {
     assert_eq!(status["state"], "unlocked");
     assert_eq!(status["volumes"][0]["name"], "vol0");
 
+    // The server verifies its audit log with its own keys; an edited record is named.
+    let v = control::call(&dir, "audit_verify", json!(null), |_| {})
+        .unwrap()
+        .unwrap();
+    assert!(v["broken"].is_null(), "{v}");
+    assert!(
+        v["lines"].to_string().contains("checked and valid"),
+        "MACs checked: {v}"
+    );
+    let log = dir.join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("pool-create", "pool-crEate", 1)).unwrap();
+    let v = control::call(&dir, "audit_verify", json!(null), |_| {})
+        .unwrap()
+        .unwrap();
+    assert!(
+        v["broken"].as_str().is_some_and(|b| b.contains("record 1")),
+        "edited record named: {v}"
+    );
+    std::fs::write(&log, text).unwrap();
+
     stop.send(()).unwrap();
     rt.block_on(server).unwrap();
     svc.close().unwrap();

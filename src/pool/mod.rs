@@ -685,6 +685,16 @@ impl Pool {
         Ok(self.audit.append(kind, fields, Some(&key))?)
     }
 
+    /// Verifies the audit log with the pool's audit keys (MACs included): (log path, report).
+    pub fn audit_verify(&self) -> Result<(String, crate::audit::VerifyReport), PoolError> {
+        let key = self
+            .audit_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let r = self.audit.verify(Some(&key))?;
+        Ok((self.audit.path().display().to_string(), r))
+    }
+
     /// Replaces the audit key (after a master-key rotation: build it with
     /// [`AuditKey::from_ring`] and the new active version).
     pub fn set_audit_key(&self, key: AuditKey) {

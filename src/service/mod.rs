@@ -26,7 +26,10 @@ use crate::nbd::{Export, ExportTable};
 use crate::pool::{self, Pool, PoolError, STORE_FILE};
 use crate::volume::BlockDevice;
 
+mod audit;
 pub mod heal;
+
+pub use audit::{AuditVerifyOutput, audit_show_lines, audit_verify_output};
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -332,6 +335,7 @@ impl Service {
         );
         h.add("ping", |_, _| Ok(json!("pong")));
         heal::register(&mut h, self);
+        audit::register(self, &mut h);
         h
     }
 }
