@@ -16,45 +16,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, Disk, DiskError, DiskRef, IoOp, MemDisk, Pending};
+use shardvol::disk::{CrashMode, DiskRef, MemDisk, PowerCut, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry, StripeId};
 use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
-const UNLIMITED: i64 = i64::MAX / 2;
+const UNLIMITED: i64 = UNLIMITED_OPS;
 const CHUNK: u32 = 16 << 10;
 /// 4+2 with 16 KiB chunks: 64 KiB of data per stripe; 6 stripes.
 const SIZE: u64 = 6 * 64 * 1024;
-
-struct PowerCut {
-    inner: Arc<MemDisk>,
-    budget: Arc<AtomicI64>,
-}
-
-impl Disk for PowerCut {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        let n = ops.len() as i64;
-        let before = self.budget.fetch_sub(n, Ordering::SeqCst);
-        if before >= n {
-            return self.inner.submit(ops);
-        }
-        let allowed = before.max(0) as usize;
-        if allowed > 0 {
-            let prefix: Vec<IoOp> = ops.into_iter().take(allowed).collect();
-            let _ = self.inner.submit(prefix).wait();
-        }
-        Pending::ready(Err(DiskError::Gone {
-            disk: self.inner.name().to_string(),
-        }))
-    }
-}
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -90,12 +61,7 @@ impl Rig {
         let budget = Arc::new(AtomicI64::new(UNLIMITED));
         let disks = mems
             .iter()
-            .map(|m| {
-                Arc::new(PowerCut {
-                    inner: m.clone(),
-                    budget: budget.clone(),
-                }) as DiskRef
-            })
+            .map(|m| Arc::new(PowerCut::new(m.clone(), budget.clone())) as DiskRef)
             .collect();
         let rig = Rig {
             _dir: dir,

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{
-    CrashMode, Disk, DiskError, DiskRef, FaultDisk, FaultHandle, IoOp, MemDisk, Pending, Trigger,
+    CrashMode, DiskRef, FaultDisk, FaultHandle, MemDisk, PowerCut, Trigger, UNLIMITED_OPS,
 };
 use shardvol::layout::placement::{Placement, PlacementDisk};
 use shardvol::layout::{DiskId, Geometry, StripeId};
@@ -23,39 +23,10 @@ use shardvol::volume::format::{RecordHeader, RecordKind, header_pages};
 use shardvol::volume::{BlockDevice, Extent, Volume, VolumeError, VolumeParts, WriteKey};
 
 const BS: usize = 4096;
-const UNLIMITED: i64 = i64::MAX / 2;
+const UNLIMITED: i64 = UNLIMITED_OPS;
 
 // ---------------------------------------------------------------------------------------------
 // Rig: MemDisk ← PowerCut (shared op budget) ← FaultDisk, reopenable with the same disks and store.
-
-struct PowerCut {
-    inner: Arc<MemDisk>,
-    budget: Arc<AtomicI64>,
-}
-
-impl Disk for PowerCut {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        let n = ops.len() as i64;
-        let before = self.budget.fetch_sub(n, Ordering::SeqCst);
-        if before >= n {
-            return self.inner.submit(ops);
-        }
-        let allowed = before.max(0) as usize;
-        if allowed > 0 {
-            let prefix: Vec<IoOp> = ops.into_iter().take(allowed).collect();
-            let _ = self.inner.submit(prefix).wait();
-        }
-        Pending::ready(Err(DiskError::Gone {
-            disk: self.inner.name().to_string(),
-        }))
-    }
-}
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -96,10 +67,7 @@ impl Rig {
             .enumerate()
             .map(|(i, m)| {
                 FaultDisk::with_seed(
-                    Arc::new(PowerCut {
-                        inner: m.clone(),
-                        budget: budget.clone(),
-                    }) as DiskRef,
+                    Arc::new(PowerCut::new(m.clone(), budget.clone())) as DiskRef,
                     i as u64,
                 )
             })

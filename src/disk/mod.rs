@@ -57,6 +57,7 @@ mod inline;
 mod mem;
 mod overlay;
 mod pending;
+mod powercut;
 mod pread;
 pub mod uring;
 
@@ -67,6 +68,7 @@ pub use inline::InlineDisk;
 pub use mem::{CrashMode, CrashReport, MemDisk, MemDiskStats};
 pub use overlay::{OverlayDisk, OverlayStats, ReadOnlyFile};
 pub use pending::{Completer, Pending};
+pub use powercut::{PowerCut, UNLIMITED_OPS};
 pub use pread::PreadDisk;
 pub use uring::UringDisk;
 
