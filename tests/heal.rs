@@ -170,6 +170,15 @@ fn vol(p: &Pool) -> Arc<Volume> {
     p.volumes.get("v").unwrap().clone()
 }
 
+/// Writes seeded random data over the whole volume, flushes and destages it; returns it.
+fn fill_and_destage(v: &Volume, seed: u64) -> Vec<u8> {
+    let mut model = vec![0u8; SIZE as usize];
+    StdRng::seed_from_u64(seed).fill(&mut model[..]);
+    v.write(0, &model, true).unwrap();
+    v.destage().unwrap();
+    model
+}
+
 /// Writes random blocks into the volume and a model.
 fn write_random(v: &Volume, model: &mut [u8], rng: &mut StdRng, n: usize) {
     for _ in 0..n {
@@ -405,10 +414,7 @@ fn self_healing_reads_are_counted_per_disk() {
     let rig = Rig::new(6);
     let (p, _) = rig.open();
     let v = vol(&p);
-    let mut model = vec![0u8; SIZE as usize];
-    StdRng::seed_from_u64(7).fill(&mut model[..]);
-    v.write(0, &model, true).unwrap();
-    v.destage().unwrap();
+    let model = fill_and_destage(&v, 7);
     let disk = rig.stripe_disks(&v, 3)[1];
     rig.rot(&v, 3, 1, 2, false);
     rig.rot(&v, 3, 1, 3, true);
@@ -429,10 +435,7 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
     let rig = Rig::new(6);
     let (p, _) = rig.open();
     let v = vol(&p);
-    let mut model = vec![0u8; SIZE as usize];
-    StdRng::seed_from_u64(8).fill(&mut model[..]);
-    v.write(0, &model, true).unwrap();
-    v.destage().unwrap();
+    let model = fill_and_destage(&v, 8);
     let mut rng = StdRng::seed_from_u64(9);
     let bpc = u64::from(CHUNK) / BS as u64;
     let mut planted = 0;
@@ -747,10 +750,7 @@ fn scrub_blames_a_data_block_whose_reserved_metadata_bytes_rotted() {
     let rig = Rig::new(6);
     let (p, _) = rig.open();
     let v = vol(&p);
-    let mut model = vec![0u8; SIZE as usize];
-    StdRng::seed_from_u64(21).fill(&mut model[..]);
-    v.write(0, &model, true).unwrap();
-    v.destage().unwrap();
+    let model = fill_and_destage(&v, 21);
     let (s, c, row) = (3u64, 1usize, 2u64);
     let disk = rig.stripe_disks(&v, s)[c];
     let (page, off) = v.layout().meta_location(StripeId(s), row);
