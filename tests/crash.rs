@@ -14,13 +14,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, MemDisk};
-use shardvol::disk::{Disk, DiskError, DiskRef, IoOp, Pending};
+use shardvol::disk::{CrashMode, DiskRef, FaultDisk, MemDisk, PowerCut, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -28,56 +27,18 @@ use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
 const BS: usize = 4096;
 
-/// A disk that loses power: once the shared budget of ops runs out, every op fails and none
-/// reaches the memory disk. Also "pullable" to test degraded reads.
-struct PowerCut {
-    inner: Arc<MemDisk>,
-    name: String,
-    budget: Arc<AtomicI64>,
-    pulled: AtomicBool,
-}
-
-impl Disk for PowerCut {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        if self.pulled.load(Ordering::SeqCst) {
-            return Pending::ready(Err(DiskError::Gone {
-                disk: self.name.clone(),
-            }));
-        }
-        let n = ops.len() as i64;
-        let before = self.budget.fetch_sub(n, Ordering::SeqCst);
-        if before >= n {
-            return self.inner.submit(ops);
-        }
-        // The power goes out inside this batch: only the ops before the cut run.
-        let allowed = before.max(0) as usize;
-        if allowed > 0 {
-            let prefix: Vec<IoOp> = ops.into_iter().take(allowed).collect();
-            let _ = self.inner.submit(prefix).wait();
-        }
-        Pending::ready(Err(DiskError::Gone {
-            disk: self.name.clone(),
-        }))
-    }
-}
-
 struct Rig {
     _dir: tempfile::TempDir,
     store_path: std::path::PathBuf,
     mems: Vec<Arc<MemDisk>>,
-    cuts: Vec<Arc<PowerCut>>,
+    /// Each disk: the power-cut budget below, a pull switch (degraded reads) above.
+    cuts: Vec<Arc<FaultDisk>>,
     budget: Arc<AtomicI64>,
     record: VolumeRecord,
     keys: Arc<KeyRing>,
 }
 
-const UNLIMITED: i64 = i64::MAX / 2;
+const UNLIMITED: i64 = UNLIMITED_OPS;
 
 impl Rig {
     fn new(seed: u64) -> Self {
@@ -109,12 +70,10 @@ impl Rig {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                Arc::new(PowerCut {
-                    inner: m.clone(),
-                    name: format!("disk{i}"),
-                    budget: budget.clone(),
-                    pulled: AtomicBool::new(false),
-                })
+                Arc::new(FaultDisk::with_seed(
+                    Arc::new(PowerCut::new(m.clone(), budget.clone())) as DiskRef,
+                    i as u64,
+                ))
             })
             .collect();
         let keys = Arc::new(KeyRing::new([9; 16]));
@@ -375,12 +334,12 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
                 vol.destage().expect("destage before pulling disks");
                 let a = rng.random_range(0..6);
                 let b = (a + rng.random_range(1..6)) % 6;
-                rig.cuts[a].pulled.store(true, Ordering::SeqCst);
-                rig.cuts[b].pulled.store(true, Ordering::SeqCst);
+                rig.cuts[a].handle().set_gone(true);
+                rig.cuts[b].handle().set_gone(true);
                 counts.blocks_checked += check_all(&vol, &mut model, false);
                 counts.degraded_checks += 1;
-                rig.cuts[a].pulled.store(false, Ordering::SeqCst);
-                rig.cuts[b].pulled.store(false, Ordering::SeqCst);
+                rig.cuts[a].handle().set_gone(false);
+                rig.cuts[b].handle().set_gone(false);
             }
             counts.cycles += 1;
             done += 1;

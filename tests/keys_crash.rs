@@ -22,6 +22,9 @@ use shardvol::layout::{DiskId, Geometry, StripeId};
 use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
+mod common;
+use common::pattern;
+
 const UNLIMITED: i64 = UNLIMITED_OPS;
 const CHUNK: u32 = 16 << 10;
 /// 4+2 with 16 KiB chunks: 64 KiB of data per stripe; 6 stripes.
@@ -109,18 +112,6 @@ impl Rig {
         assert_eq!(Arc::strong_count(&vol), 1);
         drop(vol);
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Data under version 1: destaged, plus a few blocks still in the journal (flushed).

@@ -17,6 +17,9 @@ use shardvol::meta::KeyState;
 use shardvol::pool::{self, CreateOptions, DiskSpec, Pool};
 use shardvol::volume::{BlockDevice, Volume};
 
+mod common;
+use common::pattern;
+
 const MIB: u64 = 1 << 20;
 /// 4+2 with 64 KiB chunks: a stripe holds 256 KiB of data.
 const STRIPE: u64 = 256 << 10;
@@ -50,18 +53,6 @@ fn new_pool(shares: u8, threshold: u8) -> TestPool {
         pool: pool_dir,
         _dir: dir,
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn now() -> u64 {

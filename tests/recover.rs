@@ -15,6 +15,9 @@ use shardvol::pool::recover::{RecoverOptions, Recovered, recover};
 use shardvol::pool::{self, CreateOptions, DiskSpec, Pool, PoolError};
 use shardvol::volume::BlockDevice;
 
+mod common;
+use common::pattern;
+
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
 const DISKS: usize = 6;
@@ -29,18 +32,6 @@ struct Fixture {
     model: Vec<u8>,
     /// Blocks written and not trimmed since.
     allocated: u64,
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn create(dir: &Path, name: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
