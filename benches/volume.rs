@@ -28,6 +28,8 @@ fn volume(dir: &std::path::Path, chunk: u32) -> Arc<Volume> {
         region_offset: 1 << 20,
         journal_size: 256 << 20,
         region_size: 0,
+        journal_disks: Vec::new(),
+        rebalance: None,
     };
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();

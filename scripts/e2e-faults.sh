@@ -21,6 +21,11 @@
 #      `shardvol disk replace` rebuilds it onto a new file while fio still writes; fio must find
 #      zero errors and every disk must be ok. Prints the rebuild's MB/s and the volume's
 #      sequential read rate.
+#   f. add disks: with the volume full of random data, `shardvol disk add` grows the pool from 6 to
+#      7 disks while fio writes and verifies (zero errors); then a second add is interrupted by
+#      kill -9 half way, the restarted server resumes it by itself, and the volume reads back
+#      identical; finally pool.redb and 2 of the 8 disks (the newest among them) are deleted and
+#      `shardvol recover` rebuilds the same image from the superblocks. Prints the rebalance MB/s.
 # Each scenario prints its counts; the script exits non-zero at the first failure.
 #
 #   scripts/e2e-faults.sh
@@ -32,7 +37,7 @@
 # E2E_REPLACE_FIO_RATE (its write rate in e, default 8m), E2E_KILL_CYCLES (default 50), E2E_KILL_SPAN (blocks the kill -9 writer
 # uses, default 4096 = 16 MiB), E2E_ROT_SHARDS (shards flipped in scenario d, default 300),
 # E2E_ROT_ROWS (rows flipped on m+1 disks in scenario d, default 16), E2E_SEED (scenario d's
-# random choices; default $RANDOM, printed), E2E_SCENARIOS (default "c b a d e"), KEEP_WORK=1.
+# random choices; default $RANDOM, printed), E2E_SCENARIOS (default "c b a d e f"), KEEP_WORK=1.
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/server.sh"
@@ -49,7 +54,7 @@ E2E_FIO_SIZE=${E2E_FIO_SIZE:-64M}
 E2E_FIO_RATE=${E2E_FIO_RATE:-16m}
 E2E_KILL_CYCLES=${E2E_KILL_CYCLES:-50}
 E2E_KILL_SPAN=${E2E_KILL_SPAN:-4096}
-E2E_SCENARIOS=${E2E_SCENARIOS:-c b a d e}
+E2E_SCENARIOS=${E2E_SCENARIOS:-c b a d e f}
 E2E_REPLACE_FIO_RATE=${E2E_REPLACE_FIO_RATE:-8m}
 E2E_ROT_SHARDS=${E2E_ROT_SHARDS:-300}
 E2E_ROT_ROWS=${E2E_ROT_ROWS:-16}
@@ -317,6 +322,34 @@ print(*sorted(random.Random(int(sys.argv[1])).sample(range(6), int(sys.argv[2]))
     server_stop TERM
 }
 
+# fio_verify_start URI JSON: fio writes random blocks (4k-64k, E2E_FIO_SIZE at
+# E2E_REPLACE_FIO_RATE, iodepth 16) with crc32c verification, in the background (sets FIO_PID).
+fio_verify_start() {
+    {
+        bounded fio --name=verify --ioengine=nbd --uri="$1" --rw=randwrite --bsrange=4k-64k \
+            --size="$E2E_FIO_SIZE" --rate="$E2E_REPLACE_FIO_RATE" --iodepth=16 --verify=crc32c \
+            --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=0 \
+            --output-format=json --output="$2" || exit $?
+    } &
+    FIO_PID=$!
+}
+
+# fio_verify_check PID JSON SCENARIO WHAT: waits for fio and requires zero errors, with every
+# byte written verified.
+fio_verify_check() {
+    local rc=0 written verified errors
+    wait "$1" || rc=$?
+    written=$(json_field "$2" "j['jobs'][0]['write']['io_bytes']" 2>/dev/null || echo "?")
+    verified=$(json_field "$2" "j['jobs'][0]['read']['io_bytes']" 2>/dev/null || echo "?")
+    errors=$(json_field "$2" "j['jobs'][0]['error']" 2>/dev/null || echo "?")
+    log "$3: fio wrote $written bytes, verified $verified bytes, error code $errors, exit $rc"
+    if ((rc != 0)) || [[ "$errors" != 0 ]]; then
+        tail -n 20 "$SERVER_LOG" >&2 || true
+        die "fio reported errors across $4 (exit $rc, error $errors)"
+    fi
+    [[ "$verified" == "$written" ]] || die "fio verified $verified bytes of the $written written"
+}
+
 scenario_e() {
     step "e: a disk truncated and replaced while fio writes and verifies (crc32c)"
     new_pool e
@@ -328,13 +361,8 @@ scenario_e() {
     head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
     bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
     rm -f "$dir/fill.bin"
-    {
-        bounded fio --name=replace --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-64k \
-            --size="$E2E_FIO_SIZE" --rate="$E2E_REPLACE_FIO_RATE" --iodepth=16 --verify=crc32c \
-            --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=0 \
-            --output-format=json --output="$json" || exit $?
-    } &
-    local fio_pid=$! t0=$SECONDS
+    fio_verify_start "$uri" "$json"
+    local fio_pid=$FIO_PID t0=$SECONDS
     sleep 1
     kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the disk was damaged (lower E2E_REPLACE_FIO_RATE)"
     local victim=3
@@ -355,18 +383,7 @@ scenario_e() {
     log "e: disk replace: $(json_field "$dir/rebuild.json" "$q"); fio still running afterwards: $running"
     [[ $(json_field "$dir/rebuild.json" "j['completed'] and j['unrecoverable'] == 0") == True ]] ||
         die "the rebuild did not complete, or left unrecoverable blocks"
-    local rc=0
-    wait "$fio_pid" || rc=$?
-    local written verified errors
-    written=$(json_field "$json" "j['jobs'][0]['write']['io_bytes']" 2>/dev/null || echo "?")
-    verified=$(json_field "$json" "j['jobs'][0]['read']['io_bytes']" 2>/dev/null || echo "?")
-    errors=$(json_field "$json" "j['jobs'][0]['error']" 2>/dev/null || echo "?")
-    log "e: fio wrote $written bytes, verified $verified bytes, error code $errors, exit $rc"
-    if ((rc != 0)) || [[ "$errors" != 0 ]]; then
-        tail -n 20 "$SERVER_LOG" >&2 || true
-        die "fio reported errors across the replacement (exit $rc, error $errors)"
-    fi
-    [[ "$verified" == "$written" ]] || die "fio verified $verified bytes of the $written written"
+    fio_verify_check "$fio_pid" "$json" e "the replacement"
     status_json "$dir/status.json" || die "shardvol status failed"
     local states
     states=$(json_field "$dir/status.json" "' '.join(f\"{d['id']}:{d['state']}\" for d in j['disks'])")
@@ -383,6 +400,98 @@ scenario_e() {
     server_stop TERM
 }
 
+# _rebalance_done: whether the running server reports no rebalance in progress.
+_rebalance_done() {
+    status_json "$WORK/f/st.json" 2>/dev/null &&
+        [[ $(json_field "$WORK/f/st.json" "j.get('rebalance') is None") == True ]]
+}
+
+# recover_shares: --share arguments for the threshold of the pool's shares.
+recover_shares() {
+    local f n=0
+    while IFS= read -r f; do
+        ((n < SHARDVOL_THRESHOLD)) || break
+        printf -- '--share\n%s\n' "$f"
+        n=$((n + 1))
+    done < <(find "$SERVER_POOL.shares" -maxdepth 1 -type f | sort -r)
+}
+
+scenario_f() {
+    step "f: disks added while fio writes and verifies; an add killed half way and resumed; recover"
+    new_pool f
+    server_start unix
+    local uri json=$WORK/f/fio.json dir=$WORK/f
+    uri=$(server_uri)
+    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
+    bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
+    rm -f "$dir/fill.bin"
+    fio_verify_start "$uri" "$json"
+    local fio_pid=$FIO_PID
+    sleep 1
+    kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the disk add (lower E2E_REPLACE_FIO_RATE)"
+    bounded "$SHARDVOL_BIN" disk add --pool "$SERVER_POOL" "$dir/disk-6.img:shelf-2" --json \
+        >"$dir/add.json" 2>"$dir/add.err" || {
+        cat "$dir/add.err" >&2
+        die "shardvol disk add failed"
+    }
+    local running=no
+    kill -0 "$fio_pid" 2>/dev/null && running=yes
+    local q="'{} stripes rewritten, {} chunks moved, {:.1f} MiB in {:.2f} s: {:.0f} MB/s; completed {}'.format(j['moved'], j['chunks_moved'], j['bytes'] / 2**20, j['seconds'], j['bytes'] / j['seconds'] / 1e6, j['completed'])"
+    log "f: disk add (6 -> 7 disks): $(json_field "$dir/add.json" "$q"); fio still running afterwards: $running"
+    [[ $(json_field "$dir/add.json" "j['completed'] and j['moved'] > 0") == True ]] ||
+        die "the rebalance did not complete or moved nothing"
+    fio_verify_check "$fio_pid" "$json" f "the rebalance"
+    status_json "$dir/status.json" || die "shardvol status failed"
+    [[ $(json_field "$dir/status.json" "len(j['disks']) == 7 and all(d['state'] == 'ok' for d in j['disks']) and j.get('rebalance') is None") == True ]] ||
+        die "after the add: not 7 disks all ok, or a rebalance still shown: $(json_field "$dir/status.json" "[(d['id'], d['state']) for d in j['disks']], j.get('rebalance')")"
+    local t1 t2
+    t1=$(date +%s.%N)
+    bounded nbdcopy --requests=8 --request-size=$((1 << 20)) "$uri" "$dir/served.img" || die "nbdcopy out of the export failed"
+    t2=$(date +%s.%N)
+    log "f: sequential read of the volume on 7 disks (nbdcopy 8 x 1 MiB): $("$PY" -c "import sys; print(f'{int(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2])) / 1e6:.0f}')" "$(stat -c %s "$dir/served.img")" "$t1" "$t2") MB/s"
+
+    # A second add, killed half way: the restarted server resumes it by itself.
+    { bounded "$SHARDVOL_BIN" disk add --pool "$SERVER_POOL" "$dir/disk-7.img" --rate 24M \
+        >"$dir/add2.out" 2>&1 || true; } &
+    local add_pid=$!
+    wait_until 30 "the second rebalance to start" _rebalance_started ||
+        die "the second disk add did not start"
+    sleep 2
+    server_stop KILL
+    wait "$add_pid" || true
+    local pct
+    pct=$("$SHARDVOL_BIN" status --pool "$SERVER_POOL" --json | "$PY" -c "import json,sys; r=json.load(sys.stdin).get('rebalance'); print(r and round(r['percent'], 1))")
+    [[ "$pct" != None ]] || die "kill -9 came after the second rebalance finished (nothing to resume)"
+    log "f: server killed with the second rebalance at $pct%"
+    server_start unix
+    wait_until 300 "the restarted server to finish the rebalance" _rebalance_done ||
+        die "the interrupted rebalance did not finish after the restart"
+    bounded nbdcopy "$uri" "$dir/after.img" || die "nbdcopy out of the export failed"
+    cmp "$dir/served.img" "$dir/after.img" || die "the volume changed across the interrupted rebalance"
+    log "f: the restarted server finished the rebalance onto disk 7; the volume reads back identical"
+    server_stop TERM
+
+    # Offline recovery from the superblocks of the grown pool.
+    rm "$SERVER_POOL/pool.redb" "$dir/disk-7.img" "$(disk_file 2)"
+    local disks=() f shares=()
+    for f in "$SERVER_POOL"/disks/disk-*.img "$dir/disk-6.img"; do disks+=(--disk "$f"); done
+    mapfile -t shares < <(recover_shares)
+    bounded "$SHARDVOL_BIN" recover "${disks[@]}" "${shares[@]}" --volume "$EXPORT" \
+        --output "$dir/recovered.img" >"$dir/recover.out" 2>"$dir/recover.err" || {
+        cat "$dir/recover.out" "$dir/recover.err" >&2
+        die "shardvol recover failed"
+    }
+    cmp "$dir/served.img" "$dir/recovered.img" || die "the recovered image differs from what the server served"
+    rm -f "$dir"/*.img
+    log "f: recovered without pool.redb and with disks 2 and 7 of 8 deleted: identical"
+}
+
+# _rebalance_started: whether the running server reports a rebalance in progress.
+_rebalance_started() {
+    status_json "$WORK/f/st.json" 2>/dev/null &&
+        [[ $(json_field "$WORK/f/st.json" "j.get('rebalance') is not None") == True ]]
+}
+
 for s in $E2E_SCENARIOS; do
     case "$s" in
         a) scenario_a ;;
@@ -390,6 +499,7 @@ for s in $E2E_SCENARIOS; do
         c) scenario_c ;;
         d) scenario_d ;;
         e) scenario_e ;;
-        *) die "unknown scenario $s (a, b, c, d or e)" ;;
+        f) scenario_f ;;
+        *) die "unknown scenario $s (a, b, c, d, e or f)" ;;
     esac
 done

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What self-healing costs, measured on one volume of a running server: sequential read of the
 # volume by an NBD client, scrub of the volume, sequential read with one disk failed (every
-# block of that disk rebuilt from parity), and the rebuild of that disk onto a new file; then
-# the data is read back and compared. Prints one table of MB/s.
+# block of that disk rebuilt from parity), the rebuild of that disk onto a new file, and the
+# rebalance onto a seventh disk (`disk add`); each time the data is read back and compared. Prints one table of MB/s.
 #
 #   scripts/heal-bench.sh                 # 4+2 over six files, a 1 GiB volume full of random data
 #
@@ -84,6 +84,13 @@ grep -q "rebuilding\|failed" "$WORK/status.txt" && { cat "$WORK/status.txt" >&2;
 step "sequential read after the rebuild"
 seq_read rebuilt
 READ_REBUILT=$MBPS
+
+step "add a seventh disk and rebalance (running server)"
+"$SHARDVOL_BIN" disk add --pool "$POOL" "$WORK/disk-6.img" --json \
+    >"$WORK/add.json" 2>"$WORK/add.log" || { cat "$WORK/add.log" >&2; die "disk add failed"; }
+ADD=$(mbps "$(field "$WORK/add.json" bytes)" 0 "$(field "$WORK/add.json" seconds)")
+seq_read grown
+READ_GROWN=$MBPS
 server_stop TERM
 
 printf '\nvolume %s (%s of random data), 4+2 over six files, one run\n\n' "$HEAL_SIZE" "$HEAL_DATA"
@@ -94,4 +101,6 @@ printf '| sequential read, one disk failed | %s | the volume; its blocks on the 
 printf '| rebuild of one disk: read | %s | the other chunks of every stripe placed on it |\n' "$REBUILD_READ"
 printf '| rebuild of one disk: written | %s | the new disk |\n' "$REBUILD_WRITE"
 printf '| sequential read, rebuilt | %s | the volume |\n' "$READ_REBUILT"
-log "all data read back identical (healthy, degraded, rebuilt)"
+printf '| rebalance onto a 7th disk (disk add) | %s | the data of every stripe whose placement changed (journal, then full stripes) |\n' "$ADD"
+printf '| sequential read, 7 disks | %s | the volume |\n' "$READ_GROWN"
+log "all data read back identical (healthy, degraded, rebuilt, grown)"

@@ -201,6 +201,24 @@ enum DiskCommand {
         #[command(flatten)]
         shares: HealShares,
     },
+    /// Add a disk to the pool and move onto it the chunks that placement gives it, while the
+    /// volumes stay in service. Run again with the same path to resume an interrupted
+    /// rebalance.
+    Add {
+        #[arg(long)]
+        pool: PathBuf,
+        /// The new disk, optionally with its failure domain: PATH or PATH:DOMAIN (a file is
+        /// created sparse; a block device must be large enough).
+        disk: String,
+        /// Most bytes moved per second, e.g. 200M (0: no limit).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        shares: HealShares,
+    },
 }
 
 #[derive(Args)]
@@ -771,6 +789,12 @@ fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
             );
         }
     }
+    if let Some(r) = &st.rebalance {
+        println!(
+            "rebalance: onto disk {}, {:.1}% of the stripes moved; `shardvol disk add` with its path resumes it",
+            r.disk, r.percent
+        );
+    }
     println!("disks:");
     for d in &st.disks {
         println!("  {:>3}  {:<10} {:<12} {}", d.id, d.state, d.domain, d.path);
@@ -848,28 +872,48 @@ fn open_offline(pool_dir: &std::path::Path, s: &HealShares) -> Result<pool::Pool
         .with_context(|| format!("cannot open pool {}", pool_dir.display()))
 }
 
-fn scrub(a: ScrubArgs) -> Result<()> {
-    use shardvol::volume::scrub::{Progress, ScrubOptions, ScrubReport};
-    let show = progress_printer("scrub");
-    let args = serde_json::json!({ "volume": a.volume, "repair": a.repair, "rate": a.rate });
-    let online = shardvol::control::call(&a.pool, "scrub", args, |v| {
+/// Runs a long admin job through the pool's server (`command` over the control socket, its
+/// progress printed as `what`), or, when no server runs, with `offline` on the stopped pool
+/// opened with the share files.
+fn run_job<R: serde::de::DeserializeOwned>(
+    pool_dir: &std::path::Path,
+    shares: &HealShares,
+    command: &str,
+    args: serde_json::Value,
+    what: &'static str,
+    offline: impl FnOnce(
+        &pool::Pool,
+        &dyn Fn(shardvol::volume::scrub::Progress),
+    ) -> Result<R, pool::PoolError>,
+) -> Result<R> {
+    use shardvol::volume::scrub::Progress;
+    let show = progress_printer(what);
+    let online = shardvol::control::call(pool_dir, command, args, |v| {
         if let Ok(p) = serde_json::from_value::<Progress>(v.clone()) {
             show(&p);
         }
     })?;
-    let report: ScrubReport = match online {
-        Some(v) => serde_json::from_value(v)?,
+    match online {
+        Some(v) => Ok(serde_json::from_value(v)?),
         None => {
-            let p = open_offline(&a.pool, &a.shares)?;
-            let opts = ScrubOptions {
-                repair: a.repair,
-                rate_bytes_per_s: a.rate,
-            };
-            let r = p.scrub(&a.volume, &opts, &|pr| show(&pr));
+            let p = open_offline(pool_dir, shares)?;
+            let r = offline(&p, &|pr| show(&pr));
             p.close().context("closing the pool")?;
-            r?
+            Ok(r?)
         }
-    };
+    }
+}
+
+fn scrub(a: ScrubArgs) -> Result<()> {
+    use shardvol::volume::scrub::{ScrubOptions, ScrubReport};
+    let args = serde_json::json!({ "volume": a.volume, "repair": a.repair, "rate": a.rate });
+    let report: ScrubReport = run_job(&a.pool, &a.shares, "scrub", args, "scrub", |p, show| {
+        let opts = ScrubOptions {
+            repair: a.repair,
+            rate_bytes_per_s: a.rate,
+        };
+        p.scrub(&a.volume, &opts, show)
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -923,30 +967,22 @@ fn disk_replace(
     shares: HealShares,
 ) -> Result<()> {
     use shardvol::pool::{RebuildOptions, RebuildReport};
-    use shardvol::volume::scrub::Progress;
-    let show = progress_printer("rebuild");
     let with = std::path::absolute(&with).unwrap_or(with);
     let args = serde_json::json!({ "disk": disk, "with": with, "rate": rate });
-    let online = shardvol::control::call(&pool_dir, "disk_replace", args, |v| {
-        if let Ok(p) = serde_json::from_value::<Progress>(v.clone()) {
-            show(&p);
-        }
-    })?;
-    let report: RebuildReport = match online {
-        Some(v) => serde_json::from_value(v)?,
-        None => {
-            let p = open_offline(&pool_dir, &shares)?;
+    let report: RebuildReport = run_job(
+        &pool_dir,
+        &shares,
+        "disk_replace",
+        args,
+        "rebuild",
+        |p, show| {
             let opts = RebuildOptions {
                 rate_bytes_per_s: rate,
                 stop: None,
             };
-            let r = p.replace_disk(shardvol::layout::DiskId(disk), &with, &opts, &|pr| {
-                show(&pr)
-            });
-            p.close().context("closing the pool")?;
-            r?
-        }
-    };
+            p.replace_disk(shardvol::layout::DiskId(disk), &with, &opts, show)
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -966,6 +1002,61 @@ fn disk_replace(
         bail!(
             "{} blocks could not be rebuilt (more than m chunks of their rows are lost)",
             report.unrecoverable
+        );
+    }
+    Ok(())
+}
+
+fn disk_add(
+    pool_dir: PathBuf,
+    disk: &str,
+    rate: u64,
+    json: bool,
+    shares: HealShares,
+) -> Result<()> {
+    use shardvol::pool::{AddOptions, AddReport};
+    // PATH:DOMAIN, unless the whole argument names an existing file (a path with a colon).
+    let (path, domain) = match disk.rsplit_once(':') {
+        Some((p, d)) if !d.is_empty() && !std::path::Path::new(disk).exists() => {
+            (PathBuf::from(p), Some(d.to_string()))
+        }
+        _ => (PathBuf::from(disk), None),
+    };
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let args = serde_json::json!({ "path": path, "domain": domain, "rate": rate });
+    let report: AddReport = run_job(
+        &pool_dir,
+        &shares,
+        "disk_add",
+        args,
+        "rebalance",
+        |p, show| {
+            let opts = AddOptions {
+                domain: domain.clone(),
+                rate_bytes_per_s: rate,
+                stop: None,
+            };
+            p.add_disk(&path, &opts, show)
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "disk {} ({}, domain {}) is in the pool{}: {} stripes rewritten, {} chunks moved, {} of data in {:.1} s ({}/s)",
+            report.disk,
+            report.path,
+            report.domain,
+            if report.resumed {
+                " (rebalance resumed)"
+            } else {
+                ""
+            },
+            report.moved,
+            report.chunks_moved,
+            human(report.bytes),
+            report.seconds,
+            human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
         );
     }
     Ok(())
@@ -1296,6 +1387,13 @@ fn main() -> Result<()> {
             json,
             shares,
         })) => disk_replace(pool, disk, with, rate, json, shares),
+        Some(Command::Disk(DiskCommand::Add {
+            pool,
+            disk,
+            rate,
+            json,
+            shares,
+        })) => disk_add(pool, &disk, rate, json, shares),
         Some(Command::Audit(c)) => audit(c),
         Some(Command::Recover(a)) => recover(a),
         None => unreachable!("clap prints help when no command is given"),

@@ -613,6 +613,7 @@ fn event_names_are_stable() {
             "policy-refusal",
             "disk-failed",
             "disk-replaced",
+            "disk-added",
             "attest",
             "log-repaired"
         ]

@@ -25,6 +25,8 @@ use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
+mod common;
+
 const BS: usize = 4096;
 
 struct Rig {
@@ -44,23 +46,18 @@ impl Rig {
     fn new(seed: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store_path = dir.path().join("pool.redb");
-        let store = MetaStore::create(&store_path).unwrap();
         let geometry = Geometry::new(4, 2, 16 * 1024).unwrap();
         let mut seed_bytes = [0u8; 32];
         seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let mut record = VolumeRecord {
-            id: 7,
-            name: "crash".into(),
-            size: 24 * 16 * BS as u64,
+        let record = common::stored_record(
+            &store_path,
+            7,
+            "crash",
+            24 * 16 * BS as u64,
             geometry,
-            placement_seed: seed_bytes,
-            region_offset: 1 << 20,
-            journal_size: (4 << 20) + 8192,
-            region_size: 0,
-        };
-        record.region_size = Volume::layout_of(&record).region_size();
-        store.put_volume(&record).unwrap();
-        drop(store);
+            seed_bytes,
+            (4 << 20) + 8192,
+        );
         let size = record.region_offset + record.region_size;
         let mems: Vec<Arc<MemDisk>> = (0..6)
             .map(|i| Arc::new(MemDisk::new(format!("mem{i}"), size)))

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, DiskRef, MemDisk, PowerCut, UNLIMITED_OPS};
+use shardvol::disk::{CrashMode, DiskRef, MemDisk, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry, StripeId};
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -43,29 +43,17 @@ impl Rig {
     fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let store_path = dir.path().join("pool.redb");
-        let store = MetaStore::create(&store_path).unwrap();
-        let mut record = VolumeRecord {
-            id: 1,
-            name: "rekey".into(),
-            size: SIZE,
-            geometry: Geometry::new(4, 2, CHUNK).unwrap(),
-            placement_seed: [3; 32],
-            region_offset: 1 << 20,
-            journal_size: (4 << 20) + 8192,
-            region_size: 0,
-        };
-        record.region_size = Volume::layout_of(&record).region_size();
-        store.put_volume(&record).unwrap();
-        drop(store);
+        let record = common::stored_record(
+            &store_path,
+            1,
+            "rekey",
+            SIZE,
+            Geometry::new(4, 2, CHUNK).unwrap(),
+            [3; 32],
+            (4 << 20) + 8192,
+        );
         let disk_size = record.region_offset + record.region_size;
-        let mems: Vec<Arc<MemDisk>> = (0..6)
-            .map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size)))
-            .collect();
-        let budget = Arc::new(AtomicI64::new(UNLIMITED));
-        let disks = mems
-            .iter()
-            .map(|m| Arc::new(PowerCut::new(m.clone(), budget.clone())) as DiskRef)
-            .collect();
+        let (mems, disks, budget) = common::cut_disks(6, disk_size);
         let rig = Rig {
             _dir: dir,
             store_path,

@@ -39,6 +39,8 @@ fn volume(id: u64, name: &str) -> VolumeRecord {
         region_offset: 1 << 20,
         journal_size: 1 << 28,
         region_size: 4 << 30,
+        journal_disks: Vec::new(),
+        rebalance: None,
     }
 }
 

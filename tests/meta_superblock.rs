@@ -44,6 +44,8 @@ fn sample(seq: u64) -> Superblock {
             region_offset: SUPERBLOCK_AREA,
             journal_size: 1 << 30,
             region_size: 40 << 30,
+            journal_disks: Vec::new(),
+            rebalance: None,
         }],
         keys: vec![KeyRecord {
             version: 1,

@@ -22,6 +22,8 @@ use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::format::{RecordHeader, RecordKind, header_pages};
 use shardvol::volume::{BlockDevice, Extent, Volume, VolumeError, VolumeParts, WriteKey};
 
+mod common;
+
 const BS: usize = 4096;
 const UNLIMITED: i64 = UNLIMITED_OPS;
 
@@ -43,20 +45,15 @@ impl Rig {
     fn new(size: u64, k: u16, m: u16, chunk: u32, journal_size: u64, ndisks: usize) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let store_path = dir.path().join("pool.redb");
-        let store = MetaStore::create(&store_path).unwrap();
-        let mut record = VolumeRecord {
-            id: 3,
-            name: "review".into(),
+        let record = common::stored_record(
+            &store_path,
+            3,
+            "review",
             size,
-            geometry: Geometry::new(k, m, chunk).unwrap(),
-            placement_seed: [11; 32],
-            region_offset: 1 << 20,
+            Geometry::new(k, m, chunk).unwrap(),
+            [11; 32],
             journal_size,
-            region_size: 0,
-        };
-        record.region_size = Volume::layout_of(&record).region_size();
-        store.put_volume(&record).unwrap();
-        drop(store);
+        );
         let disk_size = record.region_offset + record.region_size;
         let mems: Vec<Arc<MemDisk>> = (0..ndisks)
             .map(|i| Arc::new(MemDisk::new(format!("m{i}"), disk_size)))

@@ -96,13 +96,14 @@ pub enum EventKind {
     PolicyRefusal,
     DiskFailed,
     DiskReplaced,
+    DiskAdded,
     Attest,
     LogRepaired,
 }
 
 impl EventKind {
     /// Every kind, in the order of the docs.
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::PoolCreate,
         EventKind::UnlockAttempt,
         EventKind::Unlock,
@@ -116,6 +117,7 @@ impl EventKind {
         EventKind::PolicyRefusal,
         EventKind::DiskFailed,
         EventKind::DiskReplaced,
+        EventKind::DiskAdded,
         EventKind::Attest,
         EventKind::LogRepaired,
     ];
@@ -136,6 +138,7 @@ impl EventKind {
             EventKind::PolicyRefusal => "policy-refusal",
             EventKind::DiskFailed => "disk-failed",
             EventKind::DiskReplaced => "disk-replaced",
+            EventKind::DiskAdded => "disk-added",
             EventKind::Attest => "attest",
             EventKind::LogRepaired => "log-repaired",
         }

@@ -83,6 +83,24 @@ pub struct VolumeRecord {
     pub journal_size: u64,
     /// Bytes of the whole region on each disk.
     pub region_size: u64,
+    /// The disks of the volume's journal, fixed by the first `disk add` (placement of the
+    /// journal would otherwise change with the disk table). Empty: the disks placement gives
+    /// (`Volume::journal_disks`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal_disks: Vec<DiskId>,
+    /// A rebalance in progress after a `disk add` (`volume::rebalance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<Rebalance>,
+}
+
+/// The state of a volume's rebalance onto a grown disk table: stripes below `cursor` are
+/// placed over every disk of the pool, the others still over the disks of `from`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebalance {
+    /// The disk ids of the table before the disk was added.
+    pub from: Vec<DiskId>,
+    /// Stripes before this one have moved.
+    pub cursor: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -356,6 +356,59 @@ impl MetaStore {
         self.write_one(DISKS, d.id.0, &v, &what)
     }
 
+    /// A disk joining the pool and the volumes' rebalance records, in one transaction: either
+    /// the pool has the disk and every volume knows which stripes moved, or neither.
+    pub fn add_disk_with_volumes(
+        &self,
+        d: &DiskRecord,
+        volumes: &[VolumeRecord],
+    ) -> Result<(), MetaError> {
+        let ctx = format!("cannot add disk {}", d.id);
+        let disk = self.encode_json(&ctx, d)?;
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        {
+            let mut disks = txn.open_table(DISKS).map_err(|e| self.err(&ctx, e))?;
+            disks
+                .insert(d.id.0, disk.as_slice())
+                .map_err(|e| self.err(&ctx, e))?;
+            let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
+            for v in volumes {
+                let value = self.encode_json(&ctx, v)?;
+                vols.insert(v.id, value.as_slice())
+                    .map_err(|e| self.err(&ctx, e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(&ctx, e))
+    }
+
+    /// Changes volume `id`'s record with `f` in one transaction (its name must not change).
+    pub fn update_volume(
+        &self,
+        id: u64,
+        f: impl FnOnce(&mut VolumeRecord),
+    ) -> Result<VolumeRecord, MetaError> {
+        let ctx = format!("cannot update volume {id}");
+        let txn = self.db.begin_write().map_err(|e| self.err(&ctx, e))?;
+        let rec = {
+            let mut vols = txn.open_table(VOLUMES).map_err(|e| self.err(&ctx, e))?;
+            let mut rec: VolumeRecord = match vols.get(id).map_err(|e| self.err(&ctx, e))? {
+                Some(g) => self.decode_json(&format!("volume {id}"), g.value())?,
+                None => return Err(self.err(&ctx, "no such volume")),
+            };
+            let name = rec.name.clone();
+            f(&mut rec);
+            if rec.name != name {
+                return Err(self.err(&ctx, "the name cannot change here"));
+            }
+            let value = self.encode_json(&ctx, &rec)?;
+            vols.insert(id, value.as_slice())
+                .map_err(|e| self.err(&ctx, e))?;
+            rec
+        };
+        txn.commit().map_err(|e| self.err(&ctx, e))?;
+        Ok(rec)
+    }
+
     /// All volumes, by id.
     pub fn volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
         self.read_all(VOLUMES, "the volume table")

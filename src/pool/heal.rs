@@ -144,7 +144,7 @@ fn save_disk_health(store: &MetaStore, h: &Health, id: DiskId) {
 
 /// Writes the store's pool description to the superblock of every disk that is not failed,
 /// with a sequence number above every superblock found on them.
-fn rewrite_superblocks(store: &MetaStore, h: &Health) -> Result<(), PoolError> {
+pub(super) fn rewrite_superblocks(store: &MetaStore, h: &Health) -> Result<(), PoolError> {
     let disks: std::collections::HashMap<DiskId, DiskRef> = h
         .ids()
         .into_iter()
@@ -161,26 +161,34 @@ fn rewrite_superblocks(store: &MetaStore, h: &Health) -> Result<(), PoolError> {
     write_superblocks(store, &disks, seq)
 }
 
-/// Rebuilds running in this process, by (pool directory, disk id): one at a time per disk.
-static RUNNING: Mutex<BTreeSet<(PathBuf, u32)>> = Mutex::new(BTreeSet::new());
+/// Long jobs running in this process, by (pool directory, job): a rebuild per disk
+/// (`rebuild N`), one rebalance per pool (`rebalance`).
+static RUNNING: Mutex<BTreeSet<(PathBuf, String)>> = Mutex::new(BTreeSet::new());
 
-/// A claim on the rebuild of one disk, released on drop.
-struct RunningRebuild((PathBuf, u32));
+/// A claim on one job of one pool, released on drop.
+pub(super) struct Running((PathBuf, String));
 
-impl RunningRebuild {
-    fn claim(dir: &Path, id: DiskId) -> Result<Self, PoolError> {
-        let key = (dir.to_path_buf(), id.0);
+impl Running {
+    /// Claims `job` on the pool at `dir`; `busy` is the error when it already runs.
+    pub(super) fn claim(dir: &Path, job: String, busy: &str) -> Result<Self, PoolError> {
+        let key = (dir.to_path_buf(), job);
         let mut r = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
         if !r.insert(key.clone()) {
-            return Err(PoolError::Invalid(format!(
-                "a rebuild of disk {id} is already running"
-            )));
+            return Err(PoolError::Invalid(busy.to_string()));
         }
         Ok(Self(key))
     }
+
+    /// Whether `job` runs on the pool at `dir`.
+    pub(super) fn is_running(dir: &Path, job: String) -> bool {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(dir.to_path_buf(), job))
+    }
 }
 
-impl Drop for RunningRebuild {
+impl Drop for Running {
     fn drop(&mut self) {
         RUNNING
             .lock()
@@ -190,12 +198,18 @@ impl Drop for RunningRebuild {
 }
 
 impl Pool {
+    /// Bytes every disk must hold: the end of the last volume's region.
+    pub(super) fn disk_bytes_needed(&self) -> u64 {
+        self.volumes
+            .values()
+            .map(|v| v.record().region_offset + v.record().region_size)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether a rebuild of disk `id` runs in this process.
     pub fn rebuild_running(&self, id: DiskId) -> bool {
-        RUNNING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(self.dir.clone(), id.0))
+        Running::is_running(&self.dir, format!("rebuild {id}"))
     }
 }
 
@@ -297,7 +311,11 @@ impl Pool {
         progress: &dyn Fn(Progress),
     ) -> Result<RebuildReport, PoolError> {
         let started = Instant::now();
-        let _running = RunningRebuild::claim(&self.dir, id)?;
+        let _running = Running::claim(
+            &self.dir,
+            format!("rebuild {id}"),
+            &format!("a rebuild of disk {id} is already running"),
+        )?;
         let table = self.store.disks()?;
         let Some(mut rec) = table.iter().find(|d| d.id == id).cloned() else {
             return Err(PoolError::Invalid(format!(
@@ -316,6 +334,11 @@ impl Pool {
                 other.id
             )));
         }
+        if self.rebalance_pending() {
+            return Err(PoolError::Invalid(
+                "a rebalance after `disk add` is in progress: it writes around the failed disk; replace it once the rebalance has finished".into(),
+            ));
+        }
         let state = self.health.state(id);
         let resume = state == DiskState::Rebuilding && same_file(&rec.path, &path);
         if state == DiskState::Ok {
@@ -325,12 +348,7 @@ impl Pool {
             )));
         }
         if !resume {
-            let need = self
-                .volumes
-                .values()
-                .map(|v| v.record().region_offset + v.record().region_size)
-                .max()
-                .unwrap_or(0);
+            let need = self.disk_bytes_needed();
             rec.path = path.clone();
             size_disk(&mut rec, need)?;
             let disk = crate::disk::open_disk(&path, &DiskOptions::default())?;
@@ -442,6 +460,15 @@ impl Pool {
         }
         report.completed = true;
         report.seconds = started.elapsed().as_secs_f64();
+        self.audit(
+            crate::audit::EventKind::DiskReplaced,
+            crate::audit::fields([
+                ("disk", id.0.to_string()),
+                ("path", path.display().to_string()),
+                ("chunks", report.chunks.to_string()),
+                ("unrecoverable", report.unrecoverable.to_string()),
+            ]),
+        )?;
         info!(
             disk = id.0,
             chunks = report.chunks,
@@ -591,12 +618,12 @@ fn health_view_of(store: &MetaStore) -> Result<HealthView, PoolError> {
     Ok(HealthView { disks, scrubs })
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(super) fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Whether two paths name the same file (the same inode when both exist).
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(super) fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),

@@ -34,6 +34,9 @@ use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
 pub mod recover;
 
+mod grow;
+pub use grow::{AddOptions, AddReport, RebalanceStatus, rebalance_status, rebalance_view};
+
 mod heal;
 pub use heal::{
     DiskHealthView, HealthView, RebuildOptions, RebuildReport, RebuildStatus, ScrubSummary,
@@ -261,6 +264,8 @@ fn new_volume_record(
         region_offset,
         journal_size: opts.journal_size,
         region_size: 0,
+        journal_disks: Vec::new(),
+        rebalance: None,
     };
     v.region_size = Volume::layout_of(&v).region_size();
     v
@@ -665,7 +670,7 @@ impl Pool {
             )?;
             volumes.insert(v.name.clone(), Volume::open_with(parts, health.clone())?);
         }
-        Ok(Self {
+        let pool = Self {
             dir: dir.to_path_buf(),
             store,
             volumes,
@@ -673,7 +678,9 @@ impl Pool {
             health,
             audit,
             audit_key,
-        })
+        };
+        pool.install_rebalance_hooks()?;
+        Ok(pool)
     }
 
     /// Appends an audit record MAC'd under the pool's audit key; returns its seq.

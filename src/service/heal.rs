@@ -1,11 +1,12 @@
 //! Self-healing on a served pool: the `scrub` and `disk_replace` control commands, and the
-//! background healer (scheduled scrubs from `[scrub]`, and the resumption of a rebuild that a
-//! restart interrupted, at `[rebuild] rate`).
+//! background healer (scheduled scrubs from `[scrub]`, and the resumption of a rebuild or a
+//! rebalance that a restart interrupted, at `[rebuild] rate`).
 //!
 //! | command | args | progress | result |
 //! |---|---|---|---|
 //! | `scrub` | `volume`, `repair` (bool), `rate` (bytes/s, 0: none) | `{done, total, bytes, bytes_per_s, eta_s}` | the scrub report |
 //! | `disk_replace` | `disk` (id), `with` (path), `rate` (bytes/s) | the same | the rebuild report |
+//! | `disk_add` | `path`, `domain` (optional), `rate` (bytes/s) | the same | the rebalance report |
 
 use std::cell::Cell;
 use std::sync::{Arc, Weak};
@@ -18,7 +19,7 @@ use super::Service;
 use crate::control::{Handlers, Progress as Sink};
 use crate::layout::DiskId;
 use crate::meta::DiskState;
-use crate::pool::{Pool, RebuildOptions};
+use crate::pool::{AddOptions, Pool, RebuildOptions};
 use crate::volume::scrub::{Progress, ScrubOptions};
 
 /// Least time between two progress lines sent to a client: enough to show a rate, few enough
@@ -68,6 +69,31 @@ pub(super) fn register(h: &mut Handlers, service: &Arc<Service>) {
                 &opts,
                 &throttled(sink),
             )
+            .map_err(|e| e.to_string())?;
+        serde_json::to_value(report).map_err(|e| e.to_string())
+    });
+    register_add(h, service);
+}
+
+/// Registers `disk_add` (a separate function so `register` stays readable).
+fn register_add(h: &mut Handlers, service: &Arc<Service>) {
+    let s = service.clone();
+    h.add("disk_add", move |args: &Value, sink: &Sink| {
+        let pool = unlocked(&s)?;
+        let path = args
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or("disk_add needs \"path\": the path of the new disk")?;
+        let opts = AddOptions {
+            domain: args
+                .get("domain")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            rate_bytes_per_s: args.get("rate").and_then(Value::as_u64).unwrap_or(0),
+            stop: None,
+        };
+        let report = pool
+            .add_disk(std::path::Path::new(path), &opts, &throttled(sink))
             .map_err(|e| e.to_string())?;
         serde_json::to_value(report).map_err(|e| e.to_string())
     });
@@ -125,6 +151,7 @@ fn healer(weak: Weak<Service>) {
                 warn!(disk = id.0, error = %e, "the rebuild did not complete; it is retried");
             }
         }
+        resume_rebalance(&service, &pool);
         let interval = service.config.scrub.interval.0;
         if interval.is_zero() {
             continue;
@@ -149,6 +176,34 @@ fn healer(weak: Weak<Service>) {
             if let Err(e) = pool.scrub(name, &opts, &|_| {}) {
                 warn!(volume = %name, error = %e, "scheduled scrub failed");
             }
+        }
+    }
+}
+
+/// Resumes a rebalance that a restart interrupted (onto the disk being added), unless one runs.
+fn resume_rebalance(service: &Service, pool: &Pool) {
+    if pool.rebalance_running() {
+        return;
+    }
+    let Some(st) = crate::pool::rebalance_status(&pool.store) else {
+        return;
+    };
+    let Ok(Some(rec)) = pool.store.disk(DiskId(st.disk)) else {
+        return;
+    };
+    let opts = AddOptions {
+        domain: None,
+        rate_bytes_per_s: (service.config.rebuild.rate * 1e6) as u64,
+        stop: None,
+    };
+    match pool.add_disk(&rec.path, &opts, &|_| {}) {
+        Ok(r) => info!(
+            disk = st.disk,
+            moved = r.moved,
+            "interrupted rebalance finished"
+        ),
+        Err(e) => {
+            warn!(disk = st.disk, error = %e, "the rebalance did not complete; it is retried")
         }
     }
 }

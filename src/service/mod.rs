@@ -354,6 +354,9 @@ pub struct Status {
     /// Background re-encryption of an open pool: the key epoch and the rotation task's progress.
     #[serde(default)]
     pub keys: Option<KeysStatus>,
+    /// A rebalance after `disk add` in progress: the disk being added and the progress.
+    #[serde(default)]
+    pub rebalance: Option<pool::RebalanceStatus>,
 }
 
 /// Key rotation as `status` shows it.
@@ -445,6 +448,7 @@ impl Status {
                 })
                 .collect(),
             keys: None,
+            rebalance: pool::rebalance_view(dir),
         })
     }
 
@@ -475,6 +479,7 @@ impl Status {
             .collect();
         let (write_version, write_epoch) = p.keys.write_key();
         Status {
+            rebalance: pool::rebalance_status(&p.store),
             keys: Some(KeysStatus {
                 write_version,
                 write_epoch,

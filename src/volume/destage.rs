@@ -5,8 +5,10 @@
 //!    complete and applied to the index, so its stripe is dirty now;
 //! 2. for each dirty stripe, under its write lock: snapshot its journal entries and trims (all
 //!    of them — an entry may have replaced an older one that is ≤ `target`; the newest must
-//!    reach the disks, so it is made durable first if it is not yet); write the touched rows
-//!    and their parity (no reads when the whole stripe is covered);
+//!    reach the disks, so it must be durable first: a stripe whose newest entry is not is
+//!    deferred to the next pass, which starts with one journal flush, see [`DEFER_PASSES`]);
+//!    write the touched rows and their parity, and nothing of the rows between them (no reads
+//!    when the whole stripe is covered);
 //! 3. fsync every disk, persist the home allocation bitmaps, checkpoint the journal at
 //!    `target`, drop the destaged index entries (unless a newer write replaced them), free
 //!    the journal space.
@@ -34,6 +36,16 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// write rows and parity), so one stripe at a time leaves the disks idle most of the time;
 /// eight in flight keep 6–12 disks busy without letting a burst of destaging starve reads.
 const DESTAGE_WORKERS: usize = 8;
+
+/// Passes of a round that defer the stripes written to since the journal's last sync, before
+/// the last pass syncs the journal for each such stripe it meets. A stripe must not be destaged
+/// with a block that is not durable in the journal yet (a crash could then leave the slot
+/// newer than anything replay knows, while an older, flushed copy of the block is already
+/// behind the checkpoint). Under a steady stream of writes most stripes receive one while a
+/// round runs; syncing the journal for each of them made the destage workers queue behind
+/// one fdatasync after another. Deferring them lets one flush per pass cover them all; each
+/// pass is shorter than the last, so three leave few stripes for the syncing pass.
+const DEFER_PASSES: usize = 3;
 
 /// Body of the destager thread. Exits when the volume is closed or dropped.
 pub(super) fn run(weak: Weak<Volume>) {
@@ -75,6 +87,9 @@ type HomeUpdate = (u64, Option<(Vec<u64>, Vec<u8>)>);
 enum Destaged {
     /// Nothing to destage.
     Nothing,
+    /// The stripe holds blocks newer than the journal's durable point, and this pass may not
+    /// sync the journal: destage it in a later pass.
+    Deferred,
     /// Destaged: the snapshot written, and the stripe's new home state.
     Done(StripeDirty, HomeUpdate),
     /// More than `m` of the stripe's disks are failed: its blocks stay in the journal (readable
@@ -117,68 +132,96 @@ impl Volume {
     /// One destaging round; returns whether it destaged anything.
     pub(super) fn destage_once(&self) -> Result<bool, VolumeError> {
         let _one = self.destage_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.destage_round()
+    }
+
+    /// [`Volume::destage_once`] with the destage lock already held.
+    pub(super) fn destage_round(&self) -> Result<bool, VolumeError> {
         let target = self.journal.flush()?;
         let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
         if stripes.is_empty() && target <= self.journal.checkpoint_seq() {
             return Ok(false);
         }
         let bps = self.layout.geometry.blocks_per_stripe();
-        let queue = Mutex::new(stripes.into_iter());
         let done: Mutex<Vec<(u64, StripeDirty)>> = Mutex::new(Vec::new());
         let home_updates: Mutex<Vec<HomeUpdate>> = Mutex::new(Vec::new());
-        let first_error: Mutex<Option<VolumeError>> = Mutex::new(None);
         // Oldest record of the stripes that stay in the journal.
         let kept: Mutex<Option<u64>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..DESTAGE_WORKERS {
-                scope.spawn(|| {
-                    loop {
-                        if first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .is_some()
-                        {
-                            return;
-                        }
-                        let Some(s) = queue.lock().unwrap_or_else(|p| p.into_inner()).next() else {
-                            return;
-                        };
-                        match self.destage_one(StripeId(s), target, bps) {
-                            Ok(Destaged::Done(snap, update)) => {
-                                done.lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push((s, snap));
-                                home_updates
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push(update);
-                            }
-                            Ok(Destaged::Kept(oldest)) => {
-                                let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
-                                *k = Some(k.map_or(oldest, |o: u64| o.min(oldest)));
-                            }
-                            Ok(Destaged::Nothing) => {}
-                            Err(e) => {
-                                first_error
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e);
+        // Stripes written to since `target` was made durable are deferred to a later pass, which
+        // starts with one journal flush for all of them (see `DEFER_PASSES`).
+        let mut todo = stripes;
+        for pass in 0..=DEFER_PASSES {
+            if todo.is_empty() {
+                break;
+            }
+            if pass > 0 {
+                self.journal.flush()?;
+            }
+            let may_sync = pass == DEFER_PASSES;
+            let queue = Mutex::new(todo.into_iter());
+            let deferred: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+            let first_error: Mutex<Option<VolumeError>> = Mutex::new(None);
+            std::thread::scope(|scope| {
+                for _ in 0..DESTAGE_WORKERS {
+                    scope.spawn(|| {
+                        loop {
+                            if first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .is_some()
+                            {
                                 return;
                             }
+                            let Some(s) = queue.lock().unwrap_or_else(|p| p.into_inner()).next()
+                            else {
+                                return;
+                            };
+                            match self.destage_one(StripeId(s), target, bps, may_sync) {
+                                Ok(Destaged::Done(snap, update)) => {
+                                    done.lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push((s, snap));
+                                    home_updates
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push(update);
+                                }
+                                Ok(Destaged::Kept(oldest)) => {
+                                    let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+                                    *k = Some(k.map_or(oldest, |o: u64| o.min(oldest)));
+                                }
+                                Ok(Destaged::Deferred) => {
+                                    deferred.lock().unwrap_or_else(|p| p.into_inner()).push(s)
+                                }
+                                Ok(Destaged::Nothing) => {}
+                                Err(e) => {
+                                    first_error
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .get_or_insert(e);
+                                    return;
+                                }
+                            }
                         }
-                    }
-                });
+                    });
+                }
+            });
+            if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(e);
             }
-        });
-        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
+            todo = deferred.into_inner().unwrap_or_else(|p| p.into_inner());
         }
         let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
         let home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
-        let pending: Vec<_> = self
-            .disks
+        let ids: Vec<_> = self
+            .health
+            .ids()
+            .into_iter()
+            .filter(|id| !self.health.is_failed(*id))
+            .collect();
+        let pending: Vec<_> = ids
             .iter()
-            .filter(|(id, _)| !self.health.is_failed(**id))
+            .zip(self.disk_refs(&ids)?)
             .map(|(id, d)| (*id, d.submit(vec![IoOp::Sync])))
             .collect();
         let mut lost_disk = false;
@@ -249,6 +292,7 @@ impl Volume {
         stripe: StripeId,
         target: u64,
         bps: u64,
+        may_sync: bool,
     ) -> Result<Destaged, VolumeError> {
         let s = stripe.0;
         let _g = self.locks.write(stripe);
@@ -268,7 +312,10 @@ impl Volume {
             return Ok(Destaged::Kept(seqs().min().unwrap_or(target + 1)));
         }
         let newest = seqs().max().unwrap_or(0);
-        if newest > target {
+        if newest > target && newest > self.journal.durable_through() {
+            if !may_sync {
+                return Ok(Destaged::Deferred);
+            }
             self.journal.flush_to(newest)?;
         }
         self.destage_stripe(stripe, &snap)?;
@@ -327,7 +374,7 @@ impl Volume {
         let bps = g.blocks_per_stripe();
         let first_lba = stripe.0 * bps;
         let ids = self.stripe_ids(stripe)?;
-        let disks = Self::disk_refs(&self.disks, &ids)?;
+        let disks = self.disk_refs(&ids)?;
         // Chunks on failed disks (or not rebuilt yet) are neither read nor written: parity is
         // still computed over the whole row, so they are rebuilt from it when needed.
         let mut usable = self.usable(stripe, &ids);
@@ -372,9 +419,17 @@ impl Volume {
             }
             return Ok(());
         }
+        // Only the touched rows are verified, coded and written: a row that no new block
+        // touches keeps its data and parity on the disks, which agree already. The buffers
+        // span `rmin..=rmax` so that each chunk is read with one I/O.
         let rows: BTreeSet<u64> = new.keys().map(|(_, r)| *r).collect();
         let (rmin, rmax) = (*rows.first().unwrap_or(&0), *rows.last().unwrap_or(&0));
         let nrows = (rmax - rmin + 1) as usize;
+        let runs = row_runs(&rows);
+        // A data chunk needs its old rows read only where a touched row keeps its old block.
+        let keeps_old: Vec<bool> = (0..k)
+            .map(|c| rows.iter().any(|r| !new.contains_key(&(c, *r))))
+            .collect();
         let (page_a, _) = self.layout.meta_location(stripe, rmin);
         let (page_b, _) = self.layout.meta_location(stripe, rmax);
         let pages_len = (page_b - page_a + BLOCK_SIZE_U64) as usize;
@@ -397,7 +452,7 @@ impl Volume {
                         offset: page_a,
                         buf: IoBuf::zeroed(pages_len),
                     }];
-                    if c < k {
+                    if c < k && keeps_old[c] {
                         ops.push(IoOp::Read {
                             offset: self.layout.block_offset(stripe, rmin),
                             buf: IoBuf::zeroed(nrows * BLOCK_SIZE),
@@ -487,7 +542,7 @@ impl Volume {
         // never computed over rotten data.
         let mut repaired: BTreeSet<(usize, u64)> = BTreeSet::new();
         if !full {
-            for r in rmin..=rmax {
+            for &r in &rows {
                 let i = (r - rmin) as usize;
                 let bad: Vec<usize> = (0..k)
                     .filter(|c| !new.contains_key(&(*c, r)))
@@ -528,21 +583,24 @@ impl Volume {
             }
         }
 
-        // Parity over the rows' data and metadata (position-local, so the range alone suffices).
+        // Parity over the touched rows' data and metadata (position-local, so each run of
+        // rows alone suffices).
         let m = width - k;
         let mut pdata = vec![vec![0u8; nrows * BLOCK_SIZE]; m];
         let mut pmeta = vec![vec![0u8; nrows * META_SIZE]; m];
-        {
-            let d: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
-            let mut p: Vec<&mut [u8]> = pdata.iter_mut().map(|v| v.as_mut_slice()).collect();
-            self.codec
-                .encode(&d, &mut p)
-                .map_err(|e| VolumeError::Io(e.to_string()))?;
-            let d: Vec<&[u8]> = metas.iter().map(|v| v.as_slice()).collect();
-            let mut p: Vec<&mut [u8]> = pmeta.iter_mut().map(|v| v.as_mut_slice()).collect();
-            self.codec
-                .encode(&d, &mut p)
-                .map_err(|e| VolumeError::Io(e.to_string()))?;
+        for &(a, b) in &runs {
+            let (a, b) = ((a - rmin) as usize, (b - rmin) as usize);
+            for (bufs, par, unit) in [
+                (&data, &mut pdata, BLOCK_SIZE),
+                (&metas, &mut pmeta, META_SIZE),
+            ] {
+                let d: Vec<&[u8]> = bufs.iter().map(|v| &v[a * unit..b * unit]).collect();
+                let mut p: Vec<&mut [u8]> =
+                    par.iter_mut().map(|v| &mut v[a * unit..b * unit]).collect();
+                self.codec
+                    .encode(&d, &mut p)
+                    .map_err(|e| VolumeError::Io(e.to_string()))?;
+            }
         }
 
         // Write phase.
@@ -554,7 +612,7 @@ impl Volume {
             let mut ops = Vec::new();
             let meta_rows: &[u8] = if c < k { &metas[c] } else { &pmeta[c - k] };
             let page = &mut pages[c];
-            for r in rmin..=rmax {
+            for &r in &rows {
                 let i = (r - rmin) as usize;
                 page[meta_at(r)..meta_at(r) + META_SIZE]
                     .copy_from_slice(&meta_rows[i * META_SIZE..(i + 1) * META_SIZE]);
@@ -589,10 +647,13 @@ impl Volume {
                     }
                 }
             } else {
-                ops.push(IoOp::Write {
-                    offset: self.layout.block_offset(stripe, rmin),
-                    buf: IoBuf::from_slice(&pdata[c - k]),
-                });
+                for &(a, b) in &runs {
+                    let (i, j) = ((a - rmin) as usize, (b - rmin) as usize);
+                    ops.push(IoOp::Write {
+                        offset: self.layout.block_offset(stripe, a),
+                        buf: IoBuf::from_slice(&pdata[c - k][i * BLOCK_SIZE..j * BLOCK_SIZE]),
+                    });
+                }
             }
             if c < k && ops.is_empty() {
                 // A data chunk with no new, trimmed or repaired row: its metadata page is
@@ -644,4 +705,16 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// Maximal runs `[a, b)` of consecutive rows in `rows`, in order.
+fn row_runs(rows: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &r in rows {
+        match out.last_mut() {
+            Some((_, b)) if *b == r => *b = r + 1,
+            _ => out.push((r, r + 1)),
+        }
+    }
+    out
 }

@@ -122,6 +122,24 @@ struct Slot {
     rebuilt_chunks: AtomicU64,
 }
 
+impl Slot {
+    fn new(d: DiskRef) -> Self {
+        let name = d.name().to_string();
+        Self {
+            disk: RwLock::new(d),
+            name: RwLock::new(name),
+            state: AtomicU8::new(OK),
+            cursor: Mutex::new((0, 0)),
+            io_errors: AtomicU64::new(0),
+            read_errors_in_row: AtomicU64::new(0),
+            tag_failures: AtomicU64::new(0),
+            tags_in_row: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
+            rebuilt_chunks: AtomicU64::new(0),
+        }
+    }
+}
+
 const OK: u8 = 0;
 const FAILED: u8 = 1;
 const REBUILDING: u8 = 2;
@@ -144,7 +162,8 @@ fn state_of(c: u8) -> DiskState {
 
 /// The health registry of a pool's disks. See the module docs.
 pub struct Health {
-    slots: BTreeMap<DiskId, Slot>,
+    /// By id; disks are added (`shardvol disk add`), never removed.
+    slots: RwLock<BTreeMap<DiskId, Arc<Slot>>>,
     policy: FailurePolicy,
     persist: Box<Persist>,
     /// Serialises persistence (store and superblock writes).
@@ -163,27 +182,10 @@ impl Health {
     ) -> Arc<Self> {
         let slots = disks
             .into_iter()
-            .map(|(id, d)| {
-                let name = d.name().to_string();
-                (
-                    id,
-                    Slot {
-                        disk: RwLock::new(d),
-                        name: RwLock::new(name),
-                        state: AtomicU8::new(OK),
-                        cursor: Mutex::new((0, 0)),
-                        io_errors: AtomicU64::new(0),
-                        read_errors_in_row: AtomicU64::new(0),
-                        tag_failures: AtomicU64::new(0),
-                        tags_in_row: AtomicU64::new(0),
-                        repaired: AtomicU64::new(0),
-                        rebuilt_chunks: AtomicU64::new(0),
-                    },
-                )
-            })
+            .map(|(id, d)| (id, Arc::new(Slot::new(d))))
             .collect();
         Arc::new(Self {
-            slots,
+            slots: RwLock::new(slots),
             policy,
             persist,
             persist_lock: Mutex::new(()),
@@ -197,43 +199,77 @@ impl Health {
         Self::new(disks, FailurePolicy::never(), Box::new(|_, _| {}))
     }
 
+    fn slot(&self, id: DiskId) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn all_slots(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The proxy a volume uses for disk `id` (whether or not the id is in the registry yet).
+    pub fn proxy(self: &Arc<Self>, id: DiskId) -> DiskRef {
+        Arc::new(HealthDisk {
+            id,
+            label: format!("disk {id}"),
+            health: self.clone(),
+        })
+    }
+
     /// Proxies for every disk, by id: what the volumes use.
     pub fn proxies(self: &Arc<Self>) -> std::collections::HashMap<DiskId, DiskRef> {
-        self.slots
-            .keys()
-            .map(|&id| {
-                let d: DiskRef = Arc::new(HealthDisk {
-                    id,
-                    label: format!("disk {id}"),
-                    health: self.clone(),
-                });
-                (id, d)
-            })
+        self.ids()
+            .into_iter()
+            .map(|id| (id, self.proxy(id)))
             .collect()
+    }
+
+    /// Adds a disk to the registry (a disk joining the pool): ok, counters zero. An id already
+    /// there is left as it is; returns whether the disk was added.
+    pub fn add(&self, id: DiskId, disk: DiskRef) -> bool {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if slots.contains_key(&id) {
+            return false;
+        }
+        slots.insert(id, Arc::new(Slot::new(disk)));
+        true
     }
 
     /// Disk ids in the registry.
     pub fn ids(&self) -> Vec<DiskId> {
-        self.slots.keys().copied().collect()
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// The real disk behind an id (not the proxy): for superblock writes and rebuild checks.
     pub fn disk(&self, id: DiskId) -> Option<DiskRef> {
-        self.slots
-            .get(&id)
+        self.slot(id)
             .map(|s| s.disk.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     /// Name of the disk behind an id (its path), for messages.
     pub fn name(&self, id: DiskId) -> String {
-        self.slots.get(&id).map_or_else(
+        self.slot(id).map_or_else(
             || format!("disk {id}"),
             |s| s.name.read().unwrap_or_else(|p| p.into_inner()).clone(),
         )
     }
 
     pub fn state(&self, id: DiskId) -> DiskState {
-        self.slots.get(&id).map_or(DiskState::Failed, |s| {
+        self.slot(id).map_or(DiskState::Failed, |s| {
             state_of(s.state.load(Ordering::Acquire))
         })
     }
@@ -249,8 +285,8 @@ impl Health {
 
     fn update_degraded(&self) {
         let any = self
-            .slots
-            .values()
+            .all_slots()
+            .iter()
             .any(|s| s.state.load(Ordering::Acquire) != OK);
         self.degraded.store(any, Ordering::Release);
     }
@@ -260,7 +296,7 @@ impl Health {
     /// stripe's lock, so the answer cannot change under it (the rebuild advances its cursor
     /// under the same lock).
     pub fn chunk_usable(&self, id: DiskId, volume: u64, stripe: u64) -> bool {
-        let Some(s) = self.slots.get(&id) else {
+        let Some(s) = self.slot(id) else {
             return false;
         };
         match s.state.load(Ordering::Acquire) {
@@ -275,14 +311,14 @@ impl Health {
 
     /// The rebuild cursor of a disk: (volume id, stripe).
     pub fn cursor(&self, id: DiskId) -> (u64, u64) {
-        self.slots.get(&id).map_or((0, 0), |s| {
+        self.slot(id).map_or((0, 0), |s| {
             *s.cursor.lock().unwrap_or_else(|p| p.into_inner())
         })
     }
 
     /// Moves the rebuild cursor (call with the lock of the stripe just rebuilt held).
     pub fn set_cursor(&self, id: DiskId, volume: u64, stripe: u64) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             *s.cursor.lock().unwrap_or_else(|p| p.into_inner()) = (volume, stripe);
         }
     }
@@ -290,7 +326,7 @@ impl Health {
     /// Sets a state without the failure log or persistence (loading from the store, and the
     /// rebuild's own transitions, which persist themselves).
     pub fn set_state(&self, id: DiskId, state: DiskState) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             s.state.store(code(state), Ordering::Release);
             if state == DiskState::Ok {
                 s.read_errors_in_row.store(0, Ordering::Relaxed);
@@ -302,7 +338,7 @@ impl Health {
 
     /// Puts `disk` behind `id` (a replacement disk taking a failed disk's place).
     pub fn replace(&self, id: DiskId, disk: DiskRef) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             *s.name.write().unwrap_or_else(|p| p.into_inner()) = disk.name().to_string();
             *s.disk.write().unwrap_or_else(|p| p.into_inner()) = disk;
         }
@@ -311,7 +347,7 @@ impl Health {
     /// Marks a disk failed: logs it once, persists it, and from now on refuses its I/O.
     /// Returns whether this call made the change.
     pub fn fail(&self, id: DiskId, why: &str) -> bool {
-        let Some(s) = self.slots.get(&id) else {
+        let Some(s) = self.slot(id) else {
             return false;
         };
         let prev = s.state.swap(FAILED, Ordering::AcqRel);
@@ -327,8 +363,7 @@ impl Health {
 
     /// Counters of a disk.
     pub fn counters(&self, id: DiskId) -> DiskCounters {
-        self.slots
-            .get(&id)
+        self.slot(id)
             .map_or_else(DiskCounters::default, |s| DiskCounters {
                 io_errors: s.io_errors.load(Ordering::Relaxed),
                 tag_failures: s.tag_failures.load(Ordering::Relaxed),
@@ -339,7 +374,7 @@ impl Health {
 
     /// Starts a disk's counters from persisted values.
     pub fn load_counters(&self, id: DiskId, c: &DiskCounters) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             s.io_errors.store(c.io_errors, Ordering::Relaxed);
             s.tag_failures.store(c.tag_failures, Ordering::Relaxed);
             s.repaired.store(c.repaired, Ordering::Relaxed);
@@ -349,7 +384,7 @@ impl Health {
 
     /// A batch of `id` completed without error.
     fn io_ok(&self, id: DiskId) {
-        if let Some(s) = self.slots.get(&id)
+        if let Some(s) = self.slot(id)
             && s.read_errors_in_row.load(Ordering::Relaxed) != 0
         {
             s.read_errors_in_row.store(0, Ordering::Relaxed);
@@ -358,7 +393,7 @@ impl Health {
 
     /// A batch of `id` failed. `changes`: the batch wrote, discarded or synced something.
     fn io_error(&self, id: DiskId, e: &DiskError, changes: bool) {
-        let Some(s) = self.slots.get(&id) else { return };
+        let Some(s) = self.slot(id) else { return };
         // Requests the disk never saw are the caller's mistakes, not the disk's.
         if matches!(
             e,
@@ -382,7 +417,7 @@ impl Health {
 
     /// A block read from `id` verified.
     pub fn tag_ok(&self, id: DiskId) {
-        if let Some(s) = self.slots.get(&id)
+        if let Some(s) = self.slot(id)
             && s.tags_in_row.load(Ordering::Relaxed) != 0
         {
             s.tags_in_row.store(0, Ordering::Relaxed);
@@ -391,7 +426,7 @@ impl Health {
 
     /// A block read from `id` failed its check.
     pub fn tag_failure(&self, id: DiskId) {
-        let Some(s) = self.slots.get(&id) else { return };
+        let Some(s) = self.slot(id) else { return };
         s.tag_failures.fetch_add(1, Ordering::Relaxed);
         let n = s.tags_in_row.fetch_add(1, Ordering::Relaxed) + 1;
         let limit = self.policy.tag_failures_in_row;
@@ -402,14 +437,14 @@ impl Health {
 
     /// A block of `id` was rebuilt from parity and written back.
     pub fn repaired(&self, id: DiskId, n: u64) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             s.repaired.fetch_add(n, Ordering::Relaxed);
         }
     }
 
     /// A chunk was written to `id` by a rebuild.
     pub fn rebuilt_chunk(&self, id: DiskId) {
-        if let Some(s) = self.slots.get(&id) {
+        if let Some(s) = self.slot(id) {
             s.rebuilt_chunks.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -36,7 +36,7 @@ impl Volume {
     ) -> Result<Vec<Vec<u8>>, VolumeError> {
         let g = self.layout.geometry;
         let ids = self.stripe_ids(stripe)?;
-        let disks = Self::disk_refs(&self.disks, &ids)?;
+        let disks = self.disk_refs(&ids)?;
         let usable = self.usable(stripe, &ids);
         // One contiguous run of blocks (and the metadata pages covering it) per chunk.
         let mut runs: Vec<Option<(u64, u64)>> = vec![None; g.width()];

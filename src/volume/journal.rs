@@ -491,9 +491,15 @@ impl Journal {
     }
 
     /// Makes every record up to `target` durable.
+    ///
+    /// A sync makes durable every record that had completed when it started, not only those up
+    /// to `target`: callers that queue behind it (on `sync_lock`) then usually find their
+    /// records durable already and return without a sync of their own. Concurrent flushes and
+    /// destage workers thus share one fdatasync per journal disk instead of forming a convoy
+    /// of syncs, each for a target a little newer than the last.
     pub fn flush_to(&self, target: u64) -> Result<(), JournalError> {
         let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        {
+        let covers = {
             let mut st = self.lock();
             loop {
                 if let Some(f) = &st.failed {
@@ -503,7 +509,7 @@ impl Journal {
                     return Ok(());
                 }
                 if st.completed_through >= target {
-                    break;
+                    break st.completed_through;
                 }
                 st = self
                     .changed
@@ -511,10 +517,10 @@ impl Journal {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-        }
+        };
         sync_all(&self.disks).map_err(JournalError::Failed)?;
         let mut st = self.lock();
-        st.durable_through = st.durable_through.max(target);
+        st.durable_through = st.durable_through.max(covers);
         Ok(())
     }
 
@@ -697,6 +703,11 @@ impl Journal {
             st.live.pop_front();
         }
         self.changed.notify_all();
+    }
+
+    /// Every record with a sequence number up to this one is durable.
+    pub fn durable_through(&self) -> u64 {
+        self.lock().durable_through
     }
 
     /// Sequence number of the newest checkpoint.

@@ -25,6 +25,7 @@ pub mod health;
 mod io;
 pub mod journal;
 pub mod mem;
+pub mod rebalance;
 pub mod rebuild;
 mod rekey;
 mod scan;
@@ -35,7 +36,7 @@ pub use self::rekey::{AccessCounter, KeyUsage};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -155,6 +156,8 @@ pub struct Stats {
     pub rollbacks_detected: AtomicU64,
     /// Blocks re-encrypted under a newer key by [`Volume::rekey_stripe`].
     pub blocks_rekeyed: AtomicU64,
+    /// Stripes rewritten over a new disk table (`rebalance.rs`).
+    pub stripes_rebalanced: AtomicU64,
 }
 
 /// Journal space (fraction of capacity) above which the destager runs without waiting for
@@ -187,8 +190,10 @@ pub struct VolumeParts {
 pub struct Volume {
     record: VolumeRecord,
     layout: RegionLayout,
-    disks: HashMap<DiskId, DiskRef>,
-    placement: Placement,
+    /// Proxies of the pool's disks by id (grows when a disk is added).
+    disks: RwLock<HashMap<DiskId, DiskRef>>,
+    /// Where stripes are: one table, or two during a rebalance (`rebalance.rs`).
+    placement: RwLock<rebalance::Placements>,
     codec: Codec,
     keys: Arc<KeyRing>,
     write_key: Arc<WriteKey>,
@@ -226,6 +231,9 @@ impl Volume {
         placement: &Placement,
         record: &VolumeRecord,
     ) -> Result<Vec<DiskId>, VolumeError> {
+        if !record.journal_disks.is_empty() {
+            return Ok(record.journal_disks.clone());
+        }
         let width = record.geometry.width();
         let mut d = placement
             .place(StripeId(u64::MAX), width)
@@ -239,7 +247,25 @@ impl Volume {
             .map_err(|e| VolumeError::Config(e.to_string()))
     }
 
-    fn disk_refs(
+    /// The volume's disks for `ids`, in order (proxies through the health registry).
+    fn disk_refs(&self, ids: &[DiskId]) -> Result<Vec<DiskRef>, VolumeError> {
+        {
+            let map = self.disks.read().unwrap_or_else(|p| p.into_inner());
+            if ids.iter().all(|id| map.contains_key(id)) {
+                return Self::refs_in(&map, ids);
+            }
+        }
+        // A disk added to the pool since the volume opened.
+        let mut map = self.disks.write().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            if !map.contains_key(id) && self.health.ids().contains(id) {
+                map.insert(*id, self.health.proxy(*id));
+            }
+        }
+        Self::refs_in(&map, ids)
+    }
+
+    fn refs_in(
         disks: &HashMap<DiskId, DiskRef>,
         ids: &[DiskId],
     ) -> Result<Vec<DiskRef>, VolumeError> {
@@ -260,7 +286,7 @@ impl Volume {
             return Err(VolumeError::Config("journal must be at least 4 MiB".into()));
         }
         let placement = Self::placement_of(parts)?;
-        let jd = Self::disk_refs(
+        let jd = Self::refs_in(
             &parts.disks,
             &Self::journal_disks(&placement, &parts.record)?,
         )?;
@@ -286,7 +312,8 @@ impl Volume {
         parts.disks = health.proxies();
         let layout = Self::layout_of(&parts.record);
         let placement = Self::placement_of(&parts)?;
-        let jd = Self::disk_refs(
+        let placements = rebalance::Placements::load(&parts.record, &placement, &parts.table)?;
+        let jd = Self::refs_in(
             &parts.disks,
             &Self::journal_disks(&placement, &parts.record)?,
         )?;
@@ -336,8 +363,8 @@ impl Volume {
         let vol = Arc::new(Self {
             record: parts.record,
             layout,
-            disks: parts.disks,
-            placement,
+            disks: RwLock::new(parts.disks),
+            placement: RwLock::new(placements),
             codec,
             keys: parts.keys,
             write_key: parts.write_key,
@@ -516,12 +543,15 @@ impl Volume {
 
     /// Disks holding the chunks of a stripe, in chunk order.
     fn stripe_disks(&self, stripe: StripeId) -> Result<Vec<DiskRef>, VolumeError> {
-        Self::disk_refs(&self.disks, &self.stripe_ids(stripe)?)
+        self.disk_refs(&self.stripe_ids(stripe)?)
     }
 
     /// Ids of the disks holding the chunks of a stripe, in chunk order.
     fn stripe_ids(&self, stripe: StripeId) -> Result<Vec<DiskId>, VolumeError> {
         self.placement
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .of(stripe)
             .place(stripe, self.layout.geometry.width())
             .map_err(|e| VolumeError::Config(e.to_string()))
     }

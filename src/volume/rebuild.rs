@@ -62,7 +62,7 @@ impl Volume {
     ) -> Result<RebuiltStripe, VolumeError> {
         let g = self.layout.geometry;
         let (k, bpc) = (usize::from(g.k), g.blocks_per_chunk());
-        let disk = Self::disk_refs(&self.disks, &ids[c..=c])?.remove(0);
+        let disk = self.disk_refs(&ids[c..=c])?.remove(0);
         let offset = self.layout.slot_offset(stripe);
         let len = self.layout.slot_size();
         let mut out = RebuiltStripe {

@@ -1,4 +1,16 @@
 //! Helpers shared by several integration-test binaries (each includes this with `mod common;`).
+// Each binary uses some of the helpers.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use shardvol::disk::{DiskRef, MemDisk, PowerCut, UNLIMITED_OPS};
+
+use shardvol::layout::Geometry;
+use shardvol::meta::{MetaStore, VolumeRecord};
+use shardvol::volume::Volume;
 
 /// `len` deterministic pseudo-random bytes from `seed` (xorshift): test payloads that differ per
 /// seed and never look like zeros.
@@ -12,4 +24,47 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A volume record for a rig of memory disks (region at 1 MiB, sized for `size`), stored in a new
+/// metadata store at `store_path`. The disks must hold `region_offset + region_size` bytes.
+pub fn stored_record(
+    store_path: &Path,
+    id: u64,
+    name: &str,
+    size: u64,
+    geometry: Geometry,
+    placement_seed: [u8; 32],
+    journal_size: u64,
+) -> VolumeRecord {
+    let store = MetaStore::create(store_path).unwrap();
+    let mut record = VolumeRecord {
+        id,
+        name: name.into(),
+        size,
+        geometry,
+        placement_seed,
+        region_offset: 1 << 20,
+        journal_size,
+        region_size: 0,
+        journal_disks: Vec::new(),
+        rebalance: None,
+    };
+    record.region_size = Volume::layout_of(&record).region_size();
+    store.put_volume(&record).unwrap();
+    record
+}
+
+/// `n` memory disks of `size` bytes, each behind a [`PowerCut`] sharing one op budget (unlimited
+/// to start): (the memory disks, the disks to use, the budget).
+pub fn cut_disks(n: usize, size: u64) -> (Vec<Arc<MemDisk>>, Vec<DiskRef>, Arc<AtomicI64>) {
+    let mems: Vec<Arc<MemDisk>> = (0..n)
+        .map(|i| Arc::new(MemDisk::new(format!("m{i}"), size)))
+        .collect();
+    let budget = Arc::new(AtomicI64::new(UNLIMITED_OPS));
+    let disks = mems
+        .iter()
+        .map(|m| Arc::new(PowerCut::new(m.clone(), budget.clone())) as DiskRef)
+        .collect();
+    (mems, disks, budget)
 }
