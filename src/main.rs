@@ -1,5 +1,6 @@
 //! The `shardvol` command: argument parsing, logging set-up, and calls into the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -1314,6 +1315,8 @@ fn main() -> Result<()> {
     // retried) speak of a server that is not running.
     let default_filter = match cli.command {
         Some(Command::Recover(_)) => "warn,shardvol::volume=error",
+        // Reports: what they print is the answer; how the pool was opened is not.
+        Some(Command::Status { .. } | Command::Inspect { .. }) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -1322,6 +1325,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     shardvol::disk::keep_large_buffers_in_heap();
     match cli.command {

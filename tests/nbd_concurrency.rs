@@ -219,12 +219,14 @@ fn queued_requests_of_a_vanished_client_never_run() {
         }
         Ok(())
     }));
-    // Two blocking threads: two writes enter the device, the other 18 queue behind them.
-    let srv = TestServer::start_with_pool(
-        vec![Export::new("vol0", dev.clone())],
-        ServerConfig::default(),
-        2,
-    );
+    // Two worker threads, which the pool does not add to within the test: two writes enter
+    // the device, the other 18 queue behind them.
+    let config = ServerConfig {
+        workers: 2,
+        worker_stall: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(vec![Export::new("vol0", dev.clone())], config);
     let mut c = Raw::unix(&srv.sock);
     c.go("vol0", false, false);
     for i in 0..20u64 {

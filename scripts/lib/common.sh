@@ -33,6 +33,8 @@ on_exit() { _CLEANUPS+=("$1"); }
 
 _run_cleanups() {
     local rc=$? i
+    # The cleanups see the exit status (e.g. to print a server's log when the script failed).
+    EXIT_RC=$rc
     trap - EXIT ERR
     set +e
     for ((i = ${#_CLEANUPS[@]} - 1; i >= 0; i--)); do

@@ -61,6 +61,13 @@ server_check() {
 }
 
 _server_kill_on_exit() {
+    # After a failure, the server's warnings and errors, then the end of its log.
+    if [[ "${EXIT_RC:-0}" != 0 && -n "$SERVER_LOG" && -s "$SERVER_LOG" ]]; then
+        log "the server's warnings and errors ($SERVER_LOG):"
+        grep -E 'WARN|ERROR' "$SERVER_LOG" | tail -n 30 >&2 || true
+        log "the end of the server's log:"
+        tail -n 15 "$SERVER_LOG" >&2 || true
+    fi
     [[ -n "$SERVER_PID" ]] || return 0
     if kill -0 "$SERVER_PID" 2>/dev/null; then
         log "stopping server (pid $SERVER_PID)"

@@ -20,7 +20,7 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u32 = 64 * 1024 * 1024;
 
 /// Default bound on requests in flight per connection: 128, the queue depth the Linux nbd
 /// driver uses per connection, so a kernel client is never throttled by the count alone. It
-/// also caps how many blocking-pool jobs one connection can queue.
+/// also caps how many jobs one connection can queue for the worker threads.
 pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: u32 = 128;
 
 /// Default time a client gets to finish option haggling. Real clients take milliseconds;
@@ -28,7 +28,7 @@ pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: u32 = 128;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default time one reply frame may take to be written. A client that stops reading replies
-/// would otherwise pin up to `max_in_flight_bytes` and its blocking jobs forever; after this,
+/// would otherwise pin up to `max_in_flight_bytes` and its queued jobs forever; after this,
 /// the peer is treated as gone (see `docs/nbd.md`, "Kernel client resends").
 pub const DEFAULT_REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,6 +36,12 @@ pub const DEFAULT_REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// a third of the Linux nbd driver's default 30 s request timeout, so the log shows the
 /// trouble before the kernel starts resending.
 pub const DEFAULT_SLOW_REQUEST_WARNING: Duration = Duration::from_secs(10);
+
+/// Default time the oldest queued request may wait with every worker thread busy before the
+/// pool grows by one thread. Queueing behind running requests normally lasts well under a
+/// millisecond; a wait this long means the workers are stuck in a stalled volume, and other
+/// exports and connections must not wait for it.
+pub const DEFAULT_WORKER_STALL: Duration = Duration::from_millis(100);
 
 /// Largest range one `NBD_CMD_BLOCK_STATUS` asks the volume about. Even at one extent per
 /// 4 KiB block, 256 MiB gives at most 65 536 descriptors (512 KiB of reply), well under the
@@ -57,6 +63,12 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     pub reply_write_timeout: Duration,
     pub slow_request_warning: Duration,
+    /// Threads that run volume calls, shared by every connection (`0`: four per CPU, at
+    /// least eight; see `workers.rs`).
+    pub workers: usize,
+    /// How long the oldest queued request may wait, with every worker busy, before one more
+    /// worker is started (see `workers.rs`).
+    pub worker_stall: Duration,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +79,8 @@ impl Default for ServerConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reply_write_timeout: DEFAULT_REPLY_WRITE_TIMEOUT,
             slow_request_warning: DEFAULT_SLOW_REQUEST_WARNING,
+            workers: 0,
+            worker_stall: DEFAULT_WORKER_STALL,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`export`]: exports and the run-time replaceable [`ExportTable`];
 //! - [`server`]: listeners, accept loops, graceful shutdown; [`systemd`]: socket activation
 //!   and readiness notification;
+//! - [`workers`]: the fixed pool of threads that run volume calls;
 //! - [`config`]: every limit, with its reason, and the server's counters.
 //!
 //! What the binary calls:
@@ -41,6 +42,7 @@ pub mod server;
 pub mod systemd;
 pub mod transmission;
 pub mod wire;
+pub mod workers;
 
 pub use config::{ServerConfig, ServerStats};
 pub use errors::nbd_error;

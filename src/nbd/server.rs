@@ -26,6 +26,7 @@ use super::config::{ServerConfig, ServerStats};
 use super::export::ExportTable;
 use super::handshake::{self, Outcome};
 use super::transmission;
+use super::workers::Workers;
 
 /// Read buffer of a connection: large enough to take many request headers per syscall;
 /// payloads of this size or more bypass it.
@@ -107,6 +108,7 @@ pub struct Server {
 
 struct Inner {
     exports: Arc<ExportTable>,
+    workers: Arc<Workers>,
     config: ServerConfig,
     stats: Arc<ServerStats>,
     next_id: AtomicU64,
@@ -114,11 +116,23 @@ struct Inner {
 
 impl Server {
     pub fn new(exports: Arc<ExportTable>, config: ServerConfig) -> Self {
+        let stats: Arc<ServerStats> = Arc::default();
+        let threads = match config.workers {
+            0 => Workers::default_threads(),
+            n => n,
+        };
+        let workers = Arc::new(Workers::new(
+            threads,
+            config.worker_stall,
+            config.slow_request_warning,
+            stats.clone(),
+        ));
         Self {
             inner: Arc::new(Inner {
                 exports,
+                workers,
                 config,
-                stats: Arc::default(),
+                stats,
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -264,7 +278,16 @@ impl Server {
                 },
             };
             if let Some(n) = negotiated {
-                transmission::run(r, w, n, inner.stats.clone(), inner.config.clone(), stop).await;
+                transmission::run(
+                    r,
+                    w,
+                    n,
+                    inner.workers.clone(),
+                    inner.stats.clone(),
+                    inner.config.clone(),
+                    stop,
+                )
+                .await;
             }
             inner.stats.connection_closed();
         }

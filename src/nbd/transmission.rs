@@ -28,18 +28,17 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
-use tracing::{Instrument, Span, debug, debug_span, info, warn};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::config::{BLOCK_STATUS_MAX_EXTENTS, BLOCK_STATUS_MAX_QUERY, ServerConfig, ServerStats};
 use super::errors::{Refusal, error_offset};
 use super::export::Export;
 use super::handshake::Negotiated;
 use super::wire::{self, Command, Request};
+use super::workers::Workers;
 use crate::layout::BLOCK_SIZE_U64;
 use crate::volume::{Extent, VolumeError};
 
@@ -57,53 +56,62 @@ enum End {
     ReplyFailed,
 }
 
-/// State shared by the reader and the request tasks of one connection.
-struct Conn<W> {
-    writer: Mutex<W>,
+/// State shared by the reader, the request jobs and the reply writer of one connection.
+struct Conn {
+    /// Reply frames for the writer task, in the order they are sent.
+    replies: mpsc::UnboundedSender<Outgoing>,
     export: Arc<Export>,
     structured: bool,
     base_allocation: Option<u32>,
     flags: u16,
     /// Set once the client is known to be gone; requests that have not started are dropped.
     gone: watch::Sender<bool>,
-    /// Set once a reply write failed: the stream may hold a partial frame, write nothing more.
-    dead: AtomicBool,
     stats: Arc<ServerStats>,
-    config: ServerConfig,
 }
 
-impl<W: AsyncWrite + Unpin> Conn<W> {
+/// Budgets a request holds until its reply has been written: one request slot and, for a
+/// request that holds a buffer, its bytes.
+struct Budget {
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// What the writer task receives.
+enum Outgoing {
+    Reply(Reply),
+    /// Every reply has been queued: shut the socket's sending side down and stop.
+    Close,
+}
+
+/// One complete reply frame, and what to give back once it is written.
+struct Reply {
+    cookie: u64,
+    frame: Vec<u8>,
+    /// Bytes counted in `ServerStats::bytes_in_flight` for this request.
+    cost: u64,
+    _budget: Option<Budget>,
+}
+
+impl Conn {
     fn is_gone(&self) -> bool {
         *self.gone.borrow()
     }
 
-    /// Writes one complete reply frame; a failure or time-out marks the client gone. After the
-    /// reader saw EOF, replies of requests that did run are still attempted: a client that
-    /// only shut down its sending side still gets them.
-    async fn send(&self, frame: &[u8]) -> io::Result<()> {
-        let mut w = self.writer.lock().await;
-        if self.dead.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "an earlier reply failed",
-            ));
+    /// Queues a complete reply frame for the writer task; its budget is released once written
+    /// (or once the connection is found dead).
+    fn reply(&self, cookie: u64, frame: Vec<u8>, cost: u64, budget: Option<Budget>) {
+        let r = Reply {
+            cookie,
+            frame,
+            cost,
+            _budget: budget,
+        };
+        if let Err(mpsc::error::SendError(Outgoing::Reply(r))) =
+            self.replies.send(Outgoing::Reply(r))
+        {
+            // The writer has stopped (only after `Close`, which comes after every request).
+            self.stats.release_bytes(r.cost);
         }
-        let res = tokio::time::timeout(self.config.reply_write_timeout, async {
-            w.write_all(frame).await?;
-            w.flush().await
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "reply write timed out",
-            ))
-        });
-        if res.is_err() {
-            self.dead.store(true, Ordering::Relaxed);
-            self.gone.send_replace(true);
-        }
-        res
     }
 
     /// A complete error reply for `cookie`.
@@ -113,6 +121,91 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
         } else {
             wire::simple_reply(error, cookie)
         }
+    }
+}
+
+/// Replies waiting in the channel are written together, up to this many bytes per write
+/// call: under a deep queue of small requests, one `write` carries many replies.
+const REPLY_BATCH_BYTES: usize = 256 * 1024;
+
+/// The writer task of a connection: takes reply frames as they are queued and writes every
+/// frame waiting at that moment with as few calls as possible (small frames are gathered into
+/// one buffer; a large READ reply is written from its own buffer). A failed or timed-out write
+/// marks the client gone; later replies are then dropped, with their budgets. Ends at
+/// [`Outgoing::Close`], shutting the sending side down unless the stream is broken.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    gone: watch::Sender<bool>,
+    stats: Arc<ServerStats>,
+    timeout: std::time::Duration,
+) {
+    let mut dead = false;
+    let mut batch: Vec<Reply> = Vec::new();
+    let mut gather: Vec<u8> = Vec::new();
+    let mut closing = false;
+    while !closing {
+        match rx.recv().await {
+            Some(Outgoing::Reply(r)) => batch.push(r),
+            Some(Outgoing::Close) | None => break,
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Outgoing::Reply(r)) => batch.push(r),
+                Ok(Outgoing::Close) => {
+                    closing = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !dead {
+            let res = tokio::time::timeout(timeout, async {
+                for r in &batch {
+                    if r.frame.len() >= REPLY_BATCH_BYTES / 4 {
+                        if !gather.is_empty() {
+                            w.write_all(&gather).await?;
+                            gather.clear();
+                        }
+                        w.write_all(&r.frame).await?;
+                    } else {
+                        gather.extend_from_slice(&r.frame);
+                        if gather.len() >= REPLY_BATCH_BYTES {
+                            w.write_all(&gather).await?;
+                            gather.clear();
+                        }
+                    }
+                }
+                if !gather.is_empty() {
+                    w.write_all(&gather).await?;
+                    gather.clear();
+                }
+                w.flush().await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "reply write timed out",
+                ))
+            });
+            if let Err(e) = res {
+                debug!("replies not sent: {e}");
+                // The stream may hold a partial frame: write nothing more.
+                dead = true;
+                gather.clear();
+                gone.send_replace(true);
+            }
+        }
+        for r in batch.drain(..) {
+            if !dead {
+                debug!(cookie = r.cookie, error = reply_error(&r.frame), "replied");
+            }
+            stats.release_bytes(r.cost);
+        }
+    }
+    if !dead {
+        let _ = tokio::time::timeout(timeout, w.shutdown()).await;
     }
 }
 
@@ -176,7 +269,7 @@ impl Op {
 }
 
 /// Checks a request against the header rules and the export; see the module docs.
-fn validate<W>(conn: &Conn<W>, req: &Request, cmd: Option<Command>) -> Result<Op, Refusal> {
+fn validate(conn: &Conn, req: &Request, cmd: Option<Command>) -> Result<Op, Refusal> {
     let Some(cmd) = cmd else {
         return Err(Refusal::new(
             wire::EINVAL,
@@ -293,11 +386,12 @@ fn fast_zero_possible(offset: u64, len: u32, no_hole: bool) -> bool {
     !no_hole && end_whole > first_whole
 }
 
-/// Runs the transmission phase until the connection ends.
+/// Runs the transmission phase until the connection ends. Volume calls run on `workers`.
 pub async fn run<R, W>(
     mut reader: R,
     writer: W,
     neg: Negotiated,
+    workers: Arc<Workers>,
     stats: Arc<ServerStats>,
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -307,16 +401,26 @@ pub async fn run<R, W>(
 {
     let max_requests = config.max_requests_in_flight.max(1);
     let max_bytes = config.max_in_flight_bytes.max(1);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let gone = watch::Sender::new(false);
+    let writer_task = tokio::spawn(
+        write_replies(
+            writer,
+            rx,
+            gone.clone(),
+            stats.clone(),
+            config.reply_write_timeout,
+        )
+        .in_current_span(),
+    );
     let conn = Arc::new(Conn {
-        writer: Mutex::new(writer),
+        replies: tx,
         export: neg.export,
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         flags: neg.flags,
-        gone: watch::Sender::new(false),
-        dead: AtomicBool::new(false),
+        gone,
         stats,
-        config,
     });
     let slots = Arc::new(Semaphore::new(max_requests as usize));
     let bytes = Arc::new(Semaphore::new(max_bytes as usize));
@@ -367,10 +471,19 @@ pub async fn run<R, W>(
                         }
                     }
                 }
+                // A refusal holds a request slot until written, like any reply: a client that
+                // sends only bad requests and reads no replies is pushed back too.
+                let Some(Ok(slot)) =
+                    unless_shutdown(&mut shutdown, slots.clone().acquire_owned()).await
+                else {
+                    break End::Shutdown;
+                };
+                let budget = Budget {
+                    _slot: slot,
+                    _bytes: None,
+                };
                 let frame = conn.error_frame(req.cookie, refusal.error, &refusal.message, None);
-                if conn.send(&frame).await.is_err() {
-                    break End::ReplyFailed;
-                }
+                conn.reply(req.cookie, frame, 0, Some(budget));
                 match end {
                     Some(end) => break end,
                     None => continue,
@@ -385,14 +498,17 @@ pub async fn run<R, W>(
         let permits = cost.min(max_bytes as u64) as u32;
         let acquired = unless_shutdown(&mut shutdown, async {
             let slot = slots.clone().acquire_owned().await.ok()?;
-            let budget = bytes.clone().acquire_many_owned(permits).await.ok()?;
-            Some((slot, budget))
+            let bytes = bytes.clone().acquire_many_owned(permits).await.ok()?;
+            Some(Budget {
+                _slot: slot,
+                _bytes: Some(bytes),
+            })
         })
         .await
         .flatten();
         let Some(budget) = acquired else {
             let frame = conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
-            let _ = conn.send(&frame).await;
+            conn.reply(req.cookie, frame, 0, None);
             break End::Shutdown;
         };
         conn.stats.hold_bytes(cost);
@@ -406,10 +522,9 @@ pub async fn run<R, W>(
                     break End::Vanished(e);
                 }
                 None => {
-                    conn.stats.release_bytes(cost);
                     let frame =
                         conn.error_frame(req.cookie, wire::ESHUTDOWN, "server shutting down", None);
-                    let _ = conn.send(&frame).await;
+                    conn.reply(req.cookie, frame, cost, Some(budget));
                     break End::Shutdown;
                 }
             }
@@ -424,8 +539,34 @@ pub async fn run<R, W>(
             offset = req.offset,
             len = req.len
         );
-        tokio::spawn(
-            complete(conn.clone(), req.cookie, op, payload, cost, budget).instrument(span),
+        let job_conn = conn.clone();
+        let cookie = req.cookie;
+        let mut request = Some((op, payload));
+        let mut budget = Some(budget);
+        workers.submit(
+            span,
+            Box::new(move |panicked| {
+                let frame = if panicked {
+                    job_conn.error_frame(cookie, wire::EIO, "internal error", None)
+                } else {
+                    let Some((op, payload)) = request.take() else {
+                        return;
+                    };
+                    // Last chance to drop the request if the client went away while it was
+                    // queued.
+                    if job_conn.is_gone() {
+                        job_conn.stats.request_skipped();
+                        debug!("dropped: client gone before the request started");
+                        job_conn.stats.release_bytes(cost);
+                        budget = None;
+                        return;
+                    }
+                    execute(&job_conn, cookie, op, payload)
+                };
+                if let Some(b) = budget.take() {
+                    job_conn.reply(cookie, frame, cost, Some(b));
+                }
+            }),
         );
     };
 
@@ -444,13 +585,12 @@ pub async fn run<R, W>(
         conn.gone.send_replace(true);
         conn.stats.connection_lost();
     }
-    // Every request task holds a slot until its reply is written: taking all of them waits
-    // for the requests in flight.
+    // Every request holds a slot until its reply is written: taking all of them waits for
+    // the requests in flight.
     let _all = slots.acquire_many(max_requests).await;
-    if !conn.dead.load(Ordering::Relaxed) {
-        let mut w = conn.writer.lock().await;
-        let _ = tokio::time::timeout(conn.config.reply_write_timeout, w.shutdown()).await;
-    }
+    let _ = conn.replies.send(Outgoing::Close);
+    drop(conn);
+    let _ = writer_task.await;
     info!("connection closed");
 }
 
@@ -479,59 +619,6 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<(
     Ok(())
 }
 
-/// Runs one request on the volume and sends its reply; releases its budget at the end.
-async fn complete<W: AsyncWrite + Unpin + Send + 'static>(
-    conn: Arc<Conn<W>>,
-    cookie: u64,
-    op: Op,
-    payload: Vec<u8>,
-    cost: u64,
-    _budget: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-) {
-    let started = Instant::now();
-    let job_conn = conn.clone();
-    let span = Span::current();
-    let mut job = tokio::task::spawn_blocking(move || {
-        let _enter = span.enter();
-        // Last chance to drop the request if the client went away while it was queued.
-        if job_conn.is_gone() {
-            return None;
-        }
-        Some(execute(&job_conn, cookie, op, payload))
-    });
-    // Warn while the request is still running, so that the log shows a stall before a kernel
-    // client's request timeout fires, and once more when it ends.
-    let warn_after = conn.config.slow_request_warning;
-    let result = tokio::select! {
-        r = &mut job => r,
-        _ = tokio::time::sleep(warn_after) => {
-            conn.stats.slow_request();
-            warn!(after_ms = warn_after.as_millis() as u64, "request still running");
-            let r = job.await;
-            warn!(elapsed_ms = started.elapsed().as_millis() as u64, "slow request finished");
-            r
-        }
-    };
-    let frame = match result {
-        Ok(Some(frame)) => frame,
-        Ok(None) => {
-            conn.stats.request_skipped();
-            debug!("dropped: client gone before the request started");
-            conn.stats.release_bytes(cost);
-            return;
-        }
-        Err(e) => {
-            warn!("request task failed: {e}");
-            conn.error_frame(cookie, wire::EIO, "internal error", None)
-        }
-    };
-    match conn.send(&frame).await {
-        Ok(()) => debug!(error = reply_error(&frame), "replied"),
-        Err(e) => debug!("reply not sent: {e}"),
-    }
-    conn.stats.release_bytes(cost);
-}
-
 /// The error field of a reply frame this module built, for logs (0 = success).
 fn reply_error(frame: &[u8]) -> u32 {
     let word = |i: usize| u32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
@@ -548,9 +635,9 @@ fn reply_error(frame: &[u8]) -> u32 {
     }
 }
 
-/// Runs a validated request on the volume (on a blocking thread) and builds its reply frame.
-fn execute<W: AsyncWrite + Unpin>(
-    conn: &Conn<W>,
+/// Runs a validated request on the volume (on a worker thread) and builds its reply frame.
+fn execute(
+    conn: &Conn,
     cookie: u64,
     op: Op,
     payload: Vec<u8>,
@@ -602,8 +689,8 @@ fn execute<W: AsyncWrite + Unpin>(
     res.unwrap_or_else(|e| volume_error_frame(conn, cookie, cmd, &e, offset, len))
 }
 
-fn volume_error_frame<W: AsyncWrite + Unpin>(
-    conn: &Conn<W>,
+fn volume_error_frame(
+    conn: &Conn,
     cookie: u64,
     cmd: Command,
     err: &VolumeError,
@@ -611,7 +698,18 @@ fn volume_error_frame<W: AsyncWrite + Unpin>(
     len: u32,
 ) -> Vec<u8> {
     let refusal = Refusal::from_volume(err, cmd);
-    debug!(error = refusal.error, "volume error: {err}");
+    // A request the client got wrong is its business; an I/O error is the server's and goes
+    // into the log with its cause.
+    if refusal.error == wire::EIO {
+        warn!(
+            cmd = cmd.name(),
+            offset,
+            len,
+            "request failed with EIO: {err}"
+        );
+    } else {
+        debug!(error = refusal.error, "volume error: {err}");
+    }
     let at = if cmd == Command::Flush {
         None
     } else {
@@ -622,7 +720,7 @@ fn volume_error_frame<W: AsyncWrite + Unpin>(
 
 /// READ: one buffer holds the reply header followed by the data, so the frame is written in
 /// one piece. Structured replies use one `OFFSET_DATA` chunk (which also satisfies DF).
-fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+fn read(conn: &Conn, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     if len == 0 {
         return if conn.structured {
             wire::structured_done(cookie)

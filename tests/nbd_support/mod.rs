@@ -38,18 +38,8 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(exports: Vec<Export>, config: ServerConfig) -> Self {
-        Self::start_with_pool(exports, config, 64)
-    }
-
-    /// `blocking_threads` bounds the runtime's blocking pool (where volume calls run).
-    pub fn start_with_pool(
-        exports: Vec<Export>,
-        config: ServerConfig,
-        blocking_threads: usize,
-    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(blocking_threads)
             .enable_all()
             .build()
             .unwrap();
