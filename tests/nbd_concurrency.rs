@@ -312,6 +312,47 @@ fn clients_vanishing_mid_request_do_not_disturb_others() {
 }
 
 #[test]
+fn a_stalled_export_does_not_hold_up_another() {
+    // Every write to "stuck" blocks until the gate opens; "free" is a plain memory device.
+    let gate = Arc::new(Gate::default());
+    let g = gate.clone();
+    let stuck = Arc::new(HookDevice::new(MIB, move |call, _, _| {
+        if call == Call::Write {
+            g.wait();
+        }
+        Ok(())
+    }));
+    let free = mem(MIB);
+    let config = ServerConfig {
+        workers: 2,
+        worker_stall: Duration::from_millis(50),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(
+        vec![
+            Export::new("stuck", stuck.clone()),
+            Export::new("free", free.clone()),
+        ],
+        config,
+    );
+    let mut a = Raw::unix(&srv.sock);
+    a.go("stuck", false, false);
+    // Four writes: both worker threads block inside "stuck", two more wait in the queue.
+    for i in 0..4u64 {
+        a.request(WRITE, 0, i, i * 4096, 4096, &[0x5a; 4096]);
+    }
+    assert!(wait_until(Duration::from_secs(5), || stuck.inside() >= 2));
+    let mut b = Raw::unix(&srv.sock);
+    b.go("free", false, false);
+    // Served although the two base threads are blocked: the pool grew.
+    assert_eq!(b.write(0, b"served meanwhile", 0), 0);
+    same(&b.read(0, 16).unwrap(), b"served meanwhile");
+    gate.open();
+    let cookies: HashSet<u64> = (0..4).map(|_| a.reply().cookie).collect();
+    assert_eq!(cookies.len(), 4, "every stuck write answered once released");
+}
+
+#[test]
 fn flush_on_one_connection_covers_writes_from_another() {
     let dev = mem(MIB);
     let srv = TestServer::start(

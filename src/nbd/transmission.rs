@@ -1,16 +1,18 @@
 //! Transmission phase: reading requests, running them on the volume, sending replies.
 //!
 //! Promises:
-//! - **Pipelining.** Requests of one connection run concurrently on the blocking pool (volume
-//!   calls block); each reply is sent as soon as its request completes, so replies can be out
-//!   of order. Reply frames are serialised by one fair mutex around the socket's write half;
-//!   one reply (all its chunks) is written under one lock hold.
+//! - **Pipelining.** Requests of one connection run concurrently on the server's worker
+//!   threads (`workers.rs`: volume calls block); each reply is queued as soon as its request
+//!   completes, so replies can be out of order. One writer task per connection owns the
+//!   socket's write half: it writes every reply waiting at that moment together (small frames
+//!   gathered into one buffer), so a deep queue of small requests costs one `write` per batch,
+//!   not per reply. Each reply frame is written whole and never interleaved with another.
 //! - **Bounded memory.** Before a request's buffer is allocated (write payload, read buffer,
 //!   block-status reply), the reader takes that many bytes from a per-connection budget
 //!   (`ServerConfig::max_in_flight_bytes`) and one slot from a request budget
 //!   (`max_requests_in_flight`); both come back when the reply has been written. When either
 //!   is exhausted the reader stops reading the socket, and the client is pushed back by flow
-//!   control. No allocation depends on a client-given size beyond `MAX_PAYLOAD`.
+//!   control. Refusals hold a request slot until written too. No allocation depends on a client-given size beyond `MAX_PAYLOAD`.
 //! - **Validation from the header.** Unknown commands, unknown or unadvertised flags, lengths
 //!   over the maximum, ranges past the end and changes to a read-only export are refused
 //!   before the volume sees them. A WRITE refused for any other reason has its payload read

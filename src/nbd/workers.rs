@@ -28,7 +28,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tracing::{Span, info, warn};
+use tracing::{Span, debug, warn};
 
 use super::config::ServerStats;
 
@@ -275,7 +275,7 @@ fn watchdog(shared: Weak<Shared>) {
         };
         if stalled {
             s.start_thread();
-            info!(
+            debug!(
                 threads = s.lock_queue().threads,
                 "requests queued for {} ms with every NBD worker busy: one more worker",
                 s.stall.as_millis()

@@ -146,7 +146,11 @@ pub struct Journal {
     volume: u64,
     disks: Vec<DiskRef>,
     state: Mutex<State>,
+    /// Records completed (for flushes waiting on earlier records).
     changed: Condvar,
+    /// Space freed, or the journal failed (for writers waiting for room). Separate from
+    /// `changed` so that every record completion does not wake every blocked writer.
+    space: Condvar,
     sync_lock: Mutex<()>,
 }
 
@@ -307,6 +311,7 @@ impl Journal {
                 failed: None,
             }),
             changed: Condvar::new(),
+            space: Condvar::new(),
             sync_lock: Mutex::new(()),
         };
         Ok((journal, records))
@@ -366,10 +371,10 @@ impl Journal {
         }))
     }
 
-    /// Waits (bounded) until space may have been freed or the journal changed.
+    /// Waits (bounded) until space may have been freed or the journal failed.
     pub fn wait_for_space(&self, timeout: Duration) {
         let st = self.lock();
-        let _unused = self.changed.wait_timeout(st, timeout);
+        let _unused = self.space.wait_timeout(st, timeout);
     }
 
     /// Writes a reserved record (`record` = header pages then payload pages) to every replica.
@@ -422,6 +427,7 @@ impl Journal {
             );
             self.lock().failed = Some(msg.clone());
             self.changed.notify_all();
+            self.space.notify_all();
             return Err(JournalError::Failed(msg));
         }
         Ok(())
@@ -665,6 +671,7 @@ impl Journal {
         st.live.clear();
         st.used = 0;
         self.changed.notify_all();
+        self.space.notify_all();
         Ok(())
     }
 
@@ -702,7 +709,7 @@ impl Journal {
             st.used -= len;
             st.live.pop_front();
         }
-        self.changed.notify_all();
+        self.space.notify_all();
     }
 
     /// Every record with a sequence number up to this one is durable.
