@@ -299,6 +299,18 @@ fn disk_missing_at_open_is_failed_and_data_served() {
     std::fs::remove_file(rig.disk_path(2)).unwrap();
     let (p, _) = rig.open();
     assert!(p.health.is_failed(DiskId(2)));
+    // Failed while the pool opened, before its audit key existed: recorded once it did.
+    let failed: Vec<_> = p
+        .audit
+        .records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event == "disk-failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "one disk-failed record");
+    assert_eq!(failed[0].fields["disk"], "2");
+    assert!(failed[0].fields["reason"].starts_with("at open"));
+    assert!(p.audit_verify().unwrap().1.intact());
     let v = vol(&p);
     assert_matches(&v, &model, "disk 2 missing");
     write_random(&v, &mut model, &mut StdRng::seed_from_u64(4), 100);
@@ -400,6 +412,16 @@ fn write_errors_fail_a_disk_persisted_and_logged_once() {
         "one warning for the failure"
     );
     assert!(!p.health.fail(DiskId(5), "again"), "already failed");
+    let failed: Vec<_> = p
+        .audit
+        .records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event == "disk-failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "one disk-failed record, not one per error");
+    assert_eq!(failed[0].fields["disk"], "5");
+    assert_eq!(failed[0].fields["path"], path);
     // The pool holds the store open: read it through the pool's handle.
     let rec = p.store.disk(DiskId(5)).unwrap().unwrap();
     assert_eq!(rec.state, DiskState::Failed);

@@ -638,12 +638,7 @@ fn reply_error(frame: &[u8]) -> u32 {
 }
 
 /// Runs a validated request on the volume (on a worker thread) and builds its reply frame.
-fn execute(
-    conn: &Conn,
-    cookie: u64,
-    op: Op,
-    payload: Vec<u8>,
-) -> Vec<u8> {
+fn execute(conn: &Conn, cookie: u64, op: Op, payload: Vec<u8>) -> Vec<u8> {
     let dev = &*conn.export.device;
     let cmd = op.command();
     let ok = || {
@@ -705,9 +700,7 @@ fn volume_error_frame(
     if refusal.error == wire::EIO {
         warn!(
             cmd = cmd.name(),
-            offset,
-            len,
-            "request failed with EIO: {err}"
+            offset, len, "request failed with EIO: {err}"
         );
     } else {
         debug!(error = refusal.error, "volume error: {err}");

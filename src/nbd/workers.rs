@@ -232,7 +232,10 @@ impl Shared {
             });
             let _enter = span.enter();
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| run(false))) {
-                warn!("request panicked: {}; answering it with an error", panic_text(&p));
+                warn!(
+                    "request panicked: {}; answering it with an error",
+                    panic_text(&p)
+                );
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| run(true))) {
                     warn!("request panicked again while answering: {}", panic_text(&p));
                 }
@@ -271,7 +274,9 @@ fn watchdog(shared: Weak<Shared>) {
             }
             q.idle == 0
                 && q.threads < MAX_THREADS
-                && q.jobs.front().is_some_and(|j| j.queued.elapsed() >= s.stall)
+                && q.jobs
+                    .front()
+                    .is_some_and(|j| j.queued.elapsed() >= s.stall)
         };
         if stalled {
             s.start_thread();
@@ -305,7 +310,12 @@ mod tests {
     #[test]
     fn every_job_runs_once_even_after_the_pool_is_dropped() {
         let stats = Arc::new(ServerStats::default());
-        let pool = Workers::new(3, Duration::from_millis(100), Duration::from_secs(10), stats);
+        let pool = Workers::new(
+            3,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            stats,
+        );
         let count = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         for _ in 0..200 {
@@ -330,7 +340,8 @@ mod tests {
     #[test]
     fn a_panicking_job_is_called_again_to_answer_and_the_thread_survives() {
         let stats = Arc::new(ServerStats::default());
-        let pool = Workers::new(1, Duration::from_millis(100), Duration::from_secs(10), stats);
+        // No growth within the test: printing the panic may take longer than a short stall.
+        let pool = Workers::new(1, Duration::from_secs(600), Duration::from_secs(10), stats);
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
         pool.submit(
@@ -357,7 +368,12 @@ mod tests {
     #[test]
     fn a_slow_job_is_counted_while_it_runs() {
         let stats = Arc::new(ServerStats::default());
-        let pool = Workers::new(2, Duration::from_millis(100), Duration::from_millis(50), stats.clone());
+        let pool = Workers::new(
+            2,
+            Duration::from_millis(100),
+            Duration::from_millis(50),
+            stats.clone(),
+        );
         let (tx, rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         pool.submit(
@@ -379,7 +395,12 @@ mod tests {
     #[test]
     fn a_stalled_pool_grows_so_queued_jobs_still_run() {
         let stats = Arc::new(ServerStats::default());
-        let pool = Workers::new(1, Duration::from_millis(100), Duration::from_secs(10), stats);
+        let pool = Workers::new(
+            1,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            stats,
+        );
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         let d = done_tx.clone();
@@ -401,7 +422,11 @@ mod tests {
         let got: Vec<bool> = (0..2)
             .map(|_| done_rx.recv_timeout(Duration::from_secs(20)).unwrap())
             .collect();
-        assert_eq!(got, [true, true], "the blocked job was released by the queued one");
+        assert_eq!(
+            got,
+            [true, true],
+            "the blocked job was released by the queued one"
+        );
         assert_eq!(pool.threads(), 2);
     }
 }

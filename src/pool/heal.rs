@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::{
     Pool, PoolError, STORE_FILE, hex, now_unix, read_superblock, size_disk, write_superblocks,
 };
+use crate::audit::{AuditKey, AuditLog, EventKind, Fields};
 use crate::disk::{DiskOptions, DiskRef};
 use crate::layout::{DiskId, StripeId};
 use crate::meta::{DiskRecord, DiskState, MetaStore};
@@ -37,6 +38,7 @@ pub(super) fn open_health(
     store: &Arc<MetaStore>,
     table: &[DiskRecord],
     wrap: &dyn Fn(DiskId, DiskRef) -> DiskRef,
+    failures: Arc<FailureAudit>,
 ) -> Result<Arc<Health>, PoolError> {
     let pool = store.pool()?;
     let need = store
@@ -90,7 +92,14 @@ pub(super) fn open_health(
     let health = Health::new(
         disks,
         FailurePolicy::default(),
-        Box::new(move |h, id| persist_state(&persist_store, h, id)),
+        Box::new(move |h, id, why| {
+            persist_state(&persist_store, h, id);
+            failures.record(crate::audit::fields([
+                ("disk", id.0.to_string()),
+                ("path", h.name(id)),
+                ("reason", why.to_string()),
+            ]));
+        }),
     );
     let saved: BTreeMap<u32, DiskHealthRecord> = store.disk_healths()?.into_iter().collect();
     for d in table {
@@ -108,6 +117,48 @@ pub(super) fn open_health(
         health.fail(id, &format!("at open: {why}"));
     }
     Ok(health)
+}
+
+/// Where disk failures go in the audit log (`disk-failed`). The health registry exists before
+/// the pool's audit key does (a disk can fail while the pool opens), so failures seen before
+/// [`FailureAudit::attach`] wait in memory and are appended by it.
+#[derive(Default)]
+pub(super) struct FailureAudit {
+    sink: Mutex<Option<(Arc<AuditLog>, Arc<RwLock<AuditKey>>)>>,
+    pending: Mutex<Vec<Fields>>,
+}
+
+impl FailureAudit {
+    fn record(&self, fields: Fields) {
+        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        match sink.as_ref() {
+            Some((log, key)) => append_failure(log, key, fields),
+            None => self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(fields),
+        }
+    }
+
+    /// From now on, failures are appended to `log` under `key`; those seen before are now.
+    pub(super) fn attach(&self, log: Arc<AuditLog>, key: Arc<RwLock<AuditKey>>) {
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in pending {
+            append_failure(&log, &key, f);
+        }
+        *sink = Some((log, key));
+    }
+}
+
+/// Appends a `disk-failed` record; an error is logged (the failure itself is persisted in the
+/// store and the superblocks either way).
+fn append_failure(log: &AuditLog, key: &RwLock<AuditKey>, fields: Fields) {
+    let key = key.read().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = log.append(EventKind::DiskFailed, fields, Some(&key)) {
+        warn!(error = %e, "cannot append disk-failed to the audit log");
+    }
 }
 
 /// The pool's persistence hook: the disk's state in the store and its counters, then a new

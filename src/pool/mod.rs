@@ -641,7 +641,8 @@ impl Pool {
     ) -> Result<Self, PoolError> {
         let audit = Arc::new(AuditLog::open(dir, store.clone()));
         let table = store.disks()?;
-        let health = heal::open_health(&store, &table, wrap)?;
+        let failures = Arc::new(heal::FailureAudit::default());
+        let health = heal::open_health(&store, &table, wrap, failures.clone())?;
         let disks = health.proxies();
         let keys = crate::lifecycle::PoolKeys::open(
             dir,
@@ -659,6 +660,7 @@ impl Pool {
         )?;
         let audit_key = Arc::new(RwLock::new(audit_key));
         keys.attach_audit(audit.clone(), audit_key.clone());
+        failures.attach(audit.clone(), audit_key.clone());
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
             let parts = parts_for(

@@ -104,9 +104,9 @@ pub struct DiskHealthRecord {
     pub cursor: Option<(u64, u64)>,
 }
 
-/// Called after a disk changes state (with the registry and the disk's id), to make the change
-/// durable. Runs in the thread that saw the failure; must not call back into the volumes.
-pub type Persist = dyn Fn(&Health, DiskId) + Send + Sync;
+/// Called after a disk is marked failed (with the registry, the disk's id and the reason), to
+/// make the change durable and record it. Runs in the thread that saw the failure; must not call back into the volumes.
+pub type Persist = dyn Fn(&Health, DiskId, &str) + Send + Sync;
 
 struct Slot {
     disk: RwLock<DiskRef>,
@@ -196,7 +196,7 @@ impl Health {
     /// A registry that never fails a disk and persists nothing: what a volume opened on its
     /// own uses.
     pub fn observe_only(disks: impl IntoIterator<Item = (DiskId, DiskRef)>) -> Arc<Self> {
-        Self::new(disks, FailurePolicy::never(), Box::new(|_, _| {}))
+        Self::new(disks, FailurePolicy::never(), Box::new(|_, _, _| {}))
     }
 
     fn slot(&self, id: DiskId) -> Option<Arc<Slot>> {
@@ -357,7 +357,7 @@ impl Health {
         self.update_degraded();
         warn!(disk = id.0, path = %self.name(id), reason = why, "disk failed: it is no longer read or written; the volumes serve its chunks from parity until it is replaced (`shardvol disk replace`)");
         let _g = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
-        (self.persist)(self, id);
+        (self.persist)(self, id, why);
         true
     }
 
@@ -536,7 +536,7 @@ mod tests {
         let health = Health::new(
             [(DiskId(0), Arc::new(f) as DiskRef)],
             FailurePolicy::default(),
-            Box::new(move |_, _| {
+            Box::new(move |_, _, _| {
                 p.fetch_add(1, Ordering::SeqCst);
             }),
         );
