@@ -119,12 +119,15 @@ pub(super) fn open_health(
     Ok(health)
 }
 
+/// The pool's audit log and its current audit key.
+type AuditSink = (Arc<AuditLog>, Arc<RwLock<AuditKey>>);
+
 /// Where disk failures go in the audit log (`disk-failed`). The health registry exists before
 /// the pool's audit key does (a disk can fail while the pool opens), so failures seen before
 /// [`FailureAudit::attach`] wait in memory and are appended by it.
 #[derive(Default)]
 pub(super) struct FailureAudit {
-    sink: Mutex<Option<(Arc<AuditLog>, Arc<RwLock<AuditKey>>)>>,
+    sink: Mutex<Option<AuditSink>>,
     pending: Mutex<Vec<Fields>>,
 }
 
