@@ -112,6 +112,30 @@ fn epochs_advance_with_the_period_and_new_writes_use_them() {
 }
 
 #[test]
+fn an_epoch_advanced_at_open_is_in_the_audit_log() {
+    let t = new_pool(3, 2);
+    let mut policy = KeyPolicy::default();
+    policy.rotation.period = Duration::from_secs(1);
+    let p = Pool::open_with(&t.pool, &t.shares[..2], &policy).unwrap();
+    let e0 = p.keys.write_key().1;
+    p.close().unwrap();
+    drop(p);
+    // The period passes while the pool is closed: the next open starts a new epoch.
+    std::thread::sleep(Duration::from_millis(1100));
+    let p = Pool::open_with(&t.pool, &t.shares[..2], &policy).unwrap();
+    let e1 = p.keys.write_key().1;
+    assert!(e1 > e0, "epoch {e1} after {e0}");
+    let recs = p.audit.records().unwrap();
+    let rotate = recs
+        .iter()
+        .find(|r| r.event == "rotate" && r.fields.get("epoch") == Some(&e1.to_string()))
+        .unwrap_or_else(|| panic!("no rotate record for epoch {e1}: {recs:?}"));
+    assert_eq!(rotate.fields["reason"], "period");
+    assert!(p.audit_verify().unwrap().1.intact());
+    p.close().unwrap();
+}
+
+#[test]
 fn rekey_stripe_moves_blocks_to_the_current_key_and_keeps_them_readable() {
     let t = new_pool(3, 2);
     let p = Pool::open(&t.pool, &t.shares[..2]).unwrap();

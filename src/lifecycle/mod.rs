@@ -245,6 +245,9 @@ pub struct PoolKeys {
     progress: Mutex<RotationProgress>,
     /// Where key events go: the pool's audit log and its audit key (set by the pool once open).
     audit: Mutex<Option<AuditSink>>,
+    /// Key events from before the audit log was attached (an epoch advanced while the pool
+    /// opened), appended by [`PoolKeys::attach_audit`].
+    pending: Mutex<Vec<(EventKind, Fields)>>,
 }
 
 impl std::fmt::Debug for PoolKeys {
@@ -296,13 +299,25 @@ impl PoolKeys {
             admin: Mutex::new(()),
             progress: Mutex::new(RotationProgress::default()),
             audit: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
         });
         this.finish_interrupted()?;
-        {
+        let advanced = {
             let mut h = lock(&this.epochs);
-            h.advance_if_due(now_unix(), this.policy().period);
+            let advanced = h.advance_if_due(now_unix(), this.policy().period);
             write_json(&store, EPOCHS_ENTRY, &*h)?;
             this.write_key.set(active, h.current().number);
+            advanced
+        };
+        if let Some(e) = advanced {
+            info!(epoch = e.number, "new epoch at open: its period had passed");
+            this.record(
+                EventKind::Rotate,
+                fields([
+                    ("epoch", e.number.to_string()),
+                    ("reason", "period".to_string()),
+                ]),
+            );
         }
         Ok(this)
     }
@@ -346,13 +361,29 @@ impl PoolKeys {
     /// with the loaded master versions: a new active version MACs from then on, a destroyed
     /// one's audit key is dropped).
     pub fn attach_audit(&self, log: Arc<AuditLog>, key: Arc<RwLock<AuditKey>>) {
-        *lock(&self.audit) = Some((log, key));
+        let pending = {
+            let mut audit = lock(&self.audit);
+            *audit = Some((log, key));
+            std::mem::take(&mut *lock(&self.pending))
+        };
+        for (kind, f) in pending {
+            self.record(kind, f);
+        }
     }
 
-    /// Appends a key event to the audit log (if attached). The event already happened: a
-    /// failure to record it is logged, not returned.
+    /// Appends a key event to the audit log (kept until the log is attached). The event
+    /// already happened: a failure to record it is logged, not returned.
     pub fn record(&self, kind: EventKind, fields: Fields) {
-        let Some((log, key)) = lock(&self.audit).clone() else {
+        let sink = {
+            let audit = lock(&self.audit);
+            if audit.is_none() {
+                // Under the audit lock, so that `attach_audit` cannot miss it.
+                lock(&self.pending).push((kind, fields));
+                return;
+            }
+            audit.clone()
+        };
+        let Some((log, key)) = sink else {
             return;
         };
         let active = self.write_key.get().0;
