@@ -166,6 +166,16 @@ impl Rig {
     }
 }
 
+/// The pool's `disk-failed` audit records.
+fn disk_failed_records(p: &Pool) -> Vec<shardvol::audit::Record> {
+    p.audit
+        .records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event == "disk-failed")
+        .collect()
+}
+
 fn vol(p: &Pool) -> Arc<Volume> {
     p.volumes.get("v").unwrap().clone()
 }
@@ -300,13 +310,7 @@ fn disk_missing_at_open_is_failed_and_data_served() {
     let (p, _) = rig.open();
     assert!(p.health.is_failed(DiskId(2)));
     // Failed while the pool opened, before its audit key existed: recorded once it did.
-    let failed: Vec<_> = p
-        .audit
-        .records()
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.event == "disk-failed")
-        .collect();
+    let failed = disk_failed_records(&p);
     assert_eq!(failed.len(), 1, "one disk-failed record");
     assert_eq!(failed[0].fields["disk"], "2");
     assert!(failed[0].fields["reason"].starts_with("at open"));
@@ -412,13 +416,7 @@ fn write_errors_fail_a_disk_persisted_and_logged_once() {
         "one warning for the failure"
     );
     assert!(!p.health.fail(DiskId(5), "again"), "already failed");
-    let failed: Vec<_> = p
-        .audit
-        .records()
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.event == "disk-failed")
-        .collect();
+    let failed = disk_failed_records(&p);
     assert_eq!(failed.len(), 1, "one disk-failed record, not one per error");
     assert_eq!(failed[0].fields["disk"], "5");
     assert_eq!(failed[0].fields["path"], path);

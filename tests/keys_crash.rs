@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{CrashMode, DiskRef, MemDisk, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
-use shardvol::layout::{DiskId, Geometry, StripeId};
+use shardvol::layout::{DiskId, StripeId};
 use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
@@ -41,19 +41,14 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let store_path = dir.path().join("pool.redb");
-        let record = common::stored_record(
-            &store_path,
-            1,
-            "rekey",
-            SIZE,
-            Geometry::new(4, 2, CHUNK).unwrap(),
-            [3; 32],
-            (4 << 20) + 8192,
-        );
-        let disk_size = record.region_offset + record.region_size;
-        let (mems, disks, budget) = common::cut_disks(6, disk_size);
+        let common::MemRig {
+            dir,
+            store_path,
+            record,
+            mems,
+            disks,
+            budget,
+        } = common::MemRig::new("rekey", [3; 32], 6, SIZE, CHUNK);
         let rig = Rig {
             _dir: dir,
             store_path,

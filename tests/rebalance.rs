@@ -17,7 +17,7 @@ use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{CrashMode, Disk, DiskRef, FaultDisk, FaultHandle, MemDisk, UNLIMITED_OPS};
 use shardvol::layout::placement::{Placement, PlacementDisk};
-use shardvol::layout::{DiskId, Geometry, StripeId};
+use shardvol::layout::{DiskId, StripeId};
 use shardvol::meta::{MetaStore, Rebalance, read_superblock};
 use shardvol::pool::{self, AddOptions, CreateOptions, DiskSpec, Pool};
 use shardvol::volume::health::MissingDisk;
@@ -53,19 +53,14 @@ fn table(n: u32) -> Vec<PlacementDisk> {
 
 impl Rig {
     fn new() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let store_path = dir.path().join("pool.redb");
-        let record = common::stored_record(
-            &store_path,
-            1,
-            "grow",
-            SIZE,
-            Geometry::new(4, 2, CHUNK).unwrap(),
-            [9; 32],
-            (4 << 20) + 8192,
-        );
-        let disk_size = record.region_offset + record.region_size;
-        let (mems, disks, budget) = common::cut_disks(7, disk_size);
+        let common::MemRig {
+            dir,
+            store_path,
+            mems,
+            disks,
+            budget,
+            ..
+        } = common::MemRig::new("grow", [9; 32], 7, SIZE, CHUNK);
         let rig = Rig {
             _dir: dir,
             store_path,

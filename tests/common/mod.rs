@@ -55,6 +55,42 @@ pub fn stored_record(
     record
 }
 
+/// A volume of `size` bytes (4+2, `chunk`-byte chunks, a 4 MiB + 8 KiB journal) recorded as id 1
+/// in a fresh store, and `n` memory disks behind power cuts large enough for it.
+pub struct MemRig {
+    pub dir: tempfile::TempDir,
+    pub store_path: std::path::PathBuf,
+    pub record: VolumeRecord,
+    pub mems: Vec<Arc<MemDisk>>,
+    pub disks: Vec<DiskRef>,
+    pub budget: Arc<AtomicI64>,
+}
+
+impl MemRig {
+    pub fn new(name: &str, placement_seed: [u8; 32], n: usize, size: u64, chunk: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store_path = dir.path().join("pool.redb");
+        let record = stored_record(
+            &store_path,
+            1,
+            name,
+            size,
+            Geometry::new(4, 2, chunk).unwrap(),
+            placement_seed,
+            (4 << 20) + 8192,
+        );
+        let (mems, disks, budget) = cut_disks(n, record.region_offset + record.region_size);
+        Self {
+            dir,
+            store_path,
+            record,
+            mems,
+            disks,
+            budget,
+        }
+    }
+}
+
 /// `n` memory disks of `size` bytes, each behind a [`PowerCut`] sharing one op budget (unlimited
 /// to start): (the memory disks, the disks to use, the budget).
 pub fn cut_disks(n: usize, size: u64) -> (Vec<Arc<MemDisk>>, Vec<DiskRef>, Arc<AtomicI64>) {
