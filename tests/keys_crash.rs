@@ -9,17 +9,16 @@
 //! a completed round nothing needs the old version.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, DiskRef, MemDisk, UNLIMITED_OPS};
+use shardvol::disk::{CrashMode, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, StripeId};
-use shardvol::meta::{MetaStore, VolumeRecord};
+use shardvol::meta::MetaStore;
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
 mod common;
@@ -30,33 +29,18 @@ const CHUNK: u32 = 16 << 10;
 /// 4+2 with 16 KiB chunks: 64 KiB of data per stripe; 6 stripes.
 const SIZE: u64 = 6 * 64 * 1024;
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    store_path: PathBuf,
-    mems: Vec<Arc<MemDisk>>,
-    disks: Vec<DiskRef>,
-    budget: Arc<AtomicI64>,
-    record: VolumeRecord,
+struct Rig(common::MemRig);
+
+impl std::ops::Deref for Rig {
+    type Target = common::MemRig;
+    fn deref(&self) -> &common::MemRig {
+        &self.0
+    }
 }
 
 impl Rig {
     fn new() -> Rig {
-        let common::MemRig {
-            dir,
-            store_path,
-            record,
-            mems,
-            disks,
-            budget,
-        } = common::MemRig::new("rekey", [3; 32], 6, SIZE, CHUNK);
-        let rig = Rig {
-            _dir: dir,
-            store_path,
-            mems,
-            disks,
-            budget,
-            record,
-        };
+        let rig = Rig(common::MemRig::new("rekey", [3; 32], 6, SIZE, CHUNK));
         Volume::format(&rig.parts(&[1], (1, 1))).unwrap();
         rig
     }
@@ -89,12 +73,6 @@ impl Rig {
     fn open(&self, versions: &[u32], write: (u32, u32)) -> Arc<Volume> {
         Volume::open(self.parts(versions, write)).expect("volume opens")
     }
-
-    fn kill(&self, vol: Arc<Volume>) {
-        vol.halt();
-        assert_eq!(Arc::strong_count(&vol), 1);
-        drop(vol);
-    }
 }
 
 /// Data under version 1: destaged, plus a few blocks still in the journal (flushed).
@@ -114,7 +92,7 @@ fn prepare(rig: &Rig) -> Vec<u8> {
     vol.write(65536 + 4096, &extra, false).unwrap();
     data[65536 + 4096..65536 + 4 * 4096].copy_from_slice(&extra);
     vol.flush().unwrap();
-    rig.kill(vol);
+    common::kill(vol);
     data
 }
 
@@ -150,7 +128,7 @@ fn power_cut_at_every_op_of_a_rekey_round_loses_nothing() {
         assert_eq!(n, (SIZE / 4096) - 16 - 2, "live blocks re-keyed");
         let used = UNLIMITED - rig.budget.load(Ordering::SeqCst);
         check(&vol, &data, "uncut round");
-        rig.kill(vol);
+        common::kill(vol);
         used
     };
     assert!(ops > 30, "a re-key round of 5 stripes took only {ops} ops");
@@ -176,7 +154,7 @@ fn power_cut_at_every_op_of_a_rekey_round_loses_nothing() {
             let r = round(&vol);
             assert!(n < ops || r.is_ok(), "cut at op {n} of {ops}: {r:?}");
             rig.budget.store(0, Ordering::SeqCst);
-            rig.kill(vol);
+            common::kill(vol);
             for m in &rig.mems {
                 m.crash(&mut rng, mode);
             }
@@ -189,10 +167,10 @@ fn power_cut_at_every_op_of_a_rekey_round_loses_nothing() {
             let u = vol.scan_key_usage().unwrap();
             assert_eq!(u.blocks_of_version(1), 0, "{what}: {u:?}");
             vol.reseal_journal().unwrap();
-            rig.kill(vol);
+            common::kill(vol);
             let vol = rig.open(&[2], (2, 1));
             check(&vol, &data, &format!("{what}, version 1 removed"));
-            rig.kill(vol);
+            common::kill(vol);
             checked += 1;
         }
     }
@@ -207,7 +185,7 @@ fn resealing_the_journal_frees_it_from_an_old_version() {
     let vol = rig.open(&[1, 2], (2, 1));
     vol.halt();
     vol.reseal_journal().unwrap();
-    rig.kill(vol);
+    common::kill(vol);
     let vol = rig.open(&[2], (2, 1));
     // The journal opens without version 1; the destaged blocks are still version 1's.
     let mut b = vec![0u8; 4096];
@@ -215,10 +193,10 @@ fn resealing_the_journal_frees_it_from_an_old_version() {
         vol.read(0, &mut b).is_err(),
         "a block of a removed version must not read"
     );
-    rig.kill(vol);
+    common::kill(vol);
     let vol = rig.open(&[1, 2], (2, 1));
     check(&vol, &data, "with both versions");
-    rig.kill(vol);
+    common::kill(vol);
 
     // Without the reseal, the journal cannot open once version 1 is gone.
     let rig = Rig::new();

@@ -9,13 +9,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{CrashMode, Disk, DiskRef, FaultDisk, FaultHandle, MemDisk, UNLIMITED_OPS};
+use shardvol::disk::{CrashMode, Disk, DiskRef, FaultDisk, FaultHandle, UNLIMITED_OPS};
 use shardvol::layout::placement::{Placement, PlacementDisk};
 use shardvol::layout::{DiskId, StripeId};
 use shardvol::meta::{MetaStore, Rebalance, read_superblock};
@@ -34,12 +34,13 @@ const SIZE: u64 = 8 * 64 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Volume-level rig: 7 memory disks behind one op budget; the volume starts on disks 0..6.
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    store_path: PathBuf,
-    mems: Vec<Arc<MemDisk>>,
-    disks: Vec<DiskRef>,
-    budget: Arc<AtomicI64>,
+struct Rig(common::MemRig);
+
+impl std::ops::Deref for Rig {
+    type Target = common::MemRig;
+    fn deref(&self) -> &common::MemRig {
+        &self.0
+    }
 }
 
 fn table(n: u32) -> Vec<PlacementDisk> {
@@ -53,21 +54,7 @@ fn table(n: u32) -> Vec<PlacementDisk> {
 
 impl Rig {
     fn new() -> Rig {
-        let common::MemRig {
-            dir,
-            store_path,
-            mems,
-            disks,
-            budget,
-            ..
-        } = common::MemRig::new("grow", [9; 32], 7, SIZE, CHUNK);
-        let rig = Rig {
-            _dir: dir,
-            store_path,
-            mems,
-            disks,
-            budget,
-        };
+        let rig = Rig(common::MemRig::new("grow", [9; 32], 7, SIZE, CHUNK));
         Volume::format(&rig.parts(6, &[])).unwrap();
         rig
     }
@@ -104,12 +91,6 @@ impl Rig {
         let v = Volume::open(self.parts(n, gone)).expect("volume opens");
         v.halt();
         v
-    }
-
-    fn kill(&self, vol: Arc<Volume>) {
-        vol.halt();
-        assert_eq!(Arc::strong_count(&vol), 1);
-        drop(vol);
     }
 
     /// What `disk add` commits before the volume moves: journal disks pinned, the old table
@@ -153,7 +134,7 @@ fn prepare(rig: &Rig) -> Vec<u8> {
     vol.write(s as u64 + 4096, &extra, false).unwrap();
     data[s + 4096..s + 4 * 4096].copy_from_slice(&extra);
     vol.flush().unwrap();
-    rig.kill(vol);
+    common::kill(vol);
     data
 }
 
@@ -184,7 +165,7 @@ fn check_finished(rig: &Rig, data: &[u8], what: &str) {
     for gone in [[6, 0], [6, 3], [1, 5]] {
         let vol = rig.open(7, &gone);
         check(vol.as_ref(), data, &format!("{what}, disks {gone:?} gone"));
-        rig.kill(vol);
+        common::kill(vol);
     }
 }
 
@@ -200,7 +181,7 @@ fn rebalance_moves_chunks_onto_the_new_disk_and_keeps_parity_right() {
     assert!(moved >= 4, "only {moved} stripes moved");
     check(&vol, &data, "rebalanced");
     assert_eq!(vol.rebalance_cursor(), None);
-    rig.kill(vol);
+    common::kill(vol);
     // The new disk holds chunk data now.
     let layout = Volume::layout_of(
         &MetaStore::open(&rig.store_path)
@@ -279,7 +260,7 @@ fn no_slot_changes_before_the_cursor_passes_its_stripe() {
         "too few commits to mean anything"
     );
     vol.set_rebalance_hook(Arc::new(|| Ok(())));
-    rig.kill(vol);
+    common::kill(vol);
 }
 
 #[test]
@@ -293,7 +274,7 @@ fn power_cut_at_every_op_of_a_rebalance_loses_nothing() {
         rebalance_all(&vol).unwrap();
         let used = UNLIMITED - rig.budget.load(Ordering::SeqCst);
         check(&vol, &data, "uncut rebalance");
-        rig.kill(vol);
+        common::kill(vol);
         used
     };
     assert!(ops > 50, "a rebalance of 8 stripes took only {ops} ops");
@@ -316,7 +297,7 @@ fn power_cut_at_every_op_of_a_rebalance_loses_nothing() {
         let r = rebalance_all(&vol);
         assert!(n < ops || r.is_ok(), "cut at op {n} of {ops}: {r:?}");
         rig.budget.store(0, Ordering::SeqCst);
-        rig.kill(vol);
+        common::kill(vol);
         for m in &rig.mems {
             m.crash(&mut rng, mode);
         }
@@ -332,7 +313,7 @@ fn power_cut_at_every_op_of_a_rebalance_loses_nothing() {
         check(&vol, &data, &what);
         rebalance_all(&vol).unwrap_or_else(|e| panic!("{what}: resumed rebalance: {e}"));
         check(&vol, &data, &format!("{what}, resumed"));
-        rig.kill(vol);
+        common::kill(vol);
         check_finished(&rig, &data, &what);
         checked += 1;
     }
@@ -591,5 +572,5 @@ fn scrub_during_a_rebalance_finds_nothing_wrong() {
         "{scrubs} scrubs during the rebalance found {bad} bad shards"
     );
     check(&vol, &data, "rebalanced while scrubbing");
-    rig.kill(vol);
+    common::kill(vol);
 }

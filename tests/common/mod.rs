@@ -104,3 +104,11 @@ pub fn cut_disks(n: usize, size: u64) -> (Vec<Arc<MemDisk>>, Vec<DiskRef>, Arc<A
         .collect();
     (mems, disks, budget)
 }
+
+/// Stops a volume as a crash would (no destaging, no checkpoint) and drops it; the caller must
+/// hold the only reference.
+pub fn kill(vol: Arc<Volume>) {
+    vol.halt();
+    assert_eq!(Arc::strong_count(&vol), 1);
+    drop(vol);
+}
