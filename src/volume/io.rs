@@ -193,11 +193,14 @@ impl Volume {
         Ok(plain)
     }
 
-    /// Checks a shard rebuilt from its row against its tag and generation, counts it, and
-    /// returns the block's plaintext.
+    /// The plaintext of an allocated block whose shard a rebuild of its row produced, counted.
+    /// [`Volume::rebuild_row`] and [`Volume::rebuild_trusting`] keep a rebuilt data shard only
+    /// when it passes [`Volume::shard_ok`], which for a shard with metadata is the tag and
+    /// generation check; what remains to refuse is a shard rebuilt as never written, which
+    /// `shard_ok` accepts but an allocated block cannot be.
     fn rebuilt_block(&self, lba: Lba, shard: &[u8]) -> Result<Vec<u8>, VolumeError> {
         let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
-        if !self.verify_home(lba, &meta, &shard[..BLOCK_SIZE]) {
+        if meta.is_empty() {
             return Err(VolumeError::Unrecoverable {
                 lba: lba.0,
                 why: "no combination of the surviving chunks rebuilds a block that passes its tag"
