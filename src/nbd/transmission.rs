@@ -12,7 +12,8 @@
 //!   (`ServerConfig::max_in_flight_bytes`) and one slot from a request budget
 //!   (`max_requests_in_flight`); both come back when the reply has been written. When either
 //!   is exhausted the reader stops reading the socket, and the client is pushed back by flow
-//!   control. Refusals hold a request slot until written too. No allocation depends on a client-given size beyond `MAX_PAYLOAD`.
+//!   control. Refusals hold a request slot until written too. No allocation depends on a
+//!   client-given size beyond `MAX_PAYLOAD`.
 //! - **Validation from the header.** Unknown commands, unknown or unadvertised flags, lengths
 //!   over the maximum, ranges past the end and changes to a read-only export are refused
 //!   before the volume sees them. A WRITE refused for any other reason has its payload read
