@@ -271,11 +271,8 @@ scenario_d() {
     out=$("$PY" "$BITROT" rot "$geo" "$(rot_disks 0 1 2 3 4 5)" "$stripes" "$E2E_ROT_SHARDS" "$M" \
         "$seed" "$dir/rot.json") || die "bitrot.py rot failed: $out"
     log "d: $out"
-    bounded "$SHARDVOL_BIN" scrub --pool "$SERVER_POOL" --volume "$EXPORT" --repair --json \
-        >"$dir/scrub1.json" 2>"$dir/scrub1.err" || {
-        cat "$dir/scrub1.err" >&2
-        die "shardvol scrub --repair failed"
-    }
+    json_run "$dir/scrub1.json" "shardvol scrub --repair" "$SHARDVOL_BIN" scrub \
+        --pool "$SERVER_POOL" --volume "$EXPORT" --repair --json
     local q="'checked {} blocks and {} parity rows: bad {}, repaired {}, unrecoverable {}, in {:.2f} s'.format(j['blocks_checked'], j['parity_checked'], j['bad_found'], j['repaired'], j['unrecoverable'], j['seconds'])"
     log "d: scrub --repair: $(json_field "$dir/scrub1.json" "$q")"
     out=$("$PY" "$BITROT" match-scrub "$dir/rot.json" "$dir/scrub1.json" 2>"$dir/match.err") || {
@@ -322,6 +319,25 @@ print(*sorted(random.Random(int(sys.argv[1])).sample(range(6), int(sys.argv[2]))
     server_stop TERM
 }
 
+# fill_random URI DIR: writes the whole volume with random data (nbdcopy --flush), so that
+# rebuilds, rebalances and reads move real data, not holes.
+fill_random() {
+    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$2/fill.bin"
+    bounded nbdcopy --flush "$2/fill.bin" "$1" || die "nbdcopy into the export failed"
+    rm -f "$2/fill.bin"
+}
+
+# json_run OUT WHAT CMD...: runs CMD (bounded) with its standard output in OUT; if it fails,
+# prints its standard error and dies naming WHAT.
+json_run() {
+    local out=$1 what=$2
+    shift 2
+    bounded "$@" >"$out" 2>"$out.err" || {
+        cat "$out.err" >&2
+        die "$what failed"
+    }
+}
+
 # fio_verify_start URI JSON: fio writes random blocks (4k-64k, E2E_FIO_SIZE at
 # E2E_REPLACE_FIO_RATE, iodepth 16) with crc32c verification, in the background (sets FIO_PID).
 fio_verify_start() {
@@ -358,9 +374,7 @@ scenario_e() {
     uri=$(server_uri)
     # The whole volume holds random data first, so that the rebuild and the sequential read
     # below move real data, not holes.
-    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
-    bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
-    rm -f "$dir/fill.bin"
+    fill_random "$uri" "$dir"
     fio_verify_start "$uri" "$json"
     local fio_pid=$FIO_PID t0=$SECONDS
     sleep 1
@@ -372,11 +386,8 @@ scenario_e() {
         die "disk $victim was not marked failed within 30 s of its truncation"
     log "e: status shows disk $victim failed $((SECONDS - t0 - 1))s after the truncation"
     kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the replacement started (lower E2E_REPLACE_FIO_RATE)"
-    bounded "$SHARDVOL_BIN" disk replace --pool "$SERVER_POOL" --disk "$victim" --with "$dir/new-disk.img" \
-        --json >"$dir/rebuild.json" 2>"$dir/rebuild.err" || {
-        cat "$dir/rebuild.err" >&2
-        die "shardvol disk replace failed"
-    }
+    json_run "$dir/rebuild.json" "shardvol disk replace" "$SHARDVOL_BIN" disk replace \
+        --pool "$SERVER_POOL" --disk "$victim" --with "$dir/new-disk.img" --json
     local running=no
     kill -0 "$fio_pid" 2>/dev/null && running=yes
     local q="'{} chunks rebuilt, {:.1f} MiB read, {:.1f} MiB written in {:.2f} s: {:.0f} MB/s read, {:.0f} MB/s written; completed {}, unrecoverable {}'.format(j['chunks'], j['bytes_read'] / 2**20, j['bytes_written'] / 2**20, j['seconds'], j['bytes_read'] / j['seconds'] / 1e6, j['bytes_written'] / j['seconds'] / 1e6, j['completed'], j['unrecoverable'])"
@@ -422,18 +433,13 @@ scenario_f() {
     server_start unix
     local uri json=$WORK/f/fio.json dir=$WORK/f
     uri=$(server_uri)
-    head -c "$(size_bytes "$E2E_SIZE")" /dev/urandom >"$dir/fill.bin"
-    bounded nbdcopy --flush "$dir/fill.bin" "$uri" || die "nbdcopy into the export failed"
-    rm -f "$dir/fill.bin"
+    fill_random "$uri" "$dir"
     fio_verify_start "$uri" "$json"
     local fio_pid=$FIO_PID
     sleep 1
     kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the disk add (lower E2E_REPLACE_FIO_RATE)"
-    bounded "$SHARDVOL_BIN" disk add --pool "$SERVER_POOL" "$dir/disk-6.img:shelf-2" --json \
-        >"$dir/add.json" 2>"$dir/add.err" || {
-        cat "$dir/add.err" >&2
-        die "shardvol disk add failed"
-    }
+    json_run "$dir/add.json" "shardvol disk add" "$SHARDVOL_BIN" disk add \
+        --pool "$SERVER_POOL" "$dir/disk-6.img:shelf-2" --json
     local running=no
     kill -0 "$fio_pid" 2>/dev/null && running=yes
     local q="'{} stripes rewritten, {} chunks moved, {:.1f} MiB in {:.2f} s: {:.0f} MB/s; completed {}'.format(j['moved'], j['chunks_moved'], j['bytes'] / 2**20, j['seconds'], j['bytes'] / j['seconds'] / 1e6, j['completed'])"
