@@ -81,25 +81,14 @@ new_pool() {
 
 disk_file() { echo "$SERVER_POOL/disks/disk-$1.img"; }
 
-# fio_json_field FILE EXPR: a value from fio's JSON output (python expression on `j`).
-fio_json_field() {
-    "$PY" -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1"
-}
-
 scenario_a() {
     step "a: truncate $M disk files while fio writes and verifies (crc32c)"
     new_pool a
     server_start unix
     local uri json=$WORK/a/fio.json
     uri=$(server_uri)
-    # (`|| exit` keeps the ERR trap out of the background job: its status is checked below.)
-    {
-        bounded fio --name=faults --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-64k \
-            --size="$E2E_FIO_SIZE" --rate="$E2E_FIO_RATE" --iodepth=16 --verify=crc32c \
-            --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=0 \
-            --output-format=json --output="$json" || exit $?
-    } &
-    local fio_pid=$!
+    fio_verify_start "$uri" "$json" "$E2E_FIO_RATE"
+    local fio_pid=$FIO_PID
     sleep 1
     kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the disks were damaged (lower E2E_FIO_RATE)"
     local d1 d2 half
@@ -109,18 +98,7 @@ scenario_a() {
     truncate -s 0 "$d1"
     truncate -s "$half" "$d2"
     log "truncated $d1 to 0 bytes and $d2 to $half bytes while fio runs"
-    local rc=0
-    wait "$fio_pid" || rc=$?
-    local written verified errors
-    written=$(fio_json_field "$json" "j['jobs'][0]['write']['io_bytes']" 2>/dev/null || echo "?")
-    verified=$(fio_json_field "$json" "j['jobs'][0]['read']['io_bytes']" 2>/dev/null || echo "?")
-    errors=$(fio_json_field "$json" "j['jobs'][0]['error']" 2>/dev/null || echo "?")
-    log "a: fio wrote $written bytes, verified $verified bytes, error code $errors, exit $rc"
-    if ((rc != 0)) || [[ "$errors" != 0 ]]; then
-        tail -n 20 "$SERVER_LOG" >&2 || true
-        die "fio reported errors with $M disks damaged (exit $rc, error $errors)"
-    fi
-    [[ "$verified" == "$written" ]] || die "fio verified $verified bytes of the $written written"
+    fio_verify_check "$fio_pid" "$json" a "$M damaged disks"
     server_stop KILL
 }
 
@@ -338,12 +316,14 @@ json_run() {
     }
 }
 
-# fio_verify_start URI JSON: fio writes random blocks (4k-64k, E2E_FIO_SIZE at
-# E2E_REPLACE_FIO_RATE, iodepth 16) with crc32c verification, in the background (sets FIO_PID).
+# fio_verify_start URI JSON [RATE]: fio writes random blocks (4k-64k, E2E_FIO_SIZE at RATE,
+# default E2E_REPLACE_FIO_RATE, iodepth 16) with crc32c verification, in the background (sets
+# FIO_PID). (`|| exit` keeps the ERR trap out of the background job: fio_verify_check checks
+# its status.)
 fio_verify_start() {
     {
         bounded fio --name=verify --ioengine=nbd --uri="$1" --rw=randwrite --bsrange=4k-64k \
-            --size="$E2E_FIO_SIZE" --rate="$E2E_REPLACE_FIO_RATE" --iodepth=16 --verify=crc32c \
+            --size="$E2E_FIO_SIZE" --rate="${3:-$E2E_REPLACE_FIO_RATE}" --iodepth=16 --verify=crc32c \
             --do_verify=1 --verify_fatal=1 --verify_dump=0 --randrepeat=0 \
             --output-format=json --output="$2" || exit $?
     } &
