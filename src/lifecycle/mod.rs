@@ -371,8 +371,9 @@ impl PoolKeys {
         }
     }
 
-    /// Appends a key event to the audit log (kept until the log is attached). The event
-    /// already happened: a failure to record it is logged, not returned.
+    /// Appends an event to the audit log under the current audit key (kept until the log is
+    /// attached): key events, and the disk failures the pool's health registry reports. The
+    /// event already happened: a failure to record it is logged, not returned.
     pub fn record(&self, kind: EventKind, fields: Fields) {
         let sink = {
             let audit = lock(&self.audit);

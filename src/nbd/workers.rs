@@ -260,7 +260,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Every [`TICK`]: logs, once each, the requests that have run longer than `slow_after`, and
 /// adds a thread when the oldest queued job has waited `stall` with no thread idle. Exits
-/// with the pool.
+/// once the pool and its threads are gone.
 fn watchdog(shared: Weak<Shared>) {
     loop {
         std::thread::sleep(TICK);
@@ -269,9 +269,6 @@ fn watchdog(shared: Weak<Shared>) {
         };
         let stalled = {
             let q = s.lock_queue();
-            if q.closed && q.threads == 0 {
-                return;
-            }
             q.idle == 0
                 && q.threads < MAX_THREADS
                 && q.jobs

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -18,9 +18,10 @@ use tracing::{info, warn};
 use super::{
     Pool, PoolError, STORE_FILE, hex, now_unix, read_superblock, size_disk, write_superblocks,
 };
-use crate::audit::{AuditKey, AuditLog, EventKind, Fields};
+use crate::audit::{EventKind, Fields};
 use crate::disk::{DiskOptions, DiskRef};
 use crate::layout::{DiskId, StripeId};
+use crate::lifecycle::PoolKeys;
 use crate::meta::{DiskRecord, DiskState, MetaStore};
 use crate::volume::health::{DiskCounters, DiskHealthRecord, FailurePolicy, Health, MissingDisk};
 use crate::volume::scrub::{Progress, ScrubOptions, ScrubReport, pace};
@@ -119,48 +120,38 @@ pub(super) fn open_health(
     Ok(health)
 }
 
-/// The pool's audit log and its current audit key.
-type AuditSink = (Arc<AuditLog>, Arc<RwLock<AuditKey>>);
-
-/// Where disk failures go in the audit log (`disk-failed`). The health registry exists before
-/// the pool's audit key does (a disk can fail while the pool opens), so failures seen before
-/// [`FailureAudit::attach`] wait in memory and are appended by it.
+/// Where disk failures go in the audit log (`disk-failed`): through the pool's keys, which
+/// append key-side events with the current audit key. The health registry exists before the
+/// keys do (a disk can fail while the pool opens), so failures seen before
+/// [`FailureAudit::attach`] wait in memory and are recorded by it.
+///
+/// It holds the keys weakly: the keys hold the disks, whose health registry holds this.
 #[derive(Default)]
 pub(super) struct FailureAudit {
-    sink: Mutex<Option<AuditSink>>,
-    pending: Mutex<Vec<Fields>>,
+    state: Mutex<(Option<Weak<PoolKeys>>, Vec<Fields>)>,
 }
 
 impl FailureAudit {
     fn record(&self, fields: Fields) {
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        match sink.as_ref() {
-            Some((log, key)) => append_failure(log, key, fields),
-            None => self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(fields),
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &st.0 {
+            // Keys gone: the pool is closing, and nothing records anything any more.
+            Some(keys) => {
+                if let Some(keys) = keys.upgrade() {
+                    keys.record(EventKind::DiskFailed, fields);
+                }
+            }
+            None => st.1.push(fields),
         }
     }
 
-    /// From now on, failures are appended to `log` under `key`; those seen before are now.
-    pub(super) fn attach(&self, log: Arc<AuditLog>, key: Arc<RwLock<AuditKey>>) {
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        for f in pending {
-            append_failure(&log, &key, f);
+    /// From now on, failures are recorded through `keys`; those seen before are now.
+    pub(super) fn attach(&self, keys: &Arc<PoolKeys>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for f in std::mem::take(&mut st.1) {
+            keys.record(EventKind::DiskFailed, f);
         }
-        *sink = Some((log, key));
-    }
-}
-
-/// Appends a `disk-failed` record; an error is logged (the failure itself is persisted in the
-/// store and the superblocks either way).
-fn append_failure(log: &AuditLog, key: &RwLock<AuditKey>, fields: Fields) {
-    let key = key.read().unwrap_or_else(|p| p.into_inner());
-    if let Err(e) = log.append(EventKind::DiskFailed, fields, Some(&key)) {
-        warn!(error = %e, "cannot append disk-failed to the audit log");
+        st.0 = Some(Arc::downgrade(keys));
     }
 }
 

@@ -660,7 +660,7 @@ impl Pool {
         )?;
         let audit_key = Arc::new(RwLock::new(audit_key));
         keys.attach_audit(audit.clone(), audit_key.clone());
-        failures.attach(audit.clone(), audit_key.clone());
+        failures.attach(&keys);
         let mut volumes = BTreeMap::new();
         for v in store.volumes()? {
             let parts = parts_for(
