@@ -137,6 +137,7 @@ impl Volume {
 
     /// [`Volume::destage_once`] with the destage lock already held.
     pub(super) fn destage_round(&self) -> Result<bool, VolumeError> {
+        let started = std::time::Instant::now();
         let target = self.journal.flush()?;
         let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
         if stripes.is_empty() && target <= self.journal.checkpoint_seq() {
@@ -212,6 +213,7 @@ impl Volume {
             todo = deferred.into_inner().unwrap_or_else(|p| p.into_inner());
         }
         let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+        let written = started.elapsed();
         let home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
         let ids: Vec<_> = self
             .health
@@ -244,6 +246,7 @@ impl Volume {
                 self.check_stripe(StripeId(*s))?;
             }
         }
+        let synced = started.elapsed();
         if !home_updates.is_empty() {
             self.store
                 .home_commit(self.record.id, &home_updates)
@@ -257,6 +260,7 @@ impl Volume {
         };
         self.journal.checkpoint(checkpoint)?;
         let n = done.len();
+        let blocks: usize = done.iter().map(|(_, snap)| snap.blocks.len()).sum();
         for (s, snap) in done {
             let _g = self.locks.write(StripeId(s));
             let mut dirty = self.dirty();
@@ -281,7 +285,16 @@ impl Volume {
         self.stats
             .stripes_destaged
             .fetch_add(n as u64, Ordering::Relaxed);
-        debug!(volume = %self.record.name, stripes = n, checkpoint = target, "destaged");
+        debug!(
+            volume = %self.record.name,
+            stripes = n,
+            blocks,
+            checkpoint = target,
+            written_ms = written.as_millis() as u64,
+            synced_ms = synced.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "destaged"
+        );
         Ok(n > 0)
     }
 
