@@ -547,6 +547,7 @@ pub async fn run<R, W>(
         let mut request = Some((op, payload));
         let mut budget = Some(budget);
         workers.submit(
+            Arc::as_ptr(&conn.export) as usize,
             span,
             Box::new(move |panicked| {
                 let frame = if panicked {

@@ -12,8 +12,11 @@
 //! connection's reply writer, see `transmission.rs`); nothing awaits it.
 //!
 //! Promises:
-//! - every job submitted runs exactly once, jobs start in the order they were submitted, and
-//!   dropping [`Workers`] lets the threads drain the queue before they exit;
+//! - every job submitted runs exactly once, and dropping [`Workers`] lets the threads drain the
+//!   queue before they exit;
+//! - jobs start in the order they were submitted, except that the watchdog may move the oldest
+//!   job of a lane with nothing running ahead of other lanes' jobs (growth, below); jobs of one
+//!   lane always start in order;
 //! - a job that panics does not take its thread down: the panic is caught, logged, and the job
 //!   gets to answer (see [`Workers::submit`]);
 //! - a job still running after `slow_request_warning` is logged, in its own tracing span,
@@ -22,8 +25,17 @@
 //! No request waits inside the volume for a request that is still queued (writes wait for
 //! running writes and for the destager, which has its own thread), so a bounded number of
 //! threads cannot deadlock; it only bounds how many requests are inside the volume at once.
+//!
+//! Growth: each job names its *lane* (the export it is for). When the oldest queued job has
+//! waited `stall` with every thread busy, the watchdog adds a thread if that job's lane has
+//! nothing running (another export is holding every thread: it must not starve this one), or
+//! while the pool is below twice its base size (a few slow requests of one export, say on a
+//! failing disk, must not hold up its other requests for long). A busy export whose requests
+//! all wait for the same thing (journal space while destaging catches up: back-pressure) gains
+//! nothing from more threads; without this rule a long sequential fill grew the pool to 140
+//! threads and 800 MiB of memory, each thread holding a request and its journal copies.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -38,6 +50,9 @@ pub type JobFn = Box<dyn FnMut(bool) + Send>;
 
 /// Most threads the pool grows to when stalled.
 const MAX_THREADS: usize = 256;
+/// Up to this many times its base size, the pool grows for any stalled job; beyond it, only
+/// for a job whose lane has nothing running.
+const SAME_LANE_GROWTH: usize = 2;
 /// Threads added for a stall exit after this long without work.
 const EXTRA_IDLE: Duration = Duration::from_secs(10);
 /// How often the watchdog looks at the pool.
@@ -45,6 +60,7 @@ const TICK: Duration = Duration::from_millis(20);
 
 struct Job {
     queued: Instant,
+    lane: usize,
     span: Span,
     run: JobFn,
 }
@@ -83,6 +99,8 @@ struct Queue {
     /// Threads alive, and how many of them are waiting for a job.
     threads: usize,
     idle: usize,
+    /// Jobs running, by lane (lanes with none are absent).
+    running: HashMap<usize, usize>,
 }
 
 /// A pool of threads for volume calls: `threads` of them always, more while the queue is
@@ -106,6 +124,7 @@ impl Workers {
                 closed: false,
                 threads: 0,
                 idle: 0,
+                running: HashMap::new(),
             }),
             ready: Condvar::new(),
             active: Mutex::new(Slots::default()),
@@ -127,11 +146,13 @@ impl Workers {
 
     /// Queues `run`, to be called once with `false` inside `span`. If that call panics, the
     /// panic is logged and `run` is called again with `true`, so that the request still gets
-    /// an answer (an error); a second panic is only logged.
-    pub fn submit(&self, span: Span, run: JobFn) {
+    /// an answer (an error); a second panic is only logged. `lane` names what the job is for
+    /// (the export), for the pool's growth rule (see the module docs).
+    pub fn submit(&self, lane: usize, span: Span, run: JobFn) {
         let mut q = self.shared.lock_queue();
         q.jobs.push_back(Job {
             queued: Instant::now(),
+            lane,
             span,
             run,
         });
@@ -166,6 +187,32 @@ impl Drop for Workers {
 }
 
 impl Shared {
+    /// Whether the queue is stalled in a way another thread would help (see the module docs).
+    /// When the job to help is not at the front (its lane has nothing running, the jobs before
+    /// it belong to busy lanes), it is moved to the front, so that the new thread takes it; jobs
+    /// of one lane keep their order.
+    fn take_stalled(&self, q: &mut Queue) -> bool {
+        let waited = |j: &Job| j.queued.elapsed() >= self.stall;
+        if !q.jobs.front().is_some_and(waited) {
+            return false;
+        }
+        if q.threads < SAME_LANE_GROWTH * self.base {
+            return true;
+        }
+        let Some(i) = q
+            .jobs
+            .iter()
+            .take_while(|j| waited(j))
+            .position(|j| !q.running.contains_key(&j.lane))
+        else {
+            return false;
+        };
+        if let Some(j) = q.jobs.remove(i) {
+            q.jobs.push_front(j);
+        }
+        true
+    }
+
     fn lock_queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -204,6 +251,7 @@ impl Shared {
                 let mut q = self.lock_queue();
                 loop {
                     if let Some(j) = q.jobs.pop_front() {
+                        *q.running.entry(j.lane).or_default() += 1;
                         break j;
                     }
                     if q.closed {
@@ -223,7 +271,12 @@ impl Shared {
                     }
                 }
             };
-            let Job { span, mut run, .. } = job;
+            let Job {
+                span,
+                mut run,
+                lane,
+                ..
+            } = job;
             let started = Instant::now();
             self.lock_active().running[i] = Some(Active {
                 started,
@@ -238,6 +291,15 @@ impl Shared {
                 );
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| run(true))) {
                     warn!("request panicked again while answering: {}", panic_text(&p));
+                }
+            }
+            {
+                let mut q = self.lock_queue();
+                if let Some(n) = q.running.get_mut(&lane) {
+                    *n -= 1;
+                    if *n == 0 {
+                        q.running.remove(&lane);
+                    }
                 }
             }
             let was = self.lock_active().running[i].take();
@@ -259,8 +321,8 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Every [`TICK`]: logs, once each, the requests that have run longer than `slow_after`, and
-/// adds a thread when the oldest queued job has waited `stall` with no thread idle. Exits
-/// once the pool and its threads are gone.
+/// adds a thread when the oldest queued job has waited `stall` with no thread idle (under the
+/// lane rule of the module docs). Exits once the pool and its threads are gone.
 fn watchdog(shared: Weak<Shared>) {
     loop {
         std::thread::sleep(TICK);
@@ -268,12 +330,8 @@ fn watchdog(shared: Weak<Shared>) {
             return;
         };
         let stalled = {
-            let q = s.lock_queue();
-            q.idle == 0
-                && q.threads < MAX_THREADS
-                && q.jobs
-                    .front()
-                    .is_some_and(|j| j.queued.elapsed() >= s.stall)
+            let mut q = s.lock_queue();
+            q.idle == 0 && q.threads < MAX_THREADS && s.take_stalled(&mut q)
         };
         if stalled {
             s.start_thread();
@@ -319,6 +377,7 @@ mod tests {
             let c = count.clone();
             let tx = tx.clone();
             pool.submit(
+                0,
                 Span::none(),
                 Box::new(move |_| {
                     c.fetch_add(1, Ordering::SeqCst);
@@ -342,6 +401,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
         pool.submit(
+            0,
             Span::none(),
             Box::new(move |panicked| {
                 if !panicked {
@@ -351,6 +411,7 @@ mod tests {
             }),
         );
         pool.submit(
+            0,
             Span::none(),
             Box::new(move |_| {
                 let _ = tx.send("next");
@@ -374,6 +435,7 @@ mod tests {
         let (tx, rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         pool.submit(
+            0,
             Span::none(),
             Box::new(move |_| {
                 let _ = rx.recv_timeout(Duration::from_secs(10));
@@ -403,6 +465,7 @@ mod tests {
         let d = done_tx.clone();
         // The only thread blocks until the second job runs: without a new thread, it never does.
         pool.submit(
+            0,
             Span::none(),
             Box::new(move |_| {
                 let ok = release_rx.recv_timeout(Duration::from_secs(10)).is_ok();
@@ -410,6 +473,7 @@ mod tests {
             }),
         );
         pool.submit(
+            0,
             Span::none(),
             Box::new(move |_| {
                 let _ = release_tx.send(());
@@ -425,5 +489,53 @@ mod tests {
             "the blocked job was released by the queued one"
         );
         assert_eq!(pool.threads(), 2);
+    }
+
+    #[test]
+    fn a_busy_lane_grows_the_pool_only_to_twice_its_base_but_an_idle_lane_still_runs() {
+        let stats = Arc::new(ServerStats::default());
+        let pool = Workers::new(1, Duration::from_millis(50), Duration::from_secs(10), stats);
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let started = Arc::new(AtomicUsize::new(0));
+        // Lane 0: four jobs that block until the gate opens.
+        for _ in 0..4 {
+            let (gate, started) = (gate.clone(), started.clone());
+            pool.submit(
+                0,
+                Span::none(),
+                Box::new(move |_| {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let (open, cv) = &*gate;
+                    let mut g = open.lock().unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    while !*g && Instant::now() < deadline {
+                        g = cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+                    }
+                }),
+            );
+        }
+        // Long enough for many stall periods: lane 0 alone may only double the pool.
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            pool.threads(),
+            2,
+            "same-lane growth stops at twice the base"
+        );
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        // Lane 1 has nothing running: its job gets a thread of its own.
+        let (tx, rx) = mpsc::channel();
+        pool.submit(
+            1,
+            Span::none(),
+            Box::new(move |_| {
+                let _ = tx.send(());
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a job of another lane runs while lane 0 holds every thread");
+        assert_eq!(pool.threads(), 3);
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
     }
 }
