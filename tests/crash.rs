@@ -125,6 +125,30 @@ impl Rig {
     fn open(&self) -> Arc<Volume> {
         Volume::open(self.parts()).expect("volume reopens after a crash")
     }
+
+    /// Cuts the power: nothing more reaches the disks, the volume stops as in a crash, and
+    /// every unsynced write is kept, dropped or torn (all, none or a third each, at random).
+    /// Then the power comes back and the volume is reopened (journal replay). Returns it and
+    /// the (kept, dropped, torn) counts.
+    fn crash_and_reopen(&self, vol: Arc<Volume>, rng: &mut StdRng) -> (Arc<Volume>, [u64; 3]) {
+        self.budget.store(0, Ordering::SeqCst);
+        vol.halt();
+        drop(vol);
+        let mode = match rng.random_range(0..3) {
+            0 => CrashMode::DropAll,
+            1 => CrashMode::KeepAll,
+            _ => CrashMode::THIRDS,
+        };
+        let mut counts = [0; 3];
+        for m in &self.mems {
+            let r = m.crash(rng, mode);
+            counts[0] += r.kept;
+            counts[1] += r.dropped;
+            counts[2] += r.torn;
+        }
+        self.budget.store(UNLIMITED, Ordering::SeqCst);
+        (self.open(), counts)
+    }
 }
 
 /// What each block may read back as.
@@ -318,23 +342,11 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
             if vol_budget_exhausted() {
                 counts.cut_mid_io += 1;
             }
-            // Power cut: nothing more reaches the disks, then unsynced writes are lost or torn.
-            rig.budget.store(0, Ordering::SeqCst);
-            vol.halt();
-            drop(vol);
-            let mode = match rng.random_range(0..3) {
-                0 => CrashMode::DropAll,
-                1 => CrashMode::KeepAll,
-                _ => CrashMode::THIRDS,
-            };
-            for m in &rig.mems {
-                let r = m.crash(&mut rng, mode);
-                counts.kept += r.kept;
-                counts.dropped += r.dropped;
-                counts.torn += r.torn;
-            }
-            rig.budget.store(UNLIMITED, Ordering::SeqCst);
-            vol = rig.open();
+            let (reopened, [kept, dropped, torn]) = rig.crash_and_reopen(vol, &mut rng);
+            vol = reopened;
+            counts.kept += kept;
+            counts.dropped += dropped;
+            counts.torn += torn;
             counts.blocks_checked += check_all(&vol, &mut model, true);
             if rng.random_bool(0.15) {
                 // Any m = 2 disks missing: every block still reads back.
@@ -491,19 +503,7 @@ fn concurrent_writers_survive_crashes() {
                 assert!(got == *want, "block {b} does not read back as last written");
             }
         }
-        rig.budget.store(0, Ordering::SeqCst);
-        vol.halt();
-        drop(vol);
-        let mode = match rng.random_range(0..3) {
-            0 => CrashMode::DropAll,
-            1 => CrashMode::KeepAll,
-            _ => CrashMode::THIRDS,
-        };
-        for m in &rig.mems {
-            m.crash(&mut rng, mode);
-        }
-        rig.budget.store(UNLIMITED, Ordering::SeqCst);
-        vol = rig.open();
+        vol = rig.crash_and_reopen(vol, &mut rng).0;
         checked += check_all(&vol, &mut model, true);
     }
     vol.close().expect("clean close");
