@@ -126,6 +126,17 @@ impl Rig {
         Volume::open(self.parts()).expect("volume reopens after a crash")
     }
 
+    /// With probability 0.7, arms a power cut after a random number of I/Os below `max_ops`
+    /// (the cut happens only if that many are issued); otherwise leaves the power on.
+    fn arm_power_cut(&self, rng: &mut StdRng, max_ops: i64) {
+        let budget = if rng.random_bool(0.7) {
+            rng.random_range(1..max_ops)
+        } else {
+            UNLIMITED
+        };
+        self.budget.store(budget, Ordering::SeqCst);
+    }
+
     /// Cuts the power: nothing more reaches the disks, the volume stops as in a crash, and
     /// every unsynced write is kept, dropped or torn (all, none or a third each, at random).
     /// Then the power comes back and the volume is reopened (journal replay). Returns it and
@@ -329,15 +340,7 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
         let mut model = Model::new((rig.record.size as usize) / BS);
         let mut vol = rig.open();
         for _ in 0..cycles_per_rig.min(cycles - done) {
-            let cut_mid_io = rng.random_bool(0.7);
-            rig.budget.store(
-                if cut_mid_io {
-                    rng.random_range(1..600)
-                } else {
-                    UNLIMITED
-                },
-                Ordering::SeqCst,
-            );
+            rig.arm_power_cut(&mut rng, 600);
             run_ops(&mut rng, &vol, &mut model, &mut counts);
             if vol_budget_exhausted() {
                 counts.cut_mid_io += 1;
@@ -426,15 +429,7 @@ fn concurrent_writers_survive_crashes() {
     // Orders acknowledgements and flush starts across the threads.
     let clock = std::sync::atomic::AtomicU64::new(0);
     for _cycle in 0..25 {
-        let cut = rng.random_bool(0.7);
-        rig.budget.store(
-            if cut {
-                rng.random_range(1..800)
-            } else {
-                UNLIMITED
-            },
-            Ordering::SeqCst,
-        );
+        rig.arm_power_cut(&mut rng, 800);
         // Per thread: its writes in order (offset, data, when acknowledged) and the start of
         // each of its flushes that succeeded.
         type Log = (Vec<(usize, Vec<u8>, Option<u64>)>, Vec<u64>);
