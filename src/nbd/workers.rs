@@ -514,8 +514,13 @@ mod tests {
                 }),
             );
         }
-        // Long enough for many stall periods: lane 0 alone may only double the pool.
-        std::thread::sleep(Duration::from_millis(600));
+        // The pool doubles for lane 0 (the second job starts), then stays there through many
+        // more stall periods.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(400));
         assert_eq!(
             pool.threads(),
             2,
