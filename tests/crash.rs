@@ -39,7 +39,7 @@ struct Rig {
     record: VolumeRecord,
     keys: Arc<KeyRing>,
     /// Every batch holding a write sleeps this many microseconds before it is passed on (see
-    /// [`Slow`]); 0 at first, changed at any time.
+    /// [`common::SlowWrites`]); 0 at first, changed at any time.
     write_delay: Arc<AtomicU64>,
 }
 
@@ -99,7 +99,7 @@ impl Rig {
             .enumerate()
             .map(|(i, c)| {
                 let d = c.clone() as DiskRef;
-                let d = Arc::new(Slow {
+                let d = Arc::new(common::SlowWrites {
                     inner: d,
                     delay_us: self.write_delay.clone(),
                 }) as DiskRef;
@@ -375,33 +375,6 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
         counts.cut_mid_io > 0 && counts.torn > 0 && counts.dropped > 0,
         "the crash model exercised every case: {counts:?}"
     );
-}
-
-/// A disk whose batches with a write take `delay` longer to start, so that concurrent writers
-/// overlap inside the journal append instead of finishing one after another.
-struct Slow {
-    inner: DiskRef,
-    delay_us: Arc<AtomicU64>,
-}
-
-impl shardvol::disk::Disk for Slow {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&self, ops: Vec<shardvol::disk::IoOp>) -> shardvol::disk::Pending {
-        let delay = self.delay_us.load(Ordering::SeqCst);
-        if delay > 0
-            && ops
-                .iter()
-                .any(|op| matches!(op, shardvol::disk::IoOp::Write { .. }))
-        {
-            std::thread::sleep(std::time::Duration::from_micros(delay));
-        }
-        self.inner.submit(ops)
-    }
 }
 
 /// Concurrent writers and a crash: every block reads back as flushed or as a version written

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{DiskRef, FaultDisk, FaultHandle, MemDisk, Trigger};
@@ -11,6 +12,8 @@ use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
 use shardvol::volume::{BlockDevice, Extent, Volume, VolumeError, VolumeParts, WriteKey};
 
+mod common;
+
 const BS: usize = 4096;
 
 struct Rig {
@@ -18,6 +21,8 @@ struct Rig {
     mems: Vec<Arc<MemDisk>>,
     faults: Vec<FaultHandle>,
     vol: Arc<Volume>,
+    /// Microseconds every batch holding a write waits (`common::SlowWrites`); 0 at first.
+    write_delay: Arc<AtomicU64>,
 }
 
 fn rig(size: u64, chunk: u32) -> Rig {
@@ -47,10 +52,17 @@ fn rig(size: u64, chunk: u32) -> Rig {
         .map(|(i, m)| FaultDisk::with_seed(m.clone() as DiskRef, i as u64))
         .collect();
     let faults = fault_disks.iter().map(|f| f.handle()).collect();
+    let write_delay = Arc::new(AtomicU64::new(0));
     let disks: HashMap<DiskId, DiskRef> = fault_disks
         .into_iter()
         .enumerate()
-        .map(|(i, f)| (DiskId(i as u32), Arc::new(f) as DiskRef))
+        .map(|(i, f)| {
+            let slow = common::SlowWrites {
+                inner: Arc::new(f) as DiskRef,
+                delay_us: write_delay.clone(),
+            };
+            (DiskId(i as u32), Arc::new(slow) as DiskRef)
+        })
         .collect();
     let table = (0..6)
         .map(|i| PlacementDisk {
@@ -75,6 +87,7 @@ fn rig(size: u64, chunk: u32) -> Rig {
         mems,
         faults,
         vol,
+        write_delay,
     }
 }
 
@@ -145,9 +158,12 @@ fn unaligned_writes_read_back_from_journal_and_from_stripes() {
 
 #[test]
 fn concurrent_writers_to_one_block_lose_no_bytes() {
-    // Eight threads each own 512 bytes of the same two blocks and rewrite them repeatedly:
-    // every read-modify-write must see the others' bytes.
+    // Eight threads each own 1 KiB of the same two blocks and rewrite them repeatedly:
+    // every read-modify-write must see the others' bytes. Writes are slowed down so that a
+    // writer's journal append takes long enough for the others to try the same block meanwhile
+    // (without the stripe lock, this loses bytes in every run).
     let r = rig(16 << 20, 64 << 10);
+    r.write_delay.store(200, Ordering::SeqCst);
     let vol = r.vol.clone();
     let threads: Vec<_> = (0..8u8)
         .map(|t| {

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use shardvol::disk::{DiskRef, MemDisk, PowerCut, UNLIMITED_OPS};
+use shardvol::disk::{Disk, DiskRef, IoOp, MemDisk, Pending, PowerCut, UNLIMITED_OPS};
 
 use shardvol::layout::Geometry;
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -111,4 +111,28 @@ pub fn kill(vol: Arc<Volume>) {
     vol.halt();
     assert_eq!(Arc::strong_count(&vol), 1);
     drop(vol);
+}
+
+/// A disk whose batches holding a write sleep `delay_us` microseconds (0: none; it can change
+/// at any time) before they are passed on: concurrent writers then overlap inside the journal
+/// append, as they do on a loaded disk, instead of finishing one after another.
+pub struct SlowWrites {
+    pub inner: DiskRef,
+    pub delay_us: Arc<AtomicU64>,
+}
+
+impl Disk for SlowWrites {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&self, ops: Vec<IoOp>) -> Pending {
+        let delay = self.delay_us.load(Ordering::SeqCst);
+        if delay > 0 && ops.iter().any(|op| matches!(op, IoOp::Write { .. })) {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
+        self.inner.submit(ops)
+    }
 }
