@@ -139,18 +139,23 @@ impl Rig {
     }
 
     /// Cuts the power: nothing more reaches the disks, the volume stops as in a crash, and
-    /// every unsynced write is kept, dropped or torn (all, none or a third each, at random).
-    /// Then the power comes back and the volume is reopened (journal replay). Returns it and
-    /// the (kept, dropped, torn) counts.
-    fn crash_and_reopen(&self, vol: Arc<Volume>, rng: &mut StdRng) -> (Arc<Volume>, [u64; 3]) {
+    /// every unsynced write is kept, dropped or torn as `mode` says (`None`: all, none or a
+    /// third each, at random). Then the power comes back and the volume is reopened (journal
+    /// replay). Returns it and the (kept, dropped, torn) counts.
+    fn crash_and_reopen(
+        &self,
+        vol: Arc<Volume>,
+        rng: &mut StdRng,
+        mode: Option<CrashMode>,
+    ) -> (Arc<Volume>, [u64; 3]) {
         self.budget.store(0, Ordering::SeqCst);
         vol.halt();
         drop(vol);
-        let mode = match rng.random_range(0..3) {
+        let mode = mode.unwrap_or_else(|| match rng.random_range(0..3) {
             0 => CrashMode::DropAll,
             1 => CrashMode::KeepAll,
             _ => CrashMode::THIRDS,
-        };
+        });
         let mut counts = [0; 3];
         for m in &self.mems {
             let r = m.crash(rng, mode);
@@ -189,10 +194,14 @@ impl Model {
             self.latest[b] = v;
         }
     }
+    /// Block `b`'s newest version is durable: nothing older may come back.
+    fn block_flushed(&mut self, b: usize) {
+        self.durable[b] = self.latest[b].clone();
+        self.pending[b].clear();
+    }
     fn flushed(&mut self) {
         for b in 0..self.latest.len() {
-            self.durable[b] = self.latest[b].clone();
-            self.pending[b].clear();
+            self.block_flushed(b);
         }
     }
     fn allowed(&self, b: usize, got: &[u8]) -> bool {
@@ -346,7 +355,7 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
             if vol_budget_exhausted() {
                 counts.cut_mid_io += 1;
             }
-            let (reopened, [kept, dropped, torn]) = rig.crash_and_reopen(vol, &mut rng);
+            let (reopened, [kept, dropped, torn]) = rig.crash_and_reopen(vol, &mut rng, None);
             vol = reopened;
             counts.kept += kept;
             counts.dropped += dropped;
@@ -403,7 +412,7 @@ fn concurrent_writers_survive_crashes() {
     let mut vol = rig.open();
     let (mut cuts, mut checked, mut writes, mut flushes) = (0, 0, 0, 0);
     // Orders acknowledgements and flush starts across the threads.
-    let clock = std::sync::atomic::AtomicU64::new(0);
+    let clock = AtomicU64::new(0);
     for _cycle in 0..25 {
         rig.arm_power_cut(&mut rng, 800);
         // Per thread: its writes in order (offset, data, when acknowledged) and the start of
@@ -454,8 +463,7 @@ fn concurrent_writers_survive_crashes() {
                 model.write(*offset, data);
                 if acked.is_some_and(|a| covered.is_some_and(|c| a < c)) {
                     for b in offset / BS..(offset + data.len()).div_ceil(BS) {
-                        model.durable[b] = model.latest[b].clone();
-                        model.pending[b].clear();
+                        model.block_flushed(b);
                     }
                 }
             }
@@ -474,7 +482,7 @@ fn concurrent_writers_survive_crashes() {
                 assert!(got == *want, "block {b} does not read back as last written");
             }
         }
-        vol = rig.crash_and_reopen(vol, &mut rng).0;
+        vol = rig.crash_and_reopen(vol, &mut rng, None).0;
         checked += check_all(&vol, &mut model, true);
     }
     vol.close().expect("clean close");
@@ -511,14 +519,7 @@ fn a_flush_covers_writes_that_were_in_flight_during_an_earlier_flush() {
         });
     });
     rig.write_delay.store(0, Ordering::SeqCst);
-    rig.budget.store(0, Ordering::SeqCst);
-    vol.halt();
-    drop(vol);
-    for m in &rig.mems {
-        m.crash(&mut rng, CrashMode::DropAll);
-    }
-    rig.budget.store(UNLIMITED, Ordering::SeqCst);
-    let vol = rig.open();
+    let (vol, _) = rig.crash_and_reopen(vol, &mut rng, Some(CrashMode::DropAll));
     let mut got = vec![0u8; BS];
     vol.read(0, &mut got).unwrap();
     assert!(got == data, "a flushed write was lost");
