@@ -362,6 +362,70 @@ fn destaging_writes_only_the_touched_rows_and_parity_still_rebuilds_every_block(
 }
 
 #[test]
+fn a_whole_stripe_into_an_empty_stripe_is_written_once_without_the_journal() {
+    // 64 KiB chunks: a slot is 64 KiB of blocks and one metadata page.
+    let r = rig(16 << 20, 64 << 10);
+    let stripe = 256 << 10;
+    let slot = (64 + 4) << 10;
+    let written = |r: &Rig| r.mems.iter().map(|m| m.stats().bytes_written).sum::<u64>();
+    let fresh = |r: &Rig| r.vol.stats.fresh_stripe_writes.load(Ordering::Relaxed);
+
+    // Stripe 1 is empty: its six slots, and one skip page on each of the three journal disks
+    // for the write's sequence number. Through the journal it would be 3 × (256 + 4) KiB first.
+    let a = pattern(1, stripe);
+    let before = written(&r);
+    r.vol.write(stripe as u64, &a, false).unwrap();
+    assert_eq!(written(&r) - before, 6 * slot + 3 * BS as u64);
+    assert_eq!(fresh(&r), 1);
+    assert_eq!(r.vol.journaled_blocks(), 0);
+    // It now holds data: the next whole-stripe write to it goes through the journal.
+    let b = pattern(2, stripe);
+    r.vol.write(stripe as u64, &b, false).unwrap();
+    assert_eq!(fresh(&r), 1);
+    assert_eq!(r.vol.journaled_blocks(), 64);
+    // So does a stripe with journaled blocks, and a write that covers a stripe only in part.
+    r.vol
+        .write((2 * stripe) as u64, &pattern(3, BS), false)
+        .unwrap();
+    r.vol
+        .write((2 * stripe) as u64, &pattern(4, stripe), false)
+        .unwrap();
+    r.vol
+        .write((3 * stripe + BS) as u64, &pattern(5, stripe), false)
+        .unwrap();
+    assert_eq!(fresh(&r), 1);
+    // Trimmed whole and destaged, stripe 1 is empty again.
+    r.vol.trim(stripe as u64, stripe as u64).unwrap();
+    r.vol.destage().unwrap();
+    r.vol.write(stripe as u64, &a, true).unwrap();
+    assert_eq!(fresh(&r), 2);
+    r.vol.destage().unwrap();
+
+    // What the stripe holds: the blocks, their tags and the parity of both, on every disk.
+    assert_eq!(read(&r.vol, stripe as u64, stripe).unwrap(), a);
+    for x in 0..6 {
+        for y in x + 1..6 {
+            r.faults[x].set_gone(true);
+            r.faults[y].set_gone(true);
+            assert_eq!(
+                read(&r.vol, stripe as u64, stripe).unwrap(),
+                a,
+                "disks {x} and {y} lost"
+            );
+            r.faults[x].set_gone(false);
+            r.faults[y].set_gone(false);
+        }
+    }
+    // Rot in any one chunk of it is found by the tags and rebuilt.
+    for f in &r.faults {
+        f.flip_bits(Trigger::always().times(1));
+        assert_eq!(read(&r.vol, stripe as u64, stripe).unwrap(), a);
+        f.flip_bits(Trigger::never());
+    }
+    assert!(r.vol.stats.blocks_reconstructed.load(Ordering::Relaxed) >= 4 * 16);
+}
+
+#[test]
 fn writes_during_destaging_rounds_are_neither_lost_nor_reordered() {
     // Writers keep rewriting their blocks (each write carries its version) while rounds run, so
     // rounds meet stripes whose newest blocks are not durable yet and defer them.

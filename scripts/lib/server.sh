@@ -108,10 +108,18 @@ server_create() {
             ;;
         qemu-nbd-luks)
             mkdir -p "$SERVER_POOL"
-            # iter-time only sets how long unlocking takes, not the data path.
-            run_logged "$SERVER_POOL.create.log" qemu-img create -f luks --object "$LUKS_SECRET" \
-                -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10 \
-                "$SERVER_POOL/$EXPORT.luks" "$size" || die "qemu-img create -f luks failed"
+            # iter-time only sets how long unlocking takes, not the data path. qemu-img times its
+            # PBKDF by CPU time and gives up ("Unable to get accurate CPU usage") when a busy VM
+            # reports none: that is retried.
+            local attempt
+            for attempt in 1 2 3 4; do
+                rm -f "$SERVER_POOL/$EXPORT.luks"
+                run_logged "$SERVER_POOL.create.log" qemu-img create -f luks --object "$LUKS_SECRET" \
+                    -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10 \
+                    "$SERVER_POOL/$EXPORT.luks" "$size" && break
+                ((attempt < 4)) || die "qemu-img create -f luks failed"
+                log "qemu-img create -f luks failed (attempt $attempt); retrying"
+            done
             ;;
     esac
     log "created pool $SERVER_POOL with volume $EXPORT of $size"

@@ -79,9 +79,7 @@ pub(super) fn run(weak: Weak<Volume>) {
     }
 }
 
-/// New home state of a destaged stripe: (stripe, bitmap words and encoded stamps, or `None`
-/// when the stripe holds nothing any more).
-type HomeUpdate = (u64, Option<(Vec<u64>, Vec<u8>)>);
+use super::fresh::HomeUpdate;
 
 /// What destaging one stripe did.
 enum Destaged {
@@ -140,7 +138,14 @@ impl Volume {
         let started = std::time::Instant::now();
         let target = self.journal.flush()?;
         let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
-        if stripes.is_empty() && target <= self.journal.checkpoint_seq() {
+        if stripes.is_empty()
+            && target <= self.journal.checkpoint_seq()
+            && self
+                .fresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        {
             return Ok(false);
         }
         let bps = self.layout.geometry.blocks_per_stripe();
@@ -214,44 +219,32 @@ impl Volume {
         }
         let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
         let written = started.elapsed();
-        let home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
-        let ids: Vec<_> = self
-            .health
-            .ids()
-            .into_iter()
-            .filter(|id| !self.health.is_failed(*id))
-            .collect();
-        let pending: Vec<_> = ids
-            .iter()
-            .zip(self.disk_refs(&ids)?)
-            .map(|(id, d)| (*id, d.submit(vec![IoOp::Sync])))
-            .collect();
-        let mut lost_disk = false;
-        for (id, p) in pending {
-            if let Err(e) = p.wait() {
-                if !self.health.is_failed(id) {
-                    return Err(VolumeError::Io(format!(
-                        "sync of {} after destaging: {e}",
-                        self.health.name(id)
-                    )));
+        let mut home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Journal-less full-stripe writes completed so far are committed with this round.
+        let fresh = self.take_fresh();
+        let committed = self.sync_disks().and_then(|lost_disk| {
+            if lost_disk {
+                for s in done.iter().map(|(s, _)| *s).chain(fresh.iter().copied()) {
+                    let _g = self.locks.read(StripeId(s));
+                    self.check_stripe(StripeId(s))?;
                 }
-                // The sync failed the disk: what it holds no longer counts. The stripes just
-                // written must still be whole without it.
-                lost_disk = true;
             }
-        }
-        if lost_disk {
-            for (s, _) in &done {
-                let _g = self.locks.read(StripeId(*s));
-                self.check_stripe(StripeId(*s))?;
+            let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
+            for s in fresh.iter().filter(|s| !destaged.contains(s)) {
+                home_updates.push(self.home_state(*s));
             }
+            if !home_updates.is_empty() {
+                self.store
+                    .home_commit(self.record.id, &home_updates)
+                    .map_err(|e| VolumeError::Io(e.to_string()))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = committed {
+            self.restore_fresh(fresh);
+            return Err(e);
         }
         let synced = started.elapsed();
-        if !home_updates.is_empty() {
-            self.store
-                .home_commit(self.record.id, &home_updates)
-                .map_err(|e| VolumeError::Io(e.to_string()))?;
-        }
         let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
         let checkpoint = match kept {
             // Records from the oldest kept one on must stay replayable.
@@ -296,6 +289,36 @@ impl Volume {
             "destaged"
         );
         Ok(n > 0)
+    }
+
+    /// Syncs every disk that is not failed. Returns whether a sync failed its disk (what that
+    /// disk holds no longer counts: the caller checks that its stripes are whole without it);
+    /// any other failed sync is an error.
+    pub(super) fn sync_disks(&self) -> Result<bool, VolumeError> {
+        let ids: Vec<_> = self
+            .health
+            .ids()
+            .into_iter()
+            .filter(|id| !self.health.is_failed(*id))
+            .collect();
+        let pending: Vec<_> = ids
+            .iter()
+            .zip(self.disk_refs(&ids)?)
+            .map(|(id, d)| (*id, d.submit(vec![IoOp::Sync])))
+            .collect();
+        let mut lost_disk = false;
+        for (id, p) in pending {
+            if let Err(e) = p.wait() {
+                if !self.health.is_failed(id) {
+                    return Err(VolumeError::Io(format!(
+                        "sync of {}: {e}",
+                        self.health.name(id)
+                    )));
+                }
+                lost_disk = true;
+            }
+        }
+        Ok(lost_disk)
     }
 
     /// Destages one stripe under its write lock: returns the snapshot destaged and the stripe's
@@ -408,8 +431,14 @@ impl Volume {
             return Ok(());
         }
         let full = new.len() as u64 == bps;
-        if full && snap.blocks.is_empty() {
-            // Whole stripe trimmed: free every chunk slot (zeros are a valid stripe).
+        // A stripe with nothing at home: its old content is zeros, whatever its slots hold (a
+        // journal-less stripe write cut short by a crash, `fresh.rs`, may have left chunks of
+        // it). So nothing is read or verified; the slots are discarded first, and the touched
+        // rows are coded over zeros.
+        let empty_home = !full && !self.alloc.home().contains_key(&stripe.0);
+        if (full && snap.blocks.is_empty()) || empty_home {
+            // Whole stripe trimmed, or nothing at home yet: free every chunk slot (zeros are a
+            // valid stripe).
             let slot = self.layout.slot_offset(stripe);
             let pending: Vec<_> = disks
                 .iter()
@@ -430,7 +459,9 @@ impl Volume {
                     self.written_around(stripe, &ids, &mut usable, c, &e)?;
                 }
             }
-            return Ok(());
+            if !empty_home || snap.blocks.is_empty() {
+                return Ok(());
+            }
         }
         // Only the touched rows are verified, coded and written: a row that no new block
         // touches keeps its data and parity on the disks, which agree already. The buffers
@@ -457,7 +488,7 @@ impl Volume {
         // Read phase: current rows of the data chunks and metadata pages of every chunk.
         let mut data: Vec<Vec<u8>> = vec![vec![0u8; nrows * BLOCK_SIZE]; k];
         let mut pages: Vec<Vec<u8>> = vec![vec![0u8; pages_len]; width];
-        if !full {
+        if !full && !empty_home {
             let pending: Vec<_> = disks
                 .iter()
                 .enumerate()
@@ -557,7 +588,7 @@ impl Volume {
         // Check the blocks kept from the disks; rebuild the rows where one is bad, so parity is
         // never computed over rotten data.
         let mut repaired: BTreeSet<(usize, u64)> = BTreeSet::new();
-        if !full {
+        if !full && !empty_home {
             for &r in &rows {
                 let i = (r - rmin) as usize;
                 let bad: Vec<usize> = (0..k)

@@ -21,6 +21,7 @@
 
 mod destage;
 pub mod format;
+mod fresh;
 pub mod health;
 mod io;
 pub mod journal;
@@ -151,6 +152,8 @@ pub struct Stats {
     pub blocks_repaired: AtomicU64,
     pub stripes_destaged: AtomicU64,
     pub full_stripe_destages: AtomicU64,
+    /// Whole stripes written in place without the journal (empty stripes, `fresh.rs`).
+    pub fresh_stripe_writes: AtomicU64,
     pub destage_errors: AtomicU64,
     /// Blocks whose slot held a valid but older copy (generation below the recorded one).
     pub rollbacks_detected: AtomicU64,
@@ -203,6 +206,8 @@ pub struct Volume {
     alloc: Alloc,
     store: Arc<MetaStore>,
     destage_lock: Mutex<()>,
+    /// Stripes written by `write_fresh_stripe` whose allocation is not committed yet.
+    fresh: Mutex<Vec<u64>>,
     kick: Condvar,
     kick_flag: Mutex<bool>,
     stop: AtomicBool,
@@ -374,6 +379,7 @@ impl Volume {
             alloc: Alloc::with_stamps(bps, home, stamps),
             store: parts.store,
             destage_lock: Mutex::new(()),
+            fresh: Mutex::new(Vec::new()),
             kick: Condvar::new(),
             kick_flag: Mutex::new(false),
             stop: AtomicBool::new(false),
@@ -694,61 +700,76 @@ impl Volume {
         &self,
         stripe: StripeId,
         payload_blocks: usize,
-        mut build: F,
+        build: F,
     ) -> Result<(), VolumeError>
     where
-        F: FnMut(&Reservation) -> Result<(IoBuf, RecordApply), VolumeError>,
+        F: FnOnce(&Reservation) -> Result<(IoBuf, RecordApply), VolumeError>,
     {
         let len = ((header_pages(payload_blocks) + payload_blocks) * BLOCK_SIZE) as u64;
+        let (guard, r) = self.reserve_locked(stripe, len)?;
+        let result = match build(&r) {
+            Ok((record, apply)) => self
+                .journal
+                .write(&r, record)
+                .map_err(VolumeError::from)
+                .map(|()| self.apply(stripe, &r, apply)),
+            Err(e) => {
+                // The space is reserved: fill it with a record that says so, or replay
+                // would stop here and drop every later record.
+                match self.journal.write(&r, self.skip_record(&r)) {
+                    Ok(()) => Err(e),
+                    Err(j) => Err(VolumeError::Io(format!(
+                        "{e}; and the journal could not record the failure: {j}"
+                    ))),
+                }
+            }
+        };
+        self.journal.complete(&r);
+        drop(guard);
+        if self.journal.used() as f64 > self.journal.capacity() as f64 * DESTAGE_HIGH_WATER {
+            self.kick_destager();
+        }
+        result
+    }
+
+    /// Takes the write lock of `stripe` and reserves `len` bytes of journal, waiting (lock
+    /// released) for the destager to free space while the journal is full.
+    fn reserve_locked(
+        &self,
+        stripe: StripeId,
+        len: u64,
+    ) -> Result<(std::sync::RwLockWriteGuard<'_, ()>, Reservation), VolumeError> {
         let deadline = std::time::Instant::now() + JOURNAL_FULL_TIMEOUT;
         loop {
             let guard = self.locks.write(stripe);
-            let Some(r) = self.journal.reserve(len)? else {
-                drop(guard);
-                self.kick_destager();
-                if std::time::Instant::now() > deadline {
-                    return Err(VolumeError::Io(
-                        "journal full: destaging is not making progress".into(),
-                    ));
-                }
-                self.journal.wait_for_space(Duration::from_millis(20));
-                continue;
-            };
-            let result = match build(&r) {
-                Ok((record, apply)) => self
-                    .journal
-                    .write(&r, record)
-                    .map_err(VolumeError::from)
-                    .map(|()| self.apply(stripe, &r, apply)),
-                Err(e) => {
-                    // The space is reserved: fill it with a record that says so, or replay
-                    // would stop here and drop every later record.
-                    let skip = RecordHeader {
-                        seq: r.seq,
-                        volume: self.record.id,
-                        kind: RecordKind::Skip,
-                        trim_lba: 0,
-                        trim_count: r.len / BLOCK_SIZE_U64,
-                        payload_crc: crc32c::crc32c(&[]),
-                        entries: vec![],
-                    };
-                    let mut record = IoBuf::zeroed(r.len as usize);
-                    record[..BLOCK_SIZE].copy_from_slice(&skip.encode());
-                    match self.journal.write(&r, record) {
-                        Ok(()) => Err(e),
-                        Err(j) => Err(VolumeError::Io(format!(
-                            "{e}; and the journal could not record the failure: {j}"
-                        ))),
-                    }
-                }
-            };
-            self.journal.complete(&r);
-            drop(guard);
-            if self.journal.used() as f64 > self.journal.capacity() as f64 * DESTAGE_HIGH_WATER {
-                self.kick_destager();
+            if let Some(r) = self.journal.reserve(len)? {
+                return Ok((guard, r));
             }
-            return result;
+            drop(guard);
+            self.kick_destager();
+            if std::time::Instant::now() > deadline {
+                return Err(VolumeError::Io(
+                    "journal full: destaging is not making progress".into(),
+                ));
+            }
+            self.journal.wait_for_space(Duration::from_millis(20));
         }
+    }
+
+    /// A record that fills reservation `r` and carries nothing: replay passes over it.
+    fn skip_record(&self, r: &Reservation) -> IoBuf {
+        let skip = RecordHeader {
+            seq: r.seq,
+            volume: self.record.id,
+            kind: RecordKind::Skip,
+            trim_lba: 0,
+            trim_count: r.len / BLOCK_SIZE_U64,
+            payload_crc: crc32c::crc32c(&[]),
+            entries: vec![],
+        };
+        let mut record = IoBuf::zeroed(r.len as usize);
+        record[..BLOCK_SIZE].copy_from_slice(&skip.encode());
+        record
     }
 
     /// Applies a written record to the index and the live bitmap (stripe lock held).
@@ -848,6 +869,17 @@ impl Volume {
             self.check_stripe(stripe)?;
             self.access.touch(stripe);
             let (first, count) = blocks_of(at, len);
+            if len == self.layout.geometry.blocks_per_stripe() * BLOCK_SIZE_U64
+                && self.write_fresh_stripe(
+                    stripe,
+                    &data[(at - offset) as usize..(at - offset + len) as usize],
+                )?
+            {
+                self.stats
+                    .blocks_written
+                    .fetch_add(count, Ordering::Relaxed);
+                continue;
+            }
             let mut done = 0u64;
             while done < count {
                 let n = (count - done).min(MAX_RECORD_BLOCKS as u64);
@@ -1090,7 +1122,7 @@ impl BlockDevice for Volume {
 
     fn flush(&self) -> Result<(), VolumeError> {
         self.journal.flush()?;
-        Ok(())
+        self.commit_fresh()
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
