@@ -199,8 +199,9 @@ pub(crate) fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
         println!();
         if let Some(c) = &v.counters {
             println!(
-                "      written {} blocks, read {}, rebuilt {}, repaired {}, rollbacks {}, destage errors {}",
+                "      written {} blocks ({} whole stripes without the journal), read {}, rebuilt {}, repaired {}, rollbacks {}, destage errors {}",
                 c.blocks_written,
+                c.stripes_written_whole,
                 c.blocks_read,
                 c.blocks_reconstructed,
                 c.blocks_repaired,

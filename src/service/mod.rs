@@ -390,6 +390,9 @@ pub struct VolumeCounters {
     pub blocks_repaired: u64,
     pub rollbacks_detected: u64,
     pub stripes_destaged: u64,
+    /// Whole stripes written into empty stripes without the journal.
+    #[serde(default)]
+    pub stripes_written_whole: u64,
     pub destage_errors: u64,
 }
 
@@ -508,6 +511,7 @@ impl Status {
                             blocks_repaired: s.blocks_repaired.load(Relaxed),
                             rollbacks_detected: s.rollbacks_detected.load(Relaxed),
                             stripes_destaged: s.stripes_destaged.load(Relaxed),
+                            stripes_written_whole: s.fresh_stripe_writes.load(Relaxed),
                             destage_errors: s.destage_errors.load(Relaxed),
                         }),
                         last_scrub: health.scrubs.get(v.name()).cloned(),
