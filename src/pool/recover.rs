@@ -11,9 +11,10 @@
 //!    the superblock's records, and unlocks the keys with the shares (the same refusals as
 //!    `serve`);
 //! 3. opens every disk read-only behind an [`OverlayDisk`] (writes stay in memory) and every
-//!    missing disk as a pulled [`FaultDisk`], then [`Volume::open`]: the journal is replayed and,
-//!    when the disks allow, destaged into the overlays, so writes that were only in the journal
-//!    are recovered too. The source disks are never written;
+//!    missing disk as a pulled [`FaultDisk`], then [`Volume::open_for_recovery`]: the journal is
+//!    replayed and, when the disks allow, destaged into the overlays, so writes that were only in
+//!    the journal are recovered too (the store has no allocation yet, so destaging reads the rows
+//!    it keeps instead of taking a stripe for empty). The source disks are never written;
 //! 4. rebuilds the allocation bitmaps from the block metadata ([`Volume::scan_allocation`]).
 //!    Blocks whose metadata cannot be rebuilt (more than `m` chunks of their row missing) are
 //!    "lost": without `force` recovery refuses here, before writing anything, and names them;
@@ -672,7 +673,7 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, PoolError> {
 
     let store = Arc::new(store);
     let parts = parts_for(&record, &disks, &sb.disks, store, Some((ring, write_key)))?;
-    let vol = Volume::open(parts).map_err(|e| {
+    let vol = Volume::open_for_recovery(parts).map_err(|e| {
         PoolError::Invalid(format!(
             "cannot open volume {}: {e}{}",
             record.name,

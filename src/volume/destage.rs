@@ -435,7 +435,8 @@ impl Volume {
         // journal-less stripe write cut short by a crash, `fresh.rs`, may have left chunks of
         // it). So nothing is read or verified; the slots are discarded first, and the touched
         // rows are coded over zeros.
-        let empty_home = !full && !self.alloc.home().contains_key(&stripe.0);
+        let empty_home =
+            !full && self.allocation_known && !self.alloc.home().contains_key(&stripe.0);
         if (full && snap.blocks.is_empty()) || empty_home {
             // Whole stripe trimmed, or nothing at home yet: free every chunk slot (zeros are a
             // valid stripe).
@@ -562,19 +563,20 @@ impl Volume {
             .collect();
         let offsets: Vec<u64> = journaled.iter().map(|(_, e)| e.offset).collect();
         let journal_pages = if offsets.is_empty() {
-            Vec::new()
+            None
         } else {
-            self.journal.read_pages(&offsets, |i, p| {
+            Some(self.journal.read_pages(&offsets, |i, p| {
                 self.verify(
                     crate::layout::Lba(journaled[i].1.meta.lba),
                     &journaled[i].1.meta,
                     p,
                 )
-            })?
+            })?)
         };
-        for (((c, r), e), page) in journaled.iter().zip(journal_pages) {
+        for (n, ((c, r), e)) in journaled.iter().enumerate() {
+            let Some(pages) = &journal_pages else { break };
             let i = (r - rmin) as usize;
-            data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&page);
+            data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(pages.get(n));
             metas[*c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&e.meta.encode());
         }
         for ((c, r), n) in &new {

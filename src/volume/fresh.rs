@@ -47,7 +47,8 @@ impl Volume {
     /// Whether `stripe` may take a journal-less full-stripe write (stripe write lock held,
     /// or as a hint without it).
     fn fresh_eligible(&self, stripe: StripeId) -> bool {
-        if self.rebalance_cursor().is_some()
+        if !self.allocation_known
+            || self.rebalance_cursor().is_some()
             || self.alloc.home().contains_key(&stripe.0)
             || self.dirty().stripes.contains_key(&stripe.0)
         {

@@ -447,18 +447,38 @@ impl Journal {
 
     /// Reads payload pages, in one batch from the first replica that answers; `check(i, page)`
     /// says whether page `i` is intact, and pages that are not are read from the other replicas.
+    /// Pages at consecutive offsets are read as one run (a record's blocks are consecutive), so
+    /// destaging a 1 MiB record costs one read, not 256.
     pub fn read_pages(
         &self,
         offsets: &[u64],
         check: impl Fn(usize, &[u8]) -> bool,
-    ) -> Result<Vec<IoBuf>, JournalError> {
+    ) -> Result<Pages, JournalError> {
+        // Runs of consecutive offsets: (first offset, pages), at most MAX_RUN_PAGES each.
+        let mut runs: Vec<(u64, usize)> = Vec::new();
+        let mut at = Vec::with_capacity(offsets.len());
+        for &offset in offsets {
+            let last = runs.len().wrapping_sub(1);
+            match runs.last_mut() {
+                Some((first, n))
+                    if *n < MAX_RUN_PAGES && *first + (*n * BLOCK_SIZE) as u64 == offset =>
+                {
+                    at.push((last, *n * BLOCK_SIZE));
+                    *n += 1;
+                }
+                _ => {
+                    at.push((runs.len(), 0));
+                    runs.push((offset, 1));
+                }
+            }
+        }
         let mut bufs: Option<Vec<IoBuf>> = None;
         for d in &self.disks {
-            let ops = offsets
+            let ops = runs
                 .iter()
-                .map(|&offset| IoOp::Read {
+                .map(|&(offset, n)| IoOp::Read {
                     offset,
-                    buf: IoBuf::zeroed(BLOCK_SIZE),
+                    buf: IoBuf::zeroed(n * BLOCK_SIZE),
                 })
                 .collect();
             if let Ok(done) = d.submit(ops).wait() {
@@ -472,20 +492,21 @@ impl Journal {
                         }
                     })
                     .collect();
-                if b.len() == offsets.len() {
+                if b.len() == runs.len() {
                     bufs = Some(b);
                     break;
                 }
             }
         }
-        let mut bufs =
-            bufs.ok_or_else(|| JournalError::Failed("no journal disk answers".into()))?;
-        for (i, b) in bufs.iter_mut().enumerate() {
-            if !check(i, b) {
-                *b = self.read_page_checked(offsets[i], |p| check(i, p))?;
+        let runs = bufs.ok_or_else(|| JournalError::Failed("no journal disk answers".into()))?;
+        let mut pages = Pages { runs, at };
+        for (i, &offset) in offsets.iter().enumerate() {
+            if !check(i, pages.get(i)) {
+                let good = self.read_page_checked(offset, |p| check(i, p))?;
+                pages.get_mut(i).copy_from_slice(&good);
             }
         }
-        Ok(bufs)
+        Ok(pages)
     }
 
     /// Makes every record reserved before this call durable. Returns the sequence number
@@ -753,6 +774,33 @@ impl Journal {
             }
         }
         Err(JournalError::Failed(last))
+    }
+}
+
+/// Most pages of one read in [`Journal::read_pages`]: 1 MiB, a whole record.
+const MAX_RUN_PAGES: usize = 256;
+
+/// Pages read by [`Journal::read_pages`], by the index of their offset.
+pub struct Pages {
+    runs: Vec<IoBuf>,
+    /// Page i: (run, byte position in it).
+    at: Vec<(usize, usize)>,
+}
+
+impl Pages {
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+    pub fn get(&self, i: usize) -> &[u8] {
+        let (r, b) = self.at[i];
+        &self.runs[r][b..b + BLOCK_SIZE]
+    }
+    pub fn get_mut(&mut self, i: usize) -> &mut [u8] {
+        let (r, b) = self.at[i];
+        &mut self.runs[r][b..b + BLOCK_SIZE]
     }
 }
 

@@ -208,6 +208,9 @@ pub struct Volume {
     destage_lock: Mutex<()>,
     /// Stripes written by `write_fresh_stripe` whose allocation is not committed yet.
     fresh: Mutex<Vec<u64>>,
+    /// Whether the home bitmaps say what the slots hold (false in offline recovery, where
+    /// the store was rebuilt without them): only then is a stripe with nothing at home empty.
+    allocation_known: bool,
     kick: Condvar,
     kick_flag: Mutex<bool>,
     stop: AtomicBool,
@@ -310,9 +313,22 @@ impl Volume {
     /// Opens a volume whose disks are those of `health` (the pool's registry, shared by every
     /// volume of the pool): the volume does its I/O through the registry's proxies, so a disk
     /// the registry fails is written around and rebuilt from parity (`parts.disks` is not used).
-    pub fn open_with(
+    pub fn open_with(parts: VolumeParts, health: Arc<Health>) -> Result<Arc<Self>, VolumeError> {
+        Self::open_inner(parts, health, true)
+    }
+
+    /// Opens a volume whose metadata store does not know which blocks are at home (offline
+    /// recovery, before [`Volume::scan_allocation`]): destaging then never takes a stripe
+    /// for empty because the store says so (see `fresh.rs`), and reads the rows it keeps.
+    pub fn open_for_recovery(parts: VolumeParts) -> Result<Arc<Self>, VolumeError> {
+        let health = Health::observe_only(parts.disks.clone());
+        Self::open_inner(parts, health, false)
+    }
+
+    fn open_inner(
         mut parts: VolumeParts,
         health: Arc<Health>,
+        allocation_known: bool,
     ) -> Result<Arc<Self>, VolumeError> {
         parts.disks = health.proxies();
         let layout = Self::layout_of(&parts.record);
@@ -380,6 +396,7 @@ impl Volume {
             store: parts.store,
             destage_lock: Mutex::new(()),
             fresh: Mutex::new(Vec::new()),
+            allocation_known,
             kick: Condvar::new(),
             kick_flag: Mutex::new(false),
             stop: AtomicBool::new(false),
@@ -979,7 +996,7 @@ impl Volume {
         }
         if !from_journal.is_empty() {
             let offsets: Vec<u64> = from_journal.iter().map(|(_, _, e)| e.offset).collect();
-            let pages = self
+            let mut pages = self
                 .journal
                 .read_pages(&offsets, |i, p| {
                     self.verify(from_journal[i].1, &from_journal[i].2.meta, p)
@@ -988,8 +1005,9 @@ impl Volume {
                     lba: from_journal[0].1.0,
                     why: e.to_string(),
                 })?;
-            for ((i, lba, e), mut page) in from_journal.into_iter().zip(pages) {
-                self.unseal(lba, &e.meta, &mut page)?;
+            for (n, (i, lba, e)) in from_journal.into_iter().enumerate() {
+                let page = pages.get_mut(n);
+                self.unseal(lba, &e.meta, page)?;
                 out[i] = page.to_vec();
             }
         }

@@ -36,7 +36,7 @@
 //!    with probability 2^-256), and *lost* otherwise: marked allocated, so reads of them fail,
 //!    and listed in [`AllocScan::lost`].
 //!
-//! Run the scan after [`Volume::open`] (journal replayed and, when every disk answers, destaged:
+//! Run the scan after [`Volume::open_for_recovery`] (journal replayed and, when every disk answers, destaged:
 //! rows a crash left half written are then whole again), with the destager halted
 //! ([`Volume::halt`]) and no client I/O; [`Volume::install_allocation`] then makes the result
 //! the volume's bitmaps, with the journaled blocks applied on top.
