@@ -238,3 +238,9 @@ server_stop() {
 server_peak_rss_kib() {
     awk '/^VmHWM:/ {print $2}' "/proc/$SERVER_PID/status"
 }
+
+# shardvol_counter NAME: a volume counter of the running shardvol server (`status --json`),
+# summed over its volumes: e.g. stripes_written_whole, blocks_written.
+shardvol_counter() {
+    "$SHARDVOL_BIN" status --pool "$SERVER_POOL" --json | jq --arg c "$1" '[.volumes[].counters[$c] // 0] | add'
+}
