@@ -170,6 +170,38 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// Any `m` = 2 disks pulled: every block must still read back as the model allows.
+    /// Returns the blocks checked.
+    fn check_with_two_disks_pulled(
+        &self,
+        vol: &Volume,
+        model: &mut Model,
+        rng: &mut StdRng,
+    ) -> u64 {
+        let a = rng.random_range(0..6);
+        let b = (a + rng.random_range(1..6)) % 6;
+        self.cuts[a].handle().set_gone(true);
+        self.cuts[b].handle().set_gone(true);
+        let n = check_all(vol, model, false);
+        self.cuts[a].handle().set_gone(false);
+        self.cuts[b].handle().set_gone(false);
+        n
+    }
+}
+
+/// Writes random data to each of `blocks` (block numbers), flushes and destages.
+fn write_blocks_flush_destage(vol: &Volume, model: &mut Model, rng: &mut StdRng, blocks: &[usize]) {
+    for &b in blocks {
+        let data = fill(rng, BS);
+        model.write(b * BS, &data);
+        vol.write((b * BS) as u64, &data, false).unwrap();
+    }
+    vol.flush().unwrap();
+    model.flushed();
+    vol.destage().unwrap();
+}
+
 /// What each block may read back as.
 struct Model {
     latest: Vec<Vec<u8>>,
@@ -372,16 +404,10 @@ fn random_crashes_never_lose_flushed_data_or_show_garbage() {
             counts.torn += torn;
             counts.blocks_checked += check_all(&vol, &mut model, true);
             if rng.random_bool(0.15) {
-                // Any m = 2 disks missing: every block still reads back.
                 vol.destage().expect("destage before pulling disks");
-                let a = rng.random_range(0..6);
-                let b = (a + rng.random_range(1..6)) % 6;
-                rig.cuts[a].handle().set_gone(true);
-                rig.cuts[b].handle().set_gone(true);
-                counts.blocks_checked += check_all(&vol, &mut model, false);
+                counts.blocks_checked +=
+                    rig.check_with_two_disks_pulled(&vol, &mut model, &mut rng);
                 counts.degraded_checks += 1;
-                rig.cuts[a].handle().set_gone(false);
-                rig.cuts[b].handle().set_gone(false);
             }
             counts.cycles += 1;
             done += 1;
@@ -554,15 +580,10 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
         let stripes = vol.size() as usize / stripe;
         let mut model = Model::new(vol.size() as usize / BS);
         // A few journaled blocks first, destaged, so some stripes are not empty.
-        for _ in 0..4 {
-            let at = BS * rng.random_range(0..vol.size() as usize / BS);
-            let data = fill(&mut rng, BS);
-            model.write(at, &data);
-            vol.write(at as u64, &data, false).unwrap();
-        }
-        vol.flush().unwrap();
-        model.flushed();
-        vol.destage().unwrap();
+        let blocks: Vec<usize> = (0..4)
+            .map(|_| rng.random_range(0..vol.size() as usize / BS))
+            .collect();
+        write_blocks_flush_destage(&vol, &mut model, &mut rng, &blocks);
         let before = vol.stats.fresh_stripe_writes.load(Ordering::Relaxed);
         let mut whole = Vec::new();
         for s in 0..stripes {
@@ -601,22 +622,12 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
         }
         check_all(&vol, &mut model, true);
         // One block into every stripe written whole, then destaged; any two disks pulled.
-        for &s in &whole {
-            let at = s * stripe + BS * rng.random_range(0..STRIPE_BLOCKS);
-            let data = fill(&mut rng, BS);
-            model.write(at, &data);
-            vol.write(at as u64, &data, false).unwrap();
-        }
-        vol.flush().unwrap();
-        model.flushed();
-        vol.destage().unwrap();
-        let a = rng.random_range(0..6);
-        let b = (a + rng.random_range(1..6)) % 6;
-        rig.cuts[a].handle().set_gone(true);
-        rig.cuts[b].handle().set_gone(true);
-        check_all(&vol, &mut model, false);
-        rig.cuts[a].handle().set_gone(false);
-        rig.cuts[b].handle().set_gone(false);
+        let blocks: Vec<usize> = whole
+            .iter()
+            .map(|s| s * STRIPE_BLOCKS + rng.random_range(0..STRIPE_BLOCKS))
+            .collect();
+        write_blocks_flush_destage(&vol, &mut model, &mut rng, &blocks);
+        rig.check_with_two_disks_pulled(&vol, &mut model, &mut rng);
         vol.close().unwrap();
     }
     println!(
