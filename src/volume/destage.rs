@@ -25,6 +25,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::format::META_SIZE;
+use super::fresh::HomeUpdate;
 use super::state::{Bits, JEntry, Stamp, StripeDirty};
 use super::{DESTAGE_INTERVAL, Volume, VolumeError, snapshot_empty};
 use crate::disk::{IoBuf, IoOp};
@@ -78,8 +79,6 @@ pub(super) fn run(weak: Weak<Volume>) {
         }
     }
 }
-
-use super::fresh::HomeUpdate;
 
 /// What destaging one stripe did.
 enum Destaged {
@@ -138,14 +137,7 @@ impl Volume {
         let started = std::time::Instant::now();
         let target = self.journal.flush()?;
         let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
-        if stripes.is_empty()
-            && target <= self.journal.checkpoint_seq()
-            && self
-                .fresh
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
-        {
+        if stripes.is_empty() && target <= self.journal.checkpoint_seq() && !self.fresh_pending() {
             return Ok(false);
         }
         let bps = self.layout.geometry.blocks_per_stripe();
@@ -222,13 +214,12 @@ impl Volume {
         let mut home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
         // Journal-less full-stripe writes completed so far are committed with this round.
         let fresh = self.take_fresh();
-        let committed = self.sync_disks().and_then(|lost_disk| {
-            if lost_disk {
-                for s in done.iter().map(|(s, _)| *s).chain(fresh.iter().copied()) {
-                    let _g = self.locks.read(StripeId(s));
-                    self.check_stripe(StripeId(s))?;
-                }
-            }
+        let written_now: Vec<u64> = done
+            .iter()
+            .map(|(s, _)| *s)
+            .chain(fresh.iter().copied())
+            .collect();
+        let committed = self.sync_disks(&written_now).and_then(|()| {
             let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
             for s in fresh.iter().filter(|s| !destaged.contains(s)) {
                 home_updates.push(self.home_state(*s));
@@ -244,6 +235,7 @@ impl Volume {
             self.restore_fresh(fresh);
             return Err(e);
         }
+        // Synced, and the allocation committed.
         let synced = started.elapsed();
         let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
         let checkpoint = match kept {
@@ -291,10 +283,10 @@ impl Volume {
         Ok(n > 0)
     }
 
-    /// Syncs every disk that is not failed. Returns whether a sync failed its disk (what that
-    /// disk holds no longer counts: the caller checks that its stripes are whole without it);
-    /// any other failed sync is an error.
-    pub(super) fn sync_disks(&self) -> Result<bool, VolumeError> {
+    /// Syncs every disk that is not failed, after `written` (stripe ids) were written. A sync
+    /// that fails its disk leaves what the disk holds uncounted: each of `written` must then
+    /// still be whole without it. Any other failed sync is an error.
+    pub(super) fn sync_disks(&self, written: &[u64]) -> Result<(), VolumeError> {
         let ids: Vec<_> = self
             .health
             .ids()
@@ -318,7 +310,13 @@ impl Volume {
                 lost_disk = true;
             }
         }
-        Ok(lost_disk)
+        if lost_disk {
+            for &s in written {
+                let _g = self.locks.read(StripeId(s));
+                self.check_stripe(StripeId(s))?;
+            }
+        }
+        Ok(())
     }
 
     /// Destages one stripe under its write lock: returns the snapshot destaged and the stripe's

@@ -160,6 +160,11 @@ impl Volume {
         self.fresh.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether stripes written by [`Volume::write_fresh_stripe`] wait for their commit.
+    pub(super) fn fresh_pending(&self) -> bool {
+        !self.fresh_lock().is_empty()
+    }
+
     /// Takes the stripes written by [`Volume::write_fresh_stripe`] whose allocation is not
     /// committed yet. Every write among them has completed.
     pub(super) fn take_fresh(&self) -> Vec<u64> {
@@ -191,7 +196,7 @@ impl Volume {
     /// Makes the journal-less stripe writes completed so far durable: syncs every disk, then
     /// commits their allocation and stamps to the metadata store. Part of every FLUSH.
     pub(super) fn commit_fresh(&self) -> Result<(), VolumeError> {
-        if self.fresh_lock().is_empty() {
+        if !self.fresh_pending() {
             return Ok(());
         }
         // No destaging round in between: the home state in memory is then exactly what the
@@ -201,13 +206,7 @@ impl Volume {
         if stripes.is_empty() {
             return Ok(());
         }
-        let result = self.sync_disks().and_then(|lost_disk| {
-            if lost_disk {
-                for s in &stripes {
-                    let _g = self.locks.read(StripeId(*s));
-                    self.check_stripe(StripeId(*s))?;
-                }
-            }
+        let result = self.sync_disks(&stripes).and_then(|()| {
             let updates: Vec<HomeUpdate> = stripes.iter().map(|s| self.home_state(*s)).collect();
             self.store
                 .home_commit(self.record.id, &updates)
