@@ -11,10 +11,14 @@
 # Prints one table: MB/s and IOPS per server and workload, the first server's ratio to each other
 # server (shardvol's to each peer by default), and each server's peak RSS (VmHWM, read at the end).
 #
-#   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."]
+#   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."] [--rounds 1]
 #
-# Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_OUT, BENCH_SERVERS (same as the options).
-# Numbers from one run on a shared 2-core machine are noisy: compare servers within a run only.
+# --rounds N measures every server N times, the servers' order reversed every other round (so
+# that no server always runs first or last), and each cell of the table is the median over the
+# rounds (peak RSS: the largest). One round on a shared 2-core machine is noisy: peers' own
+# figures were seen to move 3x between consecutive runs.
+#
+# Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_OUT, BENCH_SERVERS, BENCH_ROUNDS (same as the options).
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/server.sh"
@@ -23,13 +27,15 @@ BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
 BENCH_OUT=${BENCH_OUT:-${TMPDIR:-/tmp}/shardvol-bench-results.md}
 BENCH_SERVERS=${BENCH_SERVERS:-shardvol qemu-nbd qemu-nbd-luks nbdkit}
+BENCH_ROUNDS=${BENCH_ROUNDS:-1}
 while (($# > 0)); do
     case "$1" in
         --size) BENCH_SIZE=$2; shift 2 ;;
         --runtime) BENCH_RUNTIME=$2; shift 2 ;;
         --out) BENCH_OUT=$2; shift 2 ;;
         --servers) BENCH_SERVERS=$2; shift 2 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        --rounds) BENCH_ROUNDS=$2; shift 2 ;;
+        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -37,6 +43,7 @@ read -r -a servers <<<"$BENCH_SERVERS"
 ((${#servers[@]} > 0)) || die "no servers to measure"
 SIZE_BYTES=$(size_bytes "$BENCH_SIZE")
 ((BENCH_RUNTIME > 0)) || die "runtime must be a positive number of seconds"
+[[ "$BENCH_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "rounds must be a positive whole number"
 
 # name  rw  bs  iodepth  metric(for the ratio)  label
 WORKLOADS=(
@@ -50,6 +57,13 @@ TABLE_ORDER=(seqwrite seqread randwrite randread)
 need_cmd fio nbdcopy jq nbdinfo
 make_workdir
 declare -A MBPS IOPS RSS LABEL FILL
+# Per round: MBPS_R[srv/workload/round] ... ; the tables above get the medians at the end.
+declare -A MBPS_R IOPS_R FILL_R
+
+# median V...: the median of the numbers given.
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
 server_label() {
     case "$1" in
@@ -64,7 +78,9 @@ server_label() {
 step "random data: $BENCH_SIZE"
 head -c "$SIZE_BYTES" /dev/urandom >"$WORK/random.bin"
 
-for srv in "${servers[@]}"; do
+# measure SERVER ROUND: create, fill and run every workload against one server.
+measure() {
+    local srv=$1 round=$2 uri t0 t1 w name rw bs qd label json dir rss
     # shellcheck disable=SC2034  # read by lib/server.sh
     SERVER=$srv
     LABEL[$srv]=$(server_label "$srv")
@@ -73,7 +89,7 @@ for srv in "${servers[@]}"; do
         qemu-nbd | qemu-nbd-luks) QEMU_NBD_OPTS="--cache=none --aio=native" ;;
         *) QEMU_NBD_OPTS="" ;;
     esac
-    step "$srv: create, start, fill with random data"
+    step "$srv (round $round of $BENCH_ROUNDS): create, start, fill with random data"
     server_check
     server_create "$WORK/$srv/pool" "$BENCH_SIZE"
     server_start unix
@@ -81,8 +97,8 @@ for srv in "${servers[@]}"; do
     t0=$(date +%s.%N)
     bounded nbdcopy --flush "$WORK/random.bin" "$uri" || die "$srv: filling the volume failed"
     t1=$(date +%s.%N)
-    FILL[$srv]=$(awk -v b="$SIZE_BYTES" -v a="$t0" -v c="$t1" 'BEGIN {printf "%.0f", b / (c - a) / 1e6}')
-    log "$srv: filled at ${FILL[$srv]} MB/s"
+    FILL_R[$srv/$round]=$(awk -v b="$SIZE_BYTES" -v a="$t0" -v c="$t1" 'BEGIN {printf "%.0f", b / (c - a) / 1e6}')
+    log "$srv: filled at ${FILL_R[$srv/$round]} MB/s"
 
     for w in "${WORKLOADS[@]}"; do
         read -r name rw bs qd _ label <<<"$w"
@@ -94,14 +110,40 @@ for srv in "${servers[@]}"; do
         dir="read"
         [[ "$rw" == *write ]] && dir="write"
         [[ "$(jq '.jobs[0].error' "$json")" == 0 ]] || die "$srv: fio $name reported an error"
-        MBPS[$srv/$name]=$(jq ".jobs[0].$dir.bw_bytes / 1e6" "$json")
-        IOPS[$srv/$name]=$(jq ".jobs[0].$dir.iops" "$json")
-        log "$srv $label: $(printf '%.0f' "${MBPS[$srv/$name]}") MB/s, $(printf '%.0f' "${IOPS[$srv/$name]}") IOPS"
+        MBPS_R[$srv/$name/$round]=$(jq ".jobs[0].$dir.bw_bytes / 1e6" "$json")
+        IOPS_R[$srv/$name/$round]=$(jq ".jobs[0].$dir.iops" "$json")
+        log "$srv $label: $(printf '%.0f' "${MBPS_R[$srv/$name/$round]}") MB/s, $(printf '%.0f' "${IOPS_R[$srv/$name/$round]}") IOPS"
     done
-    RSS[$srv]=$(server_peak_rss_kib)
-    log "$srv: peak RSS $((RSS[$srv] / 1024)) MiB"
+    rss=$(server_peak_rss_kib)
+    if ((rss > ${RSS[$srv]:-0})); then RSS[$srv]=$rss; fi
+    log "$srv: peak RSS $((rss / 1024)) MiB"
     server_stop TERM
     rm -rf "${WORK:?}/$srv"
+}
+
+for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+    order=("${servers[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#servers[@]} - 1; i >= 0; i--)); do order+=("${servers[$i]}"); done
+    fi
+    for srv in "${order[@]}"; do
+        measure "$srv" "$round"
+    done
+done
+
+# The medians over the rounds.
+rounds=$(seq 1 "$BENCH_ROUNDS")
+for srv in "${servers[@]}"; do
+    # shellcheck disable=SC2046  # one word per round
+    FILL[$srv]=$(printf '%.0f' "$(median $(for r in $rounds; do echo "${FILL_R[$srv/$r]}"; done))")
+    for w in "${WORKLOADS[@]}"; do
+        read -r name _ <<<"$w"
+        # shellcheck disable=SC2046
+        MBPS[$srv/$name]=$(median $(for r in $rounds; do echo "${MBPS_R[$srv/$name/$r]}"; done))
+        # shellcheck disable=SC2046
+        IOPS[$srv/$name]=$(median $(for r in $rounds; do echo "${IOPS_R[$srv/$name/$r]}"; done))
+    done
 done
 
 step "results"
@@ -111,6 +153,9 @@ ref=${servers[0]}
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)."
     echo "fio $(fio --version | sed 's/^fio-//') nbd engine over a unix socket, one job, $BENCH_SIZE volume filled with random data, ${BENCH_RUNTIME} s per workload."
+    if ((BENCH_ROUNDS > 1)); then
+        echo "$BENCH_ROUNDS rounds (servers in reverse order every other round): each figure is the median over the rounds, peak RSS the largest."
+    fi
     if [[ " ${servers[*]} " == *" shardvol "* ]]; then
         ver=$("$SHARDVOL_BIN" --version 2>/dev/null | head -n 1 || true)
         echo "shardvol: ${ver:-$SHARDVOL_BIN}, pool created with ${SHARDVOL_CREATE_ARGS:-the default geometry (4+2)};" \
