@@ -363,7 +363,11 @@ impl Volume {
                 bits.set(i, false);
             }
         }
-        let stamps = self.alloc.record_stamps(
+        if bits.is_empty() {
+            home.remove(&s);
+        }
+        drop(home);
+        self.alloc.record_stamps(
             stripe,
             snap.blocks
                 .iter()
@@ -383,21 +387,7 @@ impl Volume {
                         .map(|i| (i, Stamp::default()))
                 })),
         );
-        let update = (
-            s,
-            (!bits.is_empty()).then(|| {
-                (
-                    bits.0.clone(),
-                    stamps.unwrap_or_else(|| {
-                        Stamp::encode_all(&vec![Stamp::default(); bps as usize])
-                    }),
-                )
-            }),
-        );
-        if bits.is_empty() {
-            home.remove(&s);
-        }
-        Ok(Destaged::Done(snap, update))
+        Ok(Destaged::Done(snap, self.home_state_locked(s)))
     }
 
     /// Writes the snapshot of one stripe into its chunk slots (stripe write lock held).

@@ -176,9 +176,15 @@ impl Volume {
         self.fresh_lock().extend(stripes);
     }
 
-    /// The home state of a stripe as the metadata store should record it (what memory says).
+    /// The home state of a stripe as the metadata store should record it (what memory says),
+    /// read under the stripe's read lock.
     pub(super) fn home_state(&self, s: u64) -> HomeUpdate {
         let _g = self.locks.read(StripeId(s));
+        self.home_state_locked(s)
+    }
+
+    /// [`Volume::home_state`] with the stripe's lock already held.
+    pub(super) fn home_state_locked(&self, s: u64) -> HomeUpdate {
         let bits = self.alloc.home().get(&s).cloned();
         let stamps = self.alloc.stamps().get(&s).map(|v| Stamp::encode_all(v));
         let bps = self.layout.geometry.blocks_per_stripe() as usize;

@@ -788,12 +788,6 @@ pub struct Pages {
 }
 
 impl Pages {
-    pub fn len(&self) -> usize {
-        self.at.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
-    }
     pub fn get(&self, i: usize) -> &[u8] {
         let (r, b) = self.at[i];
         &self.runs[r][b..b + BLOCK_SIZE]

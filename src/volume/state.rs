@@ -205,13 +205,9 @@ impl Alloc {
             .unwrap_or_default()
     }
     /// Records the stamps of a destaged stripe: `set` gives (block index, stamp) of every block
-    /// whose slot now holds new content (zero stamp = trimmed). Returns the stripe's encoded
-    /// stamps, or `None` when no block of it holds data any more.
-    pub fn record_stamps(
-        &self,
-        stripe: StripeId,
-        set: impl IntoIterator<Item = (u64, Stamp)>,
-    ) -> Option<Vec<u8>> {
+    /// whose slot now holds new content (zero stamp = trimmed). A stripe left with no stamp
+    /// is dropped.
+    pub fn record_stamps(&self, stripe: StripeId, set: impl IntoIterator<Item = (u64, Stamp)>) {
         let n = self.bits_per_stripe as usize;
         let mut all = self.stamps();
         let v = all
@@ -224,9 +220,6 @@ impl Alloc {
         }
         if v.iter().all(|s| *s == Stamp::default()) {
             all.remove(&stripe.0);
-            None
-        } else {
-            Some(Stamp::encode_all(v))
         }
     }
     fn live(&self) -> MutexGuard<'_, HashMap<u64, Bits>> {
