@@ -326,8 +326,10 @@ pub(crate) struct CreateArgs {
     /// Where to write the share files (default POOL/shares). Hand each file to one holder.
     #[arg(long)]
     pub(crate) share_dir: Option<PathBuf>,
-    /// Journal size per journal disk.
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    /// Journal size per journal disk (sparse: only what the journal has held takes space).
+    /// Under sustained random writes a larger journal lets each destage round merge more
+    /// blocks per stripe: see docs/write-path.md.
+    #[arg(long, default_value = DEFAULT_JOURNAL_SIZE, value_parser = parse_size)]
     pub(crate) journal_size: u64,
 }
 
@@ -356,6 +358,9 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
 }
+
+/// `create --journal-size` when not given, and the demo pool's journal.
+pub(crate) const DEFAULT_JOURNAL_SIZE: &str = "512M";
 
 /// Parses sizes such as `4096`, `64K`, `1G`, `1GiB`, `10T` (binary units).
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {

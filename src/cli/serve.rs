@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use shardvol::pool::{self, CreateOptions, DiskSpec};
 
-use super::args::ServeArgs;
+use super::args::{DEFAULT_JOURNAL_SIZE, ServeArgs, parse_size};
 
 /// Directory of the demo pool that `shardvol serve` with no arguments uses.
 const DEMO_DIR: &str = "shardvol-data";
@@ -44,7 +44,7 @@ fn demo_pool() -> Result<(PathBuf, Vec<PathBuf>)> {
             shares: 5,
             threshold: 3,
             share_dir: share_dir.clone(),
-            journal_size: 128 << 20,
+            journal_size: parse_size(DEFAULT_JOURNAL_SIZE).map_err(anyhow::Error::msg)?,
         })
         .context("cannot create the demo pool")?;
     }
