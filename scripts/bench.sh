@@ -11,12 +11,13 @@
 # Prints one table: MB/s and IOPS per server and workload, the first server's ratio to each other
 # server (shardvol's to each peer by default), and each server's peak RSS (VmHWM, read at the end).
 #
-#   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."] [--rounds 1]
+#   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."] [--rounds 3]
 #
 # --rounds N measures every server N times, the servers' order reversed every other round (so
 # that no server always runs first or last), and each cell of the table is the median over the
-# rounds (peak RSS: the largest). One round on a shared 2-core machine is noisy: peers' own
-# figures were seen to move 3x between consecutive runs.
+# rounds (peak RSS: the largest). The default is 3: one round on a shared 2-core machine is
+# noisy, peers' own figures were seen to move 3x between consecutive runs. --rounds 1 for a
+# quick look.
 #
 # Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_OUT, BENCH_SERVERS, BENCH_ROUNDS (same as the options).
 set -euo pipefail
@@ -27,7 +28,7 @@ BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
 BENCH_OUT=${BENCH_OUT:-${TMPDIR:-/tmp}/shardvol-bench-results.md}
 BENCH_SERVERS=${BENCH_SERVERS:-shardvol qemu-nbd qemu-nbd-luks nbdkit}
-BENCH_ROUNDS=${BENCH_ROUNDS:-1}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 while (($# > 0)); do
     case "$1" in
         --size) BENCH_SIZE=$2; shift 2 ;;
@@ -35,7 +36,7 @@ while (($# > 0)); do
         --out) BENCH_OUT=$2; shift 2 ;;
         --servers) BENCH_SERVERS=$2; shift 2 ;;
         --rounds) BENCH_ROUNDS=$2; shift 2 ;;
-        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
