@@ -118,6 +118,9 @@ fn sealed_server_unlocks_share_by_share_then_key_commands_run_over_the_socket() 
             .unwrap()
             .unwrap();
         assert_eq!(status["keys"]["rotation"]["running"], true, "{status}");
+        let v0 = &status["volumes"][0];
+        assert_eq!(v0["journal_size_bytes"], 8 << 20, "{status}");
+        assert!(v0["journal_used_bytes"].is_u64(), "open volume: {status}");
 
         assert_eq!(
             key(&dir, json!({"op": "rotate-master"})).unwrap()["version"],

@@ -193,8 +193,13 @@ pub(crate) fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
             human(v.allocated_bytes),
             human(v.size)
         );
-        if let Some(j) = v.journal_used_bytes {
-            print!("  journal {}", human(j));
+        match v.journal_used_bytes {
+            Some(j) => print!(
+                "  journal {} used of {}",
+                human(j),
+                human(v.journal_size_bytes)
+            ),
+            None => print!("  journal {}", human(v.journal_size_bytes)),
         }
         println!();
         if let Some(c) = &v.counters {

@@ -375,6 +375,10 @@ pub struct VolumeStatus {
     /// "ok", "degraded" (a disk of the pool failed) or "failed".
     pub state: String,
     pub allocated_bytes: u64,
+    /// Journal size per journal disk.
+    #[serde(default)]
+    pub journal_size_bytes: u64,
+    /// Journal in use (only known while the volume is open).
     pub journal_used_bytes: Option<u64>,
     pub counters: Option<VolumeCounters>,
     /// The volume's last scrub.
@@ -430,6 +434,7 @@ impl Status {
                     size: v.size,
                     state: health.volume_state(v.parity_chunks).into(),
                     allocated_bytes: v.allocated_blocks * 4096,
+                    journal_size_bytes: v.journal_size,
                     journal_used_bytes: None,
                     counters: None,
                     last_scrub: health.scrubs.get(&v.name).cloned(),
@@ -503,6 +508,7 @@ impl Status {
                         size: v.record().size,
                         state: health.volume_state(v.record().geometry.m).into(),
                         allocated_bytes: v.allocated_blocks() * 4096,
+                        journal_size_bytes: v.record().journal_size,
                         journal_used_bytes: Some(v.journal_used()),
                         counters: Some(VolumeCounters {
                             blocks_written: s.blocks_written.load(Relaxed),
