@@ -15,9 +15,9 @@
 #
 # --rounds N measures every server N times, the servers' order reversed every other round (so
 # that no server always runs first or last), and each cell of the table is the median over the
-# rounds (peak RSS: the largest). The default is 3: one round on a shared 2-core machine is
-# noisy, peers' own figures were seen to move 3x between consecutive runs. --rounds 1 for a
-# quick look.
+# rounds (peak RSS: the largest); a second table gives each round's ratios. The default is 3:
+# one round on a shared 2-core machine is noisy, peers' own figures were seen to move 3x
+# between consecutive runs. --rounds 1 for a quick look.
 #
 # Environment: BENCH_SIZE, BENCH_RUNTIME, BENCH_OUT, BENCH_SERVERS, BENCH_ROUNDS (same as the options).
 set -euo pipefail
@@ -64,6 +64,23 @@ declare -A MBPS_R IOPS_R FILL_R
 # median V...: the median of the numbers given.
 median() {
     printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# ratio A B: A / B to two decimals ("n/a" when B is 0).
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
+}
+
+# workload_fields NAME: "metric label" of the workload NAME.
+workload_fields() {
+    local w n metric label
+    for w in "${WORKLOADS[@]}"; do
+        read -r n _ _ _ metric label <<<"$w"
+        if [[ "$n" == "$1" ]]; then
+            echo "$metric $label"
+            return
+        fi
+    done
 }
 
 server_label() {
@@ -179,30 +196,62 @@ ref=${servers[0]}
     echo "$hdr"
     echo "$sep"
     for name in "${TABLE_ORDER[@]}"; do
-        for w in "${WORKLOADS[@]}"; do
-            read -r n _ _ _ metric label <<<"$w"
-            [[ "$n" == "$name" ]] && break
-        done
+        read -r metric label <<<"$(workload_fields "$name")"
         row="| $label |"
         for s in "${servers[@]}"; do
             row+=" $(printf '%.0f MB/s, %.0f IOPS' "${MBPS[$s/$name]}" "${IOPS[$s/$name]}") |"
         done
         for s in "${servers[@]:1}"; do
             if [[ "$metric" == bw ]]; then a=${MBPS[$ref/$name]} b=${MBPS[$s/$name]}; else a=${IOPS[$ref/$name]} b=${IOPS[$s/$name]}; fi
-            row+=" $(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+            row+=" $(ratio "$a" "$b") |"
         done
         echo "$row"
     done
     row="| fill (nbdcopy write) |"
     for s in "${servers[@]}"; do row+=" ${FILL[$s]} MB/s |"; done
-    for s in "${servers[@]:1}"; do
-        row+=" $(awk -v a="${FILL[$ref]}" -v b="${FILL[$s]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }') |"
-    done
+    for s in "${servers[@]:1}"; do row+=" $(ratio "${FILL[$ref]}" "${FILL[$s]}") |"; done
     echo "$row"
     row="| peak RSS (VmHWM) |"
     for s in "${servers[@]}"; do row+=" $(awk -v k="${RSS[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
     for s in "${servers[@]:1}"; do row+=" |"; done
     echo "$row"
+    # The ratio of every round, so that the spread behind each median shows.
+    if ((BENCH_ROUNDS > 1 && ${#servers[@]} > 1)); then
+        echo
+        echo "Ratios of each round, in round order:"
+        echo
+        hdr="| workload |"
+        sep="|---|"
+        for s in "${servers[@]:1}"; do
+            hdr+=" ${LABEL[$ref]} / ${LABEL[$s]} |"
+            sep+="---|"
+        done
+        echo "$hdr"
+        echo "$sep"
+        for name in "${TABLE_ORDER[@]}" fill; do
+            if [[ "$name" == fill ]]; then
+                label="fill (nbdcopy write)"
+            else
+                read -r metric label <<<"$(workload_fields "$name")"
+            fi
+            row="| $label |"
+            for s in "${servers[@]:1}"; do
+                per=()
+                for r in $rounds; do
+                    if [[ "$name" == fill ]]; then
+                        a=${FILL_R[$ref/$r]} b=${FILL_R[$s/$r]}
+                    elif [[ "$metric" == bw ]]; then
+                        a=${MBPS_R[$ref/$name/$r]} b=${MBPS_R[$s/$name/$r]}
+                    else
+                        a=${IOPS_R[$ref/$name/$r]} b=${IOPS_R[$s/$name/$r]}
+                    fi
+                    per+=("$(ratio "$a" "$b")")
+                done
+                row+=" $(printf '%s, ' "${per[@]}" | sed 's/, $//') |"
+            done
+            echo "$row"
+        done
+    fi
 } >"$WORK/results.md"
 mkdir -p "$(dirname "$BENCH_OUT")"
 cp "$WORK/results.md" "$BENCH_OUT"
