@@ -36,7 +36,7 @@ while (($# > 0)); do
         --out) BENCH_OUT=$2; shift 2 ;;
         --servers) BENCH_SERVERS=$2; shift 2 ;;
         --rounds) BENCH_ROUNDS=$2; shift 2 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h | --help) trap - EXIT; sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
