@@ -83,6 +83,17 @@ workload_fields() {
     done
 }
 
+# table_header COLUMN...: a Markdown table's header row ("workload" first) and separator.
+table_header() {
+    local hdr="| workload |" sep="|---|" c
+    for c in "$@"; do
+        hdr+=" $c |"
+        sep+="---|"
+    done
+    echo "$hdr"
+    echo "$sep"
+}
+
 server_label() {
     case "$1" in
         shardvol) echo "shardvol" ;;
@@ -183,18 +194,11 @@ ref=${servers[0]}
     fi
     echo "Ratio columns: ${LABEL[$ref]} divided by the other server (above 1: ${LABEL[$ref]} is faster)."
     echo
-    hdr="| workload |"
-    sep="|---|"
-    for s in "${servers[@]}"; do
-        hdr+=" ${LABEL[$s]} |"
-        sep+="---|"
-    done
-    for s in "${servers[@]:1}"; do
-        hdr+=" ${LABEL[$ref]} / ${LABEL[$s]} |"
-        sep+="---|"
-    done
-    echo "$hdr"
-    echo "$sep"
+    names=()
+    for s in "${servers[@]}"; do names+=("${LABEL[$s]}"); done
+    ratios=()
+    for s in "${servers[@]:1}"; do ratios+=("${LABEL[$ref]} / ${LABEL[$s]}"); done
+    table_header "${names[@]}" "${ratios[@]}"
     for name in "${TABLE_ORDER[@]}"; do
         read -r metric label <<<"$(workload_fields "$name")"
         row="| $label |"
@@ -220,14 +224,7 @@ ref=${servers[0]}
         echo
         echo "Ratios of each round, in round order:"
         echo
-        hdr="| workload |"
-        sep="|---|"
-        for s in "${servers[@]:1}"; do
-            hdr+=" ${LABEL[$ref]} / ${LABEL[$s]} |"
-            sep+="---|"
-        done
-        echo "$hdr"
-        echo "$sep"
+        table_header "${ratios[@]}"
         for name in "${TABLE_ORDER[@]}" fill; do
             if [[ "$name" == fill ]]; then
                 label="fill (nbdcopy write)"
