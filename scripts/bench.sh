@@ -9,13 +9,14 @@
 # Workloads, each --time_based for the runtime: sequential read 1M qd8, random read 4k qd32,
 # sequential write 1M qd8, random write 4k qd32 (reads first, on the random fill).
 # Prints one table: MB/s and IOPS per server and workload, the first server's ratio to each other
-# server (shardvol's to each peer by default), and each server's peak RSS (VmHWM, read at the end).
+# server (shardvol's to each peer by default), each server's peak RSS (VmHWM, read at the end) and
+# its RSS at rest (VmRSS after 6 s without requests: shardvol gives free heap back after 5 s).
 #
 #   scripts/bench.sh [--size 1G] [--runtime 10] [--out FILE] [--servers "shardvol qemu-nbd ..."] [--rounds 3]
 #
 # --rounds N measures every server N times, the servers' order reversed every other round (so
 # that no server always runs first or last), and each cell of the table is the median over the
-# rounds (peak RSS: the largest); a second table gives each round's ratios. The default is 3:
+# rounds (RSS: the largest); a second table gives each round's ratios. The default is 3:
 # one round on a shared 2-core machine is noisy, peers' own figures were seen to move 3x
 # between consecutive runs. --rounds 1 for a quick look.
 #
@@ -57,7 +58,9 @@ TABLE_ORDER=(seqwrite seqread randwrite randread)
 
 need_cmd fio nbdcopy jq nbdinfo
 make_workdir
-declare -A MBPS IOPS RSS LABEL FILL
+declare -A MBPS IOPS RSS REST LABEL FILL
+# Seconds without requests before the RSS at rest is read.
+BENCH_REST_S=6
 # Per round: MBPS_R[srv/workload/round] ... ; the tables above get the medians at the end.
 declare -A MBPS_R IOPS_R FILL_R
 
@@ -146,6 +149,10 @@ measure() {
     rss=$(server_peak_rss_kib)
     if ((rss > ${RSS[$srv]:-0})); then RSS[$srv]=$rss; fi
     log "$srv: peak RSS $((rss / 1024)) MiB"
+    sleep "$BENCH_REST_S"
+    rss=$(server_rss_kib)
+    if ((rss > ${REST[$srv]:-0})); then REST[$srv]=$rss; fi
+    log "$srv: RSS at rest $((rss / 1024)) MiB"
     server_stop TERM
     rm -rf "${WORK:?}/$srv"
 }
@@ -217,6 +224,10 @@ ref=${servers[0]}
     echo "$row"
     row="| peak RSS (VmHWM) |"
     for s in "${servers[@]}"; do row+=" $(awk -v k="${RSS[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
+    for s in "${servers[@]:1}"; do row+=" |"; done
+    echo "$row"
+    row="| RSS at rest (${BENCH_REST_S} s idle) |"
+    for s in "${servers[@]}"; do row+=" $(awk -v k="${REST[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
     for s in "${servers[@]:1}"; do row+=" |"; done
     echo "$row"
     # The ratio of every round, so that the spread behind each median shows.

@@ -239,6 +239,11 @@ server_peak_rss_kib() {
     awk '/^VmHWM:/ {print $2}' "/proc/$SERVER_PID/status"
 }
 
+# server_rss_kib: the running server's resident set now (VmRSS) in KiB.
+server_rss_kib() {
+    awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"
+}
+
 # shardvol_counter NAME: a volume counter of the running shardvol server (`status --json`),
 # summed over its volumes: e.g. stripes_written_whole, blocks_written.
 shardvol_counter() {

@@ -155,9 +155,69 @@ pub fn keep_large_buffers_in_heap() {
     }
 }
 
+/// Gives the heap's free memory back to the kernel (glibc's `malloc_trim`), and returns
+/// whether any was released.
+///
+/// The counterpart of [`keep_large_buffers_in_heap`]: while the server is busy, up to 256 MiB
+/// of freed buffers stay in each arena's heap for the next request, and every thread that
+/// allocated keeps an arena of its own. After a burst of work that memory stays counted in the
+/// server's RSS for as long as it runs (a 1 GiB fill, then random and sequential I/O, left
+/// 240–290 MiB resident at rest). Call this when the server has been idle for a while: it
+/// walks every arena under its lock, which takes milliseconds. A no-op without glibc.
+///
+/// glibc gives back the free pages inside every arena and the free end of the main heap, but
+/// not the free end of the other arenas' heaps (those shrink only at a `free` that leaves more
+/// than the trim threshold free). Measured after such a burst: 246 → 124 MiB resident, with
+/// 32 MiB in use (`malloc_stats`).
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointers; it only returns free pages of the allocator's
+        // own heaps to the kernel, under the allocator's locks.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Resident memory of this process in bytes (`/proc/self/statm`), `None` where unavailable.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf takes no pointers.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|p| pages * p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_free_memory_returns_freed_heap_to_the_kernel() {
+        // 64 MiB in 4 MiB buffers (below the 64 MiB mmap threshold the server sets, so in the
+        // heap when it is set; mapped otherwise and already returned on free), touched, freed.
+        keep_large_buffers_in_heap();
+        // Other tests of this process allocate concurrently, so one attempt may see their
+        // memory grow; half the buffers' size is the margin, and three attempts are allowed.
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let bufs: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8 + 1; 4 << 20]).collect();
+            let touched: u64 = bufs.iter().map(|b| u64::from(b[b.len() - 1])).sum();
+            assert_eq!(touched, (1..=16u64).sum::<u64>());
+            let full = resident_bytes().expect("statm");
+            drop(bufs);
+            release_free_memory();
+            let trimmed = resident_bytes().expect("statm");
+            if trimmed + (32 << 20) <= full {
+                return;
+            }
+            seen.push((full >> 20, trimmed >> 20));
+        }
+        panic!("resident MiB (with the buffers, after release) never fell by 32 MiB: {seen:?}");
+    }
 
     #[test]
     fn aligned_zeroed_and_sized() {

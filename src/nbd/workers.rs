@@ -57,6 +57,9 @@ const SAME_LANE_GROWTH: usize = 2;
 const EXTRA_IDLE: Duration = Duration::from_secs(10);
 /// How often the watchdog looks at the pool.
 const TICK: Duration = Duration::from_millis(20);
+/// After this long with no request queued or running, the watchdog gives the heap's free
+/// memory back to the kernel, once per idle spell (see [`IdleTrim`]).
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(5);
 
 struct Job {
     queued: Instant,
@@ -323,16 +326,65 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 /// Every [`TICK`]: logs, once each, the requests that have run longer than `slow_after`, and
 /// adds a thread when the oldest queued job has waited `stall` with no thread idle (under the
 /// lane rule of the module docs). Exits once the pool and its threads are gone.
+/// When an idle server returns its free heap to the kernel: once per idle spell, after
+/// [`IDLE_TRIM_AFTER`] without a request queued or running. A busy server keeps freed buffers
+/// for its next requests (`disk::keep_large_buffers_in_heap`); an idle one need not hold them.
+/// Destaging and other background work may still run then; what they free later waits for the
+/// next idle spell.
+struct IdleTrim {
+    after: Duration,
+    busy_at: Instant,
+    done: bool,
+}
+
+impl IdleTrim {
+    fn new(after: Duration, now: Instant) -> Self {
+        IdleTrim {
+            after,
+            busy_at: now,
+            done: false,
+        }
+    }
+
+    /// Records whether the pool is busy at `now`; true when memory should be released now.
+    fn observe(&mut self, busy: bool, now: Instant) -> bool {
+        if busy {
+            self.busy_at = now;
+            self.done = false;
+            return false;
+        }
+        if self.done || now.saturating_duration_since(self.busy_at) < self.after {
+            return false;
+        }
+        self.done = true;
+        true
+    }
+}
+
 fn watchdog(shared: Weak<Shared>) {
+    let mut trim = IdleTrim::new(IDLE_TRIM_AFTER, Instant::now());
     loop {
         std::thread::sleep(TICK);
         let Some(s) = shared.upgrade() else {
             return;
         };
-        let stalled = {
+        let (stalled, busy) = {
             let mut q = s.lock_queue();
-            q.idle == 0 && q.threads < MAX_THREADS && s.take_stalled(&mut q)
+            let busy = !q.jobs.is_empty() || q.idle < q.threads;
+            let stalled = q.idle == 0 && q.threads < MAX_THREADS && s.take_stalled(&mut q);
+            (stalled, busy)
         };
+        if trim.observe(busy, Instant::now()) {
+            let before = crate::disk::resident_bytes();
+            let released = crate::disk::release_free_memory();
+            let after = crate::disk::resident_bytes();
+            debug!(
+                released,
+                rss_before_mib = before.map(|b| b >> 20),
+                rss_after_mib = after.map(|b| b >> 20),
+                "NBD workers idle: free heap memory returned to the kernel"
+            );
+        }
         if stalled {
             s.start_thread();
             debug!(
@@ -361,6 +413,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
+
+    #[test]
+    fn idle_trim_fires_once_per_idle_spell_and_only_after_the_delay() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut trim = IdleTrim::new(Duration::from_secs(5), t0);
+        // Busy, then idle: nothing until five seconds after the last busy look.
+        assert!(!trim.observe(true, at(1_000)));
+        assert!(!trim.observe(false, at(1_020)));
+        assert!(!trim.observe(false, at(5_990)));
+        assert!(trim.observe(false, at(6_000)));
+        // Once per spell, however long it lasts.
+        assert!(!trim.observe(false, at(6_020)));
+        assert!(!trim.observe(false, at(60_000)));
+        // A request restarts the clock and allows another release.
+        assert!(!trim.observe(true, at(61_000)));
+        assert!(!trim.observe(false, at(65_000)));
+        assert!(trim.observe(false, at(66_000)));
+        // A clock that goes backwards (or a look at the same instant) never fires early.
+        let mut fresh = IdleTrim::new(Duration::from_secs(5), at(10_000));
+        assert!(!fresh.observe(false, at(9_000)));
+        assert!(fresh.observe(false, at(15_000)));
+    }
 
     #[test]
     fn every_job_runs_once_even_after_the_pool_is_dropped() {
