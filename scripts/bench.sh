@@ -190,7 +190,7 @@ ref=${servers[0]}
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)."
     echo "fio $(fio --version | sed 's/^fio-//') nbd engine over a unix socket, one job, $BENCH_SIZE volume filled with random data, ${BENCH_RUNTIME} s per workload."
     if ((BENCH_ROUNDS > 1)); then
-        echo "$BENCH_ROUNDS rounds (servers in reverse order every other round): each figure is the median over the rounds, peak RSS the largest."
+        echo "$BENCH_ROUNDS rounds (servers in reverse order every other round): each figure is the median over the rounds, RSS the largest."
     fi
     if [[ " ${servers[*]} " == *" shardvol "* ]]; then
         ver=$("$SHARDVOL_BIN" --version 2>/dev/null | head -n 1 || true)
