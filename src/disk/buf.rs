@@ -197,8 +197,8 @@ mod tests {
 
     #[test]
     fn release_free_memory_returns_freed_heap_to_the_kernel() {
-        // 64 MiB in 4 MiB buffers (below the 64 MiB mmap threshold the server sets, so in the
-        // heap when it is set; mapped otherwise and already returned on free), touched, freed.
+        // 64 MiB in 4 MiB buffers, touched and freed. With the server's allocator settings
+        // they come from the heap and stay resident after `free`, until released.
         keep_large_buffers_in_heap();
         // Other tests of this process allocate concurrently, so one attempt may see their
         // memory grow; half the buffers' size is the margin, and three attempts are allowed.

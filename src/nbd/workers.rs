@@ -34,6 +34,10 @@
 //! all wait for the same thing (journal space while destaging catches up: back-pressure) gains
 //! nothing from more threads; without this rule a long sequential fill grew the pool to 140
 //! threads and 800 MiB of memory, each thread holding a request and its journal copies.
+//!
+//! Memory at rest: once nothing has been queued or running for 5 s, the watchdog returns the
+//! heap's free memory to the kernel, once per idle spell (`disk::release_free_memory`; the
+//! measurements are in `docs/nbd.md`).
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -323,9 +327,6 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// Every [`TICK`]: logs, once each, the requests that have run longer than `slow_after`, and
-/// adds a thread when the oldest queued job has waited `stall` with no thread idle (under the
-/// lane rule of the module docs). Exits once the pool and its threads are gone.
 /// When an idle server returns its free heap to the kernel: once per idle spell, after
 /// [`IDLE_TRIM_AFTER`] without a request queued or running. A busy server keeps freed buffers
 /// for its next requests (`disk::keep_large_buffers_in_heap`); an idle one need not hold them.
@@ -361,6 +362,11 @@ impl IdleTrim {
     }
 }
 
+/// Every [`TICK`]: logs, once each, the requests that have run longer than `slow_after`, and
+/// adds a thread when the oldest queued job has waited `stall` with no thread idle (under the
+/// lane rule of the module docs); after [`IDLE_TRIM_AFTER`] with nothing queued or running,
+/// returns the heap's free memory to the kernel ([`IdleTrim`]). Exits once the pool and its
+/// threads are gone.
 fn watchdog(shared: Weak<Shared>) {
     let mut trim = IdleTrim::new(IDLE_TRIM_AFTER, Instant::now());
     loop {
