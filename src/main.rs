@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    shardvol::disk::keep_large_buffers_in_heap();
+    shardvol::disk::configure_allocator();
     match cli.command {
         Some(Command::Create(a)) => cli::pool::create(a),
         Some(Command::Inspect { pool, json }) => cli::pool::inspect(pool, json),

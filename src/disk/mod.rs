@@ -61,7 +61,7 @@ mod powercut;
 mod pread;
 pub mod uring;
 
-pub use buf::{IoBuf, keep_large_buffers_in_heap, release_free_memory, resident_bytes};
+pub use buf::{IoBuf, configure_allocator, release_free_memory, resident_bytes};
 pub use fault::{FaultCounts, FaultDisk, FaultHandle, Trigger};
 pub use file::{BACKEND_ENV, Backend, DiskOptions, create_file, open_disk, uring_available};
 pub use inline::InlineDisk;

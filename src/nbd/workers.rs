@@ -329,7 +329,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// When an idle server returns its free heap to the kernel: once per idle spell, after
 /// [`IDLE_TRIM_AFTER`] without a request queued or running. A busy server keeps freed buffers
-/// for its next requests (`disk::keep_large_buffers_in_heap`); an idle one need not hold them.
+/// for its next requests (`disk::configure_allocator`); an idle one need not hold them.
 /// Destaging and other background work may still run then; what they free later waits for the
 /// next idle spell.
 struct IdleTrim {
