@@ -97,6 +97,16 @@ table_header() {
     echo "$sep"
 }
 
+# memory_row LABEL ARRAY: a table row with each server's figure from the associative array
+# ARRAY (KiB) in MiB, and empty ratio cells.
+memory_row() {
+    local -n kib=$2
+    local row="| $1 |" s
+    for s in "${servers[@]}"; do row+=" $(awk -v k="${kib[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
+    for s in "${servers[@]:1}"; do row+=" |"; done
+    echo "$row"
+}
+
 server_label() {
     case "$1" in
         shardvol) echo "shardvol" ;;
@@ -146,11 +156,11 @@ measure() {
         IOPS_R[$srv/$name/$round]=$(jq ".jobs[0].$dir.iops" "$json")
         log "$srv $label: $(printf '%.0f' "${MBPS_R[$srv/$name/$round]}") MB/s, $(printf '%.0f' "${IOPS_R[$srv/$name/$round]}") IOPS"
     done
-    rss=$(server_peak_rss_kib)
+    rss=$(server_memory_kib VmHWM)
     if ((rss > ${RSS[$srv]:-0})); then RSS[$srv]=$rss; fi
     log "$srv: peak RSS $((rss / 1024)) MiB"
     sleep "$BENCH_REST_S"
-    rss=$(server_rss_kib)
+    rss=$(server_memory_kib VmRSS)
     if ((rss > ${REST[$srv]:-0})); then REST[$srv]=$rss; fi
     log "$srv: RSS at rest $((rss / 1024)) MiB"
     server_stop TERM
@@ -222,14 +232,8 @@ ref=${servers[0]}
     for s in "${servers[@]}"; do row+=" ${FILL[$s]} MB/s |"; done
     for s in "${servers[@]:1}"; do row+=" $(ratio "${FILL[$ref]}" "${FILL[$s]}") |"; done
     echo "$row"
-    row="| peak RSS (VmHWM) |"
-    for s in "${servers[@]}"; do row+=" $(awk -v k="${RSS[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
-    for s in "${servers[@]:1}"; do row+=" |"; done
-    echo "$row"
-    row="| RSS at rest (${BENCH_REST_S} s idle) |"
-    for s in "${servers[@]}"; do row+=" $(awk -v k="${REST[$s]}" 'BEGIN {printf "%.1f MiB", k / 1024}') |"; done
-    for s in "${servers[@]:1}"; do row+=" |"; done
-    echo "$row"
+    memory_row "peak RSS (VmHWM)" RSS
+    memory_row "RSS at rest (${BENCH_REST_S} s idle)" REST
     # The ratio of every round, so that the spread behind each median shows.
     if ((BENCH_ROUNDS > 1 && ${#servers[@]} > 1)); then
         echo

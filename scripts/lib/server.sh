@@ -234,14 +234,10 @@ server_stop() {
     log "$SERVER exited with code $SERVER_RC"
 }
 
-# server_peak_rss_kib: the running server's peak resident set (VmHWM) in KiB.
-server_peak_rss_kib() {
-    awk '/^VmHWM:/ {print $2}' "/proc/$SERVER_PID/status"
-}
-
-# server_rss_kib: the running server's resident set now (VmRSS) in KiB.
-server_rss_kib() {
-    awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"
+# server_memory_kib FIELD: a memory figure of the running server in KiB, from
+# /proc/PID/status: VmHWM (peak resident set) or VmRSS (resident set now).
+server_memory_kib() {
+    awk -v f="$1:" '$1 == f {print $2}' "/proc/$SERVER_PID/status"
 }
 
 # shardvol_counter NAME: a volume counter of the running shardvol server (`status --json`),
