@@ -35,6 +35,7 @@ fn volume(dir: &std::path::Path, chunk: u32, missing: Option<u32>) -> Arc<Volume
         region_size: 0,
         journal_disks: Vec::new(),
         rebalance: None,
+        created_unix: 0,
     };
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();

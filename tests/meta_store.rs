@@ -41,6 +41,7 @@ fn volume(id: u64, name: &str) -> VolumeRecord {
         region_size: 4 << 30,
         journal_disks: Vec::new(),
         rebalance: None,
+        created_unix: 1_700_000_000 + id,
     }
 }
 
@@ -110,6 +111,24 @@ fn records_round_trip_and_persist() {
         vec![key(1, KeyState::Retired), key(2, KeyState::Active)]
     );
     assert_eq!(s.key(2).unwrap(), Some(key(2, KeyState::Active)));
+}
+
+#[test]
+fn a_volume_record_without_a_creation_time_reads_as_zero() {
+    let mut json = serde_json::to_value(volume(1, "db")).unwrap();
+    json.as_object_mut()
+        .unwrap()
+        .remove("created_unix")
+        .unwrap();
+    let old: VolumeRecord = serde_json::from_value(json).unwrap();
+    assert_eq!(old.created_unix, 0);
+    assert_eq!(
+        old,
+        VolumeRecord {
+            created_unix: 0,
+            ..volume(1, "db")
+        }
+    );
 }
 
 #[test]

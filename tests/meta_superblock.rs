@@ -46,6 +46,7 @@ fn sample(seq: u64) -> Superblock {
             region_size: 40 << 30,
             journal_disks: Vec::new(),
             rebalance: None,
+            created_unix: 0,
         }],
         keys: vec![KeyRecord {
             version: 1,

@@ -39,6 +39,7 @@ fn rig(size: u64, chunk: u32) -> Rig {
         region_size: 0,
         journal_disks: Vec::new(),
         rebalance: None,
+        created_unix: 0,
     };
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();

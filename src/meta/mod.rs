@@ -91,6 +91,10 @@ pub struct VolumeRecord {
     /// A rebalance in progress after a `disk add` (`volume::rebalance`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebalance: Option<Rebalance>,
+    /// When the volume was created (seconds since the epoch; 0 for volumes created before this
+    /// was recorded). The first scheduled scrub comes one `[scrub] interval` after it.
+    #[serde(default)]
+    pub created_unix: u64,
 }
 
 /// The state of a volume's rebalance onto a grown disk table: stripes below `cursor` are

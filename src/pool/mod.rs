@@ -266,6 +266,7 @@ fn new_volume_record(
         region_size: 0,
         journal_disks: Vec::new(),
         rebalance: None,
+        created_unix: now_unix(),
     };
     v.region_size = Volume::layout_of(&v).region_size();
     v

@@ -163,9 +163,9 @@ fn healer(weak: Weak<Service>) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for name in pool.volumes.keys() {
-            let last = view.scrubs.get(name).map_or(0, |s| s.finished_unix);
-            if now.saturating_sub(last) < interval.as_secs() {
+        for (name, volume) in &pool.volumes {
+            let last = view.scrubs.get(name).map(|s| s.finished_unix);
+            if !scrub_due(now, last, volume.record().created_unix, interval) {
                 continue;
             }
             let opts = ScrubOptions {
@@ -178,6 +178,15 @@ fn healer(weak: Weak<Service>) {
             }
         }
     }
+}
+
+/// Whether a volume is due for its scheduled scrub at `now`: one `interval` after its last
+/// scrub, or, if it was never scrubbed, after its creation. A new volume holds nothing worth
+/// checking, and a scrub right after the first start would compete with the first writes.
+/// Volumes whose creation time is unknown (0) and that were never scrubbed are due at once.
+fn scrub_due(now: u64, last_scrub: Option<u64>, created: u64, interval: Duration) -> bool {
+    let since = last_scrub.unwrap_or(created);
+    now.saturating_sub(since) >= interval.as_secs()
 }
 
 /// Resumes a rebalance that a restart interrupted (onto the disk being added), unless one runs.
@@ -205,5 +214,38 @@ fn resume_rebalance(service: &Service, pool: &Pool) {
         Err(e) => {
             warn!(disk = st.disk, error = %e, "the rebalance did not complete; it is retried")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_new_volume_waits_one_interval_from_its_creation() {
+        assert!(!scrub_due(NOW, None, NOW - 60, WEEK));
+        assert!(!scrub_due(NOW, None, NOW - WEEK.as_secs() + 1, WEEK));
+        assert!(scrub_due(NOW, None, NOW - WEEK.as_secs(), WEEK));
+    }
+
+    #[test]
+    fn a_scrubbed_volume_waits_one_interval_from_its_last_scrub() {
+        let created = NOW - 30 * 86_400;
+        assert!(!scrub_due(NOW, Some(NOW - 3_600), created, WEEK));
+        assert!(scrub_due(NOW, Some(NOW - WEEK.as_secs()), created, WEEK));
+    }
+
+    #[test]
+    fn a_volume_of_unknown_age_never_scrubbed_is_due_at_once() {
+        assert!(scrub_due(NOW, None, 0, WEEK));
+    }
+
+    #[test]
+    fn a_clock_set_back_does_not_make_a_scrub_due() {
+        assert!(!scrub_due(NOW, Some(NOW + 3_600), 0, WEEK));
+        assert!(!scrub_due(NOW, None, NOW + 3_600, WEEK));
     }
 }

@@ -49,6 +49,7 @@ pub fn stored_record(
         region_size: 0,
         journal_disks: Vec::new(),
         rebalance: None,
+        created_unix: 0,
     };
     record.region_size = Volume::layout_of(&record).region_size();
     store.put_volume(&record).unwrap();
