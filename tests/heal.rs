@@ -462,6 +462,23 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
     let rig = Rig::new(6);
     let (p, _) = rig.open();
     let v = vol(&p);
+    // Never scrubbed: the first scheduled scrub is one interval after the volume's creation.
+    let week = std::time::Duration::from_secs(7 * 86_400);
+    let created = v.record().created_unix;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        created <= now && now - created < 600,
+        "created {created}, now {now}"
+    );
+    let st = shardvol::service::Status::of_open(&rig.pool_dir(), &p, week);
+    assert!(st.volumes[0].last_scrub.is_none());
+    assert_eq!(
+        st.volumes[0].next_scrub_unix,
+        Some(created + week.as_secs())
+    );
     let model = fill_and_destage(&v, 8);
     let mut rng = StdRng::seed_from_u64(9);
     let bpc = u64::from(CHUNK) / BS as u64;
@@ -526,9 +543,17 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
             assert_eq!(buf, model[lba as usize * BS..(lba as usize + 1) * BS]);
         }
     }
-    let st = shardvol::service::Status::of_open(&rig.pool_dir(), &p);
+    let week = std::time::Duration::from_secs(7 * 86_400);
+    let st = shardvol::service::Status::of_open(&rig.pool_dir(), &p, week);
     let last = st.volumes[0].last_scrub.as_ref().unwrap();
     assert_eq!(last.repaired, planted);
+    assert_eq!(
+        st.volumes[0].next_scrub_unix,
+        Some(last.finished_unix + week.as_secs()),
+        "the next scheduled scrub is one interval after the last"
+    );
+    let off = shardvol::service::Status::of_open(&rig.pool_dir(), &p, std::time::Duration::ZERO);
+    assert_eq!(off.volumes[0].next_scrub_unix, None);
     drop(v);
     p.close().unwrap();
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use shardvol::pool::{self, CreateOptions, DiskSpec};
 
 use super::args::{CreateArgs, RecoverArgs};
-use super::report::human;
+use super::report::{human, utc};
 
 pub(crate) fn create(a: CreateArgs) -> Result<()> {
     let disks = if a.disk.is_empty() {
@@ -228,6 +228,14 @@ pub(crate) fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
                 s.repaired,
                 s.unrecoverable
             );
+        }
+        if let Some(due) = v.next_scrub_unix {
+            let first = if v.last_scrub.is_some() {
+                "next"
+            } else {
+                "never scrubbed; first"
+            };
+            println!("  {}: {first} scheduled scrub at {}", v.name, utc(due));
         }
     }
     if let Some(r) = &st.rebalance {

@@ -180,13 +180,26 @@ fn healer(weak: Weak<Service>) {
     }
 }
 
-/// Whether a volume is due for its scheduled scrub at `now`: one `interval` after its last
-/// scrub, or, if it was never scrubbed, after its creation. A new volume holds nothing worth
-/// checking, and a scrub right after the first start would compete with the first writes.
-/// Volumes whose creation time is unknown (0) and that were never scrubbed are due at once.
+/// When a volume's next scheduled scrub is due (seconds since the epoch), `None` with
+/// scheduled scrubs off: one `interval` after its last scrub, or, if it was never scrubbed,
+/// after its creation. A new volume holds nothing worth checking, and a scrub right after the
+/// first start would compete with the first writes. Volumes whose creation time is unknown
+/// (0) and that were never scrubbed are due at once.
+pub(super) fn next_scrub_unix(
+    last_scrub: Option<u64>,
+    created: u64,
+    interval: Duration,
+) -> Option<u64> {
+    (!interval.is_zero()).then(|| {
+        last_scrub
+            .unwrap_or(created)
+            .saturating_add(interval.as_secs())
+    })
+}
+
+/// Whether a volume is due for its scheduled scrub at `now` ([`next_scrub_unix`]).
 fn scrub_due(now: u64, last_scrub: Option<u64>, created: u64, interval: Duration) -> bool {
-    let since = last_scrub.unwrap_or(created);
-    now.saturating_sub(since) >= interval.as_secs()
+    next_scrub_unix(last_scrub, created, interval).is_some_and(|due| now >= due)
 }
 
 /// Resumes a rebalance that a restart interrupted (onto the disk being added), unless one runs.
@@ -241,6 +254,13 @@ mod tests {
     #[test]
     fn a_volume_of_unknown_age_never_scrubbed_is_due_at_once() {
         assert!(scrub_due(NOW, None, 0, WEEK));
+    }
+
+    #[test]
+    fn no_scrub_is_due_with_scheduled_scrubs_off() {
+        assert!(!scrub_due(NOW, None, 0, Duration::ZERO));
+        assert_eq!(next_scrub_unix(Some(5), 0, Duration::ZERO), None);
+        assert_eq!(next_scrub_unix(Some(5), 0, WEEK), Some(5 + WEEK.as_secs()));
     }
 
     #[test]

@@ -277,7 +277,7 @@ impl Service {
     /// The pool's status as `shardvol status` prints it.
     pub fn status(&self) -> Result<Status, PoolError> {
         match self.pool() {
-            Some(p) => Ok(Status::of_open(&self.dir, &p)),
+            Some(p) => Ok(Status::of_open(&self.dir, &p, self.config.scrub.interval.0)),
             None => {
                 let mut s = Status::offline(&self.dir)?;
                 s.state = "sealed".into();
@@ -384,6 +384,10 @@ pub struct VolumeStatus {
     /// The volume's last scrub.
     #[serde(default)]
     pub last_scrub: Option<pool::ScrubSummary>,
+    /// When the next scheduled scrub is due (seconds since the epoch); known only to a running
+    /// server with `[scrub] interval` set.
+    #[serde(default)]
+    pub next_scrub_unix: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -438,6 +442,7 @@ impl Status {
                     journal_used_bytes: None,
                     counters: None,
                     last_scrub: health.scrubs.get(&v.name).cloned(),
+                    next_scrub_unix: None,
                 })
                 .collect(),
             disks: info
@@ -460,8 +465,8 @@ impl Status {
         })
     }
 
-    /// Status of an open pool, with live counters.
-    pub fn of_open(dir: &Path, p: &Pool) -> Self {
+    /// Status of an open pool, with live counters; `scrub_interval` is `[scrub] interval`.
+    pub fn of_open(dir: &Path, p: &Pool, scrub_interval: std::time::Duration) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let rec = p.store.pool().ok();
         let health = p.health_view().unwrap_or_default();
@@ -521,6 +526,11 @@ impl Status {
                             destage_errors: s.destage_errors.load(Relaxed),
                         }),
                         last_scrub: health.scrubs.get(v.name()).cloned(),
+                        next_scrub_unix: heal::next_scrub_unix(
+                            health.scrubs.get(v.name()).map(|s| s.finished_unix),
+                            v.record().created_unix,
+                            scrub_interval,
+                        ),
                     }
                 })
                 .collect(),
