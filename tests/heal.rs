@@ -543,7 +543,6 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
             assert_eq!(buf, model[lba as usize * BS..(lba as usize + 1) * BS]);
         }
     }
-    let week = std::time::Duration::from_secs(7 * 86_400);
     let st = shardvol::service::Status::of_open(&rig.pool_dir(), &p, week);
     let last = st.volumes[0].last_scrub.as_ref().unwrap();
     assert_eq!(last.repaired, planted);
