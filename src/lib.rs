@@ -30,3 +30,11 @@ pub mod nbd;
 pub mod pool;
 pub mod service;
 pub mod volume;
+
+/// Seconds since the Unix epoch (0 for a clock set before it): the wall-clock time that
+/// records, schedules and the audit log carry.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

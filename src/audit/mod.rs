@@ -51,7 +51,6 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tracing::warn;
@@ -59,6 +58,7 @@ use tracing::warn;
 use crate::crypto::kdf::Prk;
 use crate::crypto::{CryptoError, KeyRing, MasterKey, TagKey};
 use crate::meta::{MetaError, MetaStore};
+use crate::now_unix;
 use record::{HASH_LEN, ZERO_HASH, hash_of, mac_of, mac_ok};
 use verify::{Checked, Checker, Item, ScanEnd, hash_hex, scan};
 
@@ -341,12 +341,6 @@ impl fmt::Debug for AuditLog {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Checks field names and cuts over-long values (see [`MAX_VALUE_LEN`]).

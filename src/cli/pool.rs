@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use shardvol::now_unix;
 use shardvol::pool::{self, CreateOptions, DiskSpec};
 
 use super::args::{CreateArgs, RecoverArgs};
@@ -274,12 +275,6 @@ pub(crate) fn status(pool_dir: PathBuf, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Exit status of `recover` when the image was written but some blocks could not be read.

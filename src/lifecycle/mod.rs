@@ -28,7 +28,6 @@ pub mod rotation;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -42,6 +41,7 @@ use crate::kms::policy::RotationPolicy;
 use crate::kms::{self, Kek, KmsError};
 use crate::layout::{DiskId, StripeId};
 use crate::meta::{KeyRecord, KeyState, MetaStore};
+use crate::now_unix;
 use crate::pool::{PoolError, rewrite_superblocks};
 use crate::volume::{KeyUsage, Volume, WriteKey};
 
@@ -51,12 +51,6 @@ pub use rotation::{RotationProgress, RotationTask};
 const EPOCHS_ENTRY: &str = "epochs";
 /// Key-lifecycle entry holding archive and destroy times of master versions.
 const KEY_TIMES_ENTRY: &str = "key_times";
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

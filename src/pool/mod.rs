@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing::info;
@@ -29,6 +28,7 @@ use crate::meta::{
     DiskRecord, DiskState, KeyRecord, KeyState, MetaStore, PoolRecord, SUPERBLOCK_AREA, Superblock,
     VolumeRecord, read_superblock, write_superblock,
 };
+use crate::now_unix;
 use crate::volume::health::Health;
 use crate::volume::{Volume, VolumeError, VolumeParts, WriteKey};
 
@@ -110,12 +110,6 @@ pub struct Created {
     pub new_pool: bool,
     pub share_files: Vec<PathBuf>,
     pub disks: Vec<PathBuf>,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn random<const N: usize>() -> [u8; N] {

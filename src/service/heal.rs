@@ -160,9 +160,7 @@ fn healer(weak: Weak<Service>) {
             Ok(v) => v,
             Err(_) => continue,
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::now_unix();
         for (name, volume) in &pool.volumes {
             let last = view.scrubs.get(name).map(|s| s.finished_unix);
             if !scrub_due(now, last, volume.record().created_unix, interval) {

@@ -31,12 +31,6 @@ pub mod heal;
 
 pub use audit::{AuditVerifyOutput, audit_show_lines, audit_verify_output};
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A pool served by this process.
 pub struct Service {
     pub dir: PathBuf,
@@ -153,7 +147,7 @@ impl Service {
                 self.policy.unlock.clone(),
             )
         });
-        let now = unix_now();
+        let now = crate::now_unix();
         let (before, need) = s.progress(now);
         let mut given = s.given();
         given.push(loaded.share.index);
@@ -286,7 +280,7 @@ impl Service {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .as_mut()
-                    .map_or(0, |x| usize::from(x.progress(unix_now()).0));
+                    .map_or(0, |x| usize::from(x.progress(crate::now_unix()).0));
                 s.unlock = Some(UnlockProgress {
                     have,
                     need: s.threshold,
