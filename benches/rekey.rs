@@ -76,14 +76,7 @@ fn main() {
     let p = Pool::open(&dir, &shares).unwrap();
     fill(&p);
     let v = p.volumes["vol0"].clone();
-    p.keys
-        .advance_epoch(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        )
-        .unwrap();
+    p.keys.advance_epoch(shardvol::now_unix()).unwrap();
     let t0 = Instant::now();
     let mut blocks = 0;
     for s in 0..v.stripes() {

@@ -465,10 +465,7 @@ fn scrub_detects_and_repairs_data_metadata_and_parity() {
     // Never scrubbed: the first scheduled scrub is one interval after the volume's creation.
     let week = std::time::Duration::from_secs(7 * 86_400);
     let created = v.record().created_unix;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = shardvol::now_unix();
     assert!(
         created <= now && now - created < 600,
         "created {created}, now {now}"

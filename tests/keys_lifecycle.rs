@@ -14,6 +14,7 @@ use shardvol::kms::{self, keyslots::KeySlots};
 use shardvol::layout::StripeId;
 use shardvol::lifecycle::{PoolKeys, RotationTask};
 use shardvol::meta::KeyState;
+use shardvol::now_unix;
 use shardvol::pool::{self, CreateOptions, DiskSpec, Pool};
 use shardvol::volume::{BlockDevice, Volume};
 
@@ -53,13 +54,6 @@ fn new_pool(shares: u8, threshold: u8) -> TestPool {
         pool: pool_dir,
         _dir: dir,
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn vols(p: &Pool) -> Vec<Arc<Volume>> {
@@ -150,7 +144,7 @@ fn rekey_stripe_moves_blocks_to_the_current_key_and_keeps_them_readable() {
     expect[(STRIPE + 4096) as usize..(STRIPE + 3 * 4096) as usize]
         .copy_from_slice(&pattern(8, 8192));
     let old = p.keys.write_key();
-    let new = p.keys.advance_epoch(now()).unwrap().number;
+    let new = p.keys.advance_epoch(now_unix()).unwrap().number;
     assert_eq!(v.rekey_stripe(StripeId(1)).unwrap(), STRIPE / 4096);
     assert_eq!(v.rekey_stripe(StripeId(1)).unwrap(), 0, "already current");
     // Until destaged, the old copies in the chunk slots still count (a crash would bring them
@@ -188,7 +182,7 @@ fn rotation_task_rekeys_hot_stripes_first_and_stale_ones_by_age() {
     let data = pattern(3, (4 * STRIPE) as usize);
     v.write(0, &data, false).unwrap();
     v.destage().unwrap();
-    let epoch2 = p.keys.advance_epoch(now()).unwrap().number;
+    let epoch2 = p.keys.advance_epoch(now_unix()).unwrap().number;
     // Stripe 2 gets hot: read 30 times.
     let mut b = vec![0u8; 4096];
     for _ in 0..30 {
@@ -325,9 +319,14 @@ fn archive_unloads_a_version_and_retention_then_destroys_it() {
     assert_eq!(v1.state, "archived");
     assert!(v1.destroy_after_unix.is_some());
     // Retention not over: kept.
-    assert!(p.keys.destroy_expired(&vols(&p), now()).unwrap().is_empty());
+    assert!(
+        p.keys
+            .destroy_expired(&vols(&p), now_unix())
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        p.keys.destroy_expired(&vols(&p), now() + 3).unwrap(),
+        p.keys.destroy_expired(&vols(&p), now_unix() + 3).unwrap(),
         vec![1]
     );
     assert_eq!(p.store.key(1).unwrap().unwrap().state, KeyState::Destroyed);
@@ -351,11 +350,11 @@ fn unlock_session_two_of_three_stays_sealed_three_opens_corrupt_share_is_named()
     );
     let load = |p: &Path| kms::load_share_file(p).unwrap();
     assert!(matches!(
-        s.add(load(&t.shares[0]), now()).unwrap(),
+        s.add(load(&t.shares[0]), now_unix()).unwrap(),
         Step::Progress { have: 1, need: 3 }
     ));
     assert!(matches!(
-        s.add(load(&t.shares[1]), now()).unwrap(),
+        s.add(load(&t.shares[1]), now_unix()).unwrap(),
         Step::Progress { have: 2, need: 3 }
     ));
     // A corrupt share file is refused on its own, by name, before it reaches the session.
@@ -370,8 +369,12 @@ fn unlock_session_two_of_three_stays_sealed_three_opens_corrupt_share_is_named()
         e.contains("corrupt-share.txt") && e.contains("checksum"),
         "{e}"
     );
-    assert_eq!(s.progress(now()), (2, 3), "still sealed, progress kept");
-    let kek = match s.add(load(&t.shares[4]), now()).unwrap() {
+    assert_eq!(
+        s.progress(now_unix()),
+        (2, 3),
+        "still sealed, progress kept"
+    );
+    let kek = match s.add(load(&t.shares[4]), now_unix()).unwrap() {
         Step::Complete(k) => k,
         other => panic!("expected the KEK: {other:?}"),
     };
@@ -384,7 +387,7 @@ fn unlock_session_two_of_three_stays_sealed_three_opens_corrupt_share_is_named()
 #[test]
 fn access_windows_refuse_unsealing_with_a_policy_message() {
     let t = new_pool(3, 2);
-    let hour = (now() % 86_400 / 3600) as u8;
+    let hour = (now_unix() % 86_400 / 3600) as u8;
     let mut policy = KeyPolicy::default();
     // A two-hour window that excludes the current hour.
     policy.unlock.allowed_hours =
@@ -398,14 +401,14 @@ fn access_windows_refuse_unsealing_with_a_policy_message() {
         "{e}"
     );
     let mut policy = KeyPolicy::default();
-    policy.unlock.not_after = Some(now() - 10);
+    policy.unlock.not_after = Some(now_unix() - 10);
     let e = Pool::open_with(&t.pool, &t.shares[..2], &policy)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("not_after"), "{e}");
     // Inside the window it opens.
-    policy.unlock.not_after = Some(now() + 3600);
+    policy.unlock.not_after = Some(now_unix() + 3600);
     policy.unlock.allowed_hours =
         Some(Hours::parse(&format!("{:02}-{:02}", hour, (hour + 1) % 24)).unwrap());
     assert!(Pool::open_with(&t.pool, &t.shares[..2], &policy).is_ok());

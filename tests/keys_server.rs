@@ -226,12 +226,7 @@ fn a_server_outside_its_unlock_window_refuses_every_share() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pool");
     let shares = create(&dir, 3, 2);
-    let hour = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        % 86_400
-        / 3600) as u8;
+    let hour = (shardvol::now_unix() % 86_400 / 3600) as u8;
     let mut config = Config::default();
     config.unlock.allowed_hours =
         Hours::parse(&format!("{:02}-{:02}", (hour + 3) % 24, (hour + 5) % 24)).unwrap();

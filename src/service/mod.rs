@@ -502,6 +502,7 @@ impl Status {
                 .values()
                 .map(|v| {
                     let s = &v.stats;
+                    let last_scrub = health.scrubs.get(v.name()).cloned();
                     VolumeStatus {
                         name: v.name().to_string(),
                         size: v.record().size,
@@ -519,12 +520,12 @@ impl Status {
                             stripes_written_whole: s.fresh_stripe_writes.load(Relaxed),
                             destage_errors: s.destage_errors.load(Relaxed),
                         }),
-                        last_scrub: health.scrubs.get(v.name()).cloned(),
                         next_scrub_unix: heal::next_scrub_unix(
-                            health.scrubs.get(v.name()).map(|s| s.finished_unix),
+                            last_scrub.as_ref().map(|s| s.finished_unix),
                             v.record().created_unix,
                             scrub_interval,
                         ),
+                        last_scrub,
                     }
                 })
                 .collect(),
