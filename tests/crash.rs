@@ -23,7 +23,7 @@ use shardvol::disk::{CrashMode, DiskRef, FaultDisk, MemDisk, PowerCut, UNLIMITED
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
-use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
+use shardvol::volume::{BlockDevice, Volume, VolumeError, VolumeParts, WriteKey};
 
 mod common;
 
@@ -260,6 +260,22 @@ struct Counts {
     torn: u64,
 }
 
+/// A write without FUA, half the time through `try_write_now` (as the NBD server does), which
+/// may decline; the other half, and when declined, through `write`.
+fn write_now_or_later(
+    vol: &Volume,
+    rng: &mut StdRng,
+    offset: usize,
+    data: &[u8],
+) -> Result<(), VolumeError> {
+    if rng.random_bool(0.5)
+        && let Some(r) = vol.try_write_now(offset as u64, data)
+    {
+        return r;
+    }
+    vol.write(offset as u64, data, false)
+}
+
 fn fill(rng: &mut StdRng, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rng.fill(&mut v[..]);
@@ -297,7 +313,11 @@ fn run_ops(rng: &mut StdRng, vol: &Volume, model: &mut Model, counts: &mut Count
             let len = len.min(size - offset);
             let data = fill(rng, len);
             model.write(offset, &data);
-            vol.write(offset as u64, &data, rng.random_bool(0.05))
+            if rng.random_bool(0.05) {
+                vol.write(offset as u64, &data, true)
+            } else {
+                write_now_or_later(vol, rng, offset, &data)
+            }
         } else if choice < 60 {
             let offset = rng.random_range(0..size);
             let len = rng.random_range(1..=(size - offset).min(40 * BS));
@@ -478,7 +498,7 @@ fn concurrent_writers_survive_crashes() {
                                 (b * BS + from, rng.random_range(1..BS - from))
                             };
                             let data = fill(&mut rng, len);
-                            if vol.write(offset as u64, &data, false).is_err() {
+                            if write_now_or_later(vol, &mut rng, offset, &data).is_err() {
                                 log.push((offset, data, None));
                                 break;
                             }

@@ -511,3 +511,50 @@ fn a_stalled_request_is_reported_while_it_still_runs() {
     assert_eq!(c.reply().cookie, 1);
     assert_eq!(srv.stats.slow_requests(), 1);
 }
+
+#[test]
+fn small_writes_run_on_the_connection_unless_the_device_would_wait() {
+    // A device that takes writes at once (in memory), and one that never does (the hook
+    // device: its writes always go to a worker thread).
+    let now = mem(MIB);
+    let hooked = Arc::new(HookDevice::new(MIB, |_, _, _| Ok(())));
+    let srv = TestServer::start(
+        vec![
+            Export::new("now", now.clone()),
+            Export::new("hooked", hooked.clone()),
+        ],
+        ServerConfig::default(),
+    );
+    let mut a = Raw::unix(&srv.sock);
+    a.go("now", false, false);
+    assert_eq!(a.write(0, &[1; 4096], 0), 0);
+    assert_eq!(srv.stats.writes_now(), 1, "a small write went to a worker");
+    // FUA waits for a sync, and 128 KiB is over the bound: both go to a worker.
+    assert_eq!(a.write(4096, &[2; 4096], wire::CMD_FLAG_FUA), 0);
+    assert_eq!(a.write(65536, &[3; 131072], 0), 0);
+    assert_eq!(srv.stats.writes_now(), 1);
+    same(&a.read(0, 4096).unwrap(), &[1; 4096]);
+    same(&a.read(4096, 4096).unwrap(), &[2; 4096]);
+    same(&a.read(65536, 131072).unwrap(), &[3; 131072]);
+    // Pipelined small writes, each answered once, all taken at once.
+    for i in 0..32u64 {
+        a.request(WRITE, 0, 100 + i, i * 4096, 4096, &[i as u8 + 10; 4096]);
+    }
+    let mut cookies = HashSet::new();
+    for _ in 0..32 {
+        let r = a.reply();
+        assert_eq!(r.error, 0);
+        assert!(cookies.insert(r.cookie));
+    }
+    assert_eq!(srv.stats.writes_now(), 33);
+    for i in 0..32u64 {
+        same(&a.read(i * 4096, 4096).unwrap(), &[i as u8 + 10; 4096]);
+    }
+
+    let mut b = Raw::unix(&srv.sock);
+    b.go("hooked", false, false);
+    assert_eq!(b.write(0, &[4; 4096], 0), 0);
+    assert_eq!(hooked.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.stats.writes_now(), 33);
+    same(&b.read(0, 4096).unwrap(), &[4; 4096]);
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{DiskRef, FaultDisk, FaultHandle, MemDisk, Trigger};
+use shardvol::disk::{Disk, DiskRef, FaultDisk, FaultHandle, IoOp, MemDisk, Pending, Trigger};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -23,6 +23,39 @@ struct Rig {
     vol: Arc<Volume>,
     /// Microseconds every batch holding a write waits (`common::SlowWrites`); 0 at first.
     write_delay: Arc<AtomicU64>,
+    /// Microseconds every batch holding a read waits ([`SlowReads`]); 0 at first.
+    read_delay: Arc<AtomicU64>,
+    /// Batches waiting in [`SlowReads`] now.
+    reads_waiting: Arc<AtomicU64>,
+}
+
+/// A disk whose batches with a read wait `delay_us` first. It stands for a long read under a
+/// stripe lock (the destager's); writes, all that `try_write_now` sends, do not wait.
+struct SlowReads {
+    inner: DiskRef,
+    delay_us: Arc<AtomicU64>,
+    waiting: Arc<AtomicU64>,
+}
+
+impl Disk for SlowReads {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&self, ops: Vec<IoOp>) -> Pending {
+        let delay = self.delay_us.load(Ordering::SeqCst);
+        if delay > 0 && ops.iter().any(|op| matches!(op, IoOp::Read { .. })) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.submit(ops)
+    }
+    fn completes_in_submit(&self) -> bool {
+        self.inner.completes_in_submit()
+    }
 }
 
 fn rig(size: u64, chunk: u32) -> Rig {
@@ -54,12 +87,19 @@ fn rig(size: u64, chunk: u32) -> Rig {
         .collect();
     let faults = fault_disks.iter().map(|f| f.handle()).collect();
     let write_delay = Arc::new(AtomicU64::new(0));
+    let read_delay = Arc::new(AtomicU64::new(0));
+    let reads_waiting = Arc::new(AtomicU64::new(0));
     let disks: HashMap<DiskId, DiskRef> = fault_disks
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            let slow = common::SlowWrites {
+            let reads = SlowReads {
                 inner: Arc::new(f) as DiskRef,
+                delay_us: read_delay.clone(),
+                waiting: reads_waiting.clone(),
+            };
+            let slow = common::SlowWrites {
+                inner: Arc::new(reads) as DiskRef,
                 delay_us: write_delay.clone(),
             };
             (DiskId(i as u32), Arc::new(slow) as DiskRef)
@@ -89,6 +129,8 @@ fn rig(size: u64, chunk: u32) -> Rig {
         faults,
         vol,
         write_delay,
+        read_delay,
+        reads_waiting,
     }
 }
 
@@ -491,4 +533,116 @@ fn writes_during_destaging_rounds_are_neither_lost_nor_reordered() {
     r.faults[0].set_gone(true);
     r.faults[3].set_gone(true);
     check(&r, "two disks lost");
+}
+
+#[test]
+fn small_aligned_writes_are_taken_now_and_read_back_like_any_write() {
+    let r = rig(16 << 20, 64 << 10);
+    let stripe = 4 * (64u64 << 10);
+    let a = pattern(1, BS);
+    let b = pattern(2, 64 << 10);
+    assert!(matches!(r.vol.try_write_now(0, &a), Some(Ok(()))));
+    assert!(matches!(
+        r.vol.try_write_now(stripe + 8 * BS as u64, &b),
+        Some(Ok(()))
+    ));
+    // Declined, with nothing written: part of a block (it needs a read), more than 64 KiB,
+    // across two stripes.
+    let elsewhere = 8 * stripe;
+    for (at, len) in [
+        (elsewhere + 100, BS),
+        (elsewhere, (64 << 10) + BS),
+        (elsewhere + stripe - BS as u64, 2 * BS),
+    ] {
+        assert!(
+            r.vol.try_write_now(at, &pattern(3, len)).is_none(),
+            "{len} bytes at {at} taken"
+        );
+    }
+    assert_eq!(
+        read(&r.vol, elsewhere, 2 * stripe as usize).unwrap(),
+        vec![0; 2 * stripe as usize]
+    );
+    // Answered at once: out of range, and nothing to write.
+    assert!(matches!(
+        r.vol.try_write_now(16 << 20, &a),
+        Some(Err(VolumeError::OutOfRange { .. }))
+    ));
+    assert!(matches!(r.vol.try_write_now(0, &[]), Some(Ok(()))));
+    assert_eq!(r.vol.journaled_blocks(), 17);
+
+    let check = |what: &str| {
+        assert_eq!(read(&r.vol, 0, BS).unwrap(), a, "{what}");
+        assert_eq!(
+            read(&r.vol, stripe + 8 * BS as u64, 64 << 10).unwrap(),
+            b,
+            "{what}"
+        );
+    };
+    check("from the journal");
+    assert!(r.vol.destage().unwrap());
+    assert_eq!(r.vol.journaled_blocks(), 0);
+    check("from the stripes");
+
+    // A disk that makes writes wait: declined.
+    r.write_delay.store(1, Ordering::SeqCst);
+    assert!(r.vol.try_write_now(0, &pattern(4, BS)).is_none());
+    r.write_delay.store(0, Ordering::SeqCst);
+    check("after a declined write");
+
+    // A whole stripe (16 KiB with 4 KiB chunks) may skip the journal: declined, so that
+    // `write` decides; less than a stripe is taken.
+    let small = rig(1 << 20, 4096);
+    assert!(small.vol.try_write_now(0, &pattern(5, 4 * BS)).is_none());
+    assert!(matches!(
+        small.vol.try_write_now(0, &pattern(5, 3 * BS)),
+        Some(Ok(()))
+    ));
+    assert_eq!(read(&small.vol, 0, 3 * BS).unwrap(), pattern(5, 3 * BS));
+}
+
+#[test]
+fn a_write_now_declines_a_stripe_being_destaged_instead_of_waiting() {
+    let r = rig(16 << 20, 64 << 10);
+    let stripe = 4 * (64u64 << 10);
+    r.vol.write(0, &pattern(1, BS), false).unwrap();
+    assert!(r.vol.destage().unwrap());
+    // Block 16 shares row 0 with block 0: destaging it reads block 0 back, slowly, with the
+    // stripe locked.
+    r.vol.write(16 * BS as u64, &pattern(2, BS), false).unwrap();
+    r.read_delay.store(300_000, Ordering::SeqCst);
+    let vol = r.vol.clone();
+    let destager = std::thread::spawn(move || vol.destage());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while r.reads_waiting.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destager never read"
+        );
+        std::thread::yield_now();
+    }
+    assert!(
+        r.vol
+            .try_write_now(32 * BS as u64, &pattern(3, BS))
+            .is_none(),
+        "a write into the stripe being destaged was taken"
+    );
+    assert!(
+        matches!(r.vol.try_write_now(stripe, &pattern(4, BS)), Some(Ok(()))),
+        "another stripe was held up"
+    );
+    assert!(destager.join().unwrap().unwrap());
+    r.read_delay.store(0, Ordering::SeqCst);
+    assert!(matches!(
+        r.vol.try_write_now(32 * BS as u64, &pattern(3, BS)),
+        Some(Ok(()))
+    ));
+    for (at, seed) in [
+        (0, 1),
+        (16 * BS as u64, 2),
+        (32 * BS as u64, 3),
+        (stripe, 4),
+    ] {
+        assert_eq!(read(&r.vol, at, BS).unwrap(), pattern(seed, BS));
+    }
 }

@@ -341,4 +341,8 @@ impl Disk for FaultDisk {
     fn backend(&self) -> &'static str {
         "fault"
     }
+
+    fn completes_in_submit(&self) -> bool {
+        self.inner.completes_in_submit()
+    }
 }

@@ -43,6 +43,8 @@ use super::{Disk, DiskError, IoOp, Pending, check_batch};
 pub struct InlineDisk {
     size: u64,
     io: FileIo,
+    /// Opened with `O_DIRECT`: every op waits for the device.
+    direct: bool,
 }
 
 impl InlineDisk {
@@ -55,6 +57,7 @@ impl InlineDisk {
         Ok(InlineDisk {
             size,
             io: FileIo::new(name, opened, opts),
+            direct: opts.direct,
         })
     }
 }
@@ -87,5 +90,9 @@ impl Disk for InlineDisk {
 
     fn backend(&self) -> &'static str {
         "inline"
+    }
+
+    fn completes_in_submit(&self) -> bool {
+        !self.direct
     }
 }

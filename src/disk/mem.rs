@@ -434,6 +434,10 @@ impl Disk for MemDisk {
     fn backend(&self) -> &'static str {
         "memory"
     }
+
+    fn completes_in_submit(&self) -> bool {
+        true
+    }
 }
 
 impl std::fmt::Debug for MemDisk {

@@ -247,6 +247,13 @@ pub trait Disk: Send + Sync {
     fn backend(&self) -> &'static str {
         "other"
     }
+    /// Whether `submit` runs every op before it returns without waiting for a device: buffered
+    /// system calls into the page cache, or memory. Callers that must not block (the NBD
+    /// server's async threads, through [`BlockDevice::try_write_now`](crate::volume::BlockDevice::try_write_now))
+    /// write only to such disks.
+    fn completes_in_submit(&self) -> bool {
+        false
+    }
 }
 
 pub type DiskRef = Arc<dyn Disk>;

@@ -47,6 +47,9 @@ impl Disk for PowerCut {
             disk: self.inner.name().to_string(),
         }))
     }
+    fn completes_in_submit(&self) -> bool {
+        self.inner.completes_in_submit()
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ pub struct ServerStats {
     connections_lost: AtomicU64,
     requests: AtomicU64,
     requests_skipped: AtomicU64,
+    writes_now: AtomicU64,
     slow_requests: AtomicU64,
     bytes_in_flight: AtomicU64,
     peak_bytes_in_flight: AtomicU64,
@@ -119,6 +120,11 @@ impl ServerStats {
     /// Requests never run because their connection was gone before they started.
     pub fn requests_skipped(&self) -> u64 {
         self.requests_skipped.load(Ordering::Relaxed)
+    }
+    /// WRITE requests the device took on the connection's own task, without a worker thread
+    /// (`BlockDevice::try_write_now`).
+    pub fn writes_now(&self) -> u64 {
+        self.writes_now.load(Ordering::Relaxed)
     }
     /// Requests that ran longer than `ServerConfig::slow_request_warning`.
     pub fn slow_requests(&self) -> u64 {
@@ -148,6 +154,9 @@ impl ServerStats {
     }
     pub(crate) fn request_skipped(&self) {
         self.requests_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn write_now(&self) {
+        self.writes_now.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn slow_request(&self) {
         self.slow_requests.fetch_add(1, Ordering::Relaxed);

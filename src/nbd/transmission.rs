@@ -30,6 +30,7 @@
 //! the volume after `slow_request_warning` is logged while it runs, and again when it ends.
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -542,6 +543,16 @@ pub async fn run<R, W>(
             offset = req.offset,
             len = req.len
         );
+        // A small write the device can take at once is done here: the hand-off to a worker
+        // thread and back costs more than the write (see `docs/nbd.md`).
+        let payload = match write_now(&conn, req.cookie, op, payload, &span) {
+            Ok(frame) => {
+                conn.stats.write_now();
+                conn.reply(req.cookie, frame, cost, Some(budget));
+                continue;
+            }
+            Err(payload) => payload,
+        };
         let job_conn = conn.clone();
         let cookie = req.cookie;
         let mut request = Some((op, payload));
@@ -635,6 +646,48 @@ fn reply_error(frame: &[u8]) -> u32 {
             } else {
                 0
             }
+        }
+    }
+}
+
+/// Runs a WRITE without FUA on the calling task if the device takes it without waiting
+/// ([`BlockDevice::try_write_now`](crate::volume::BlockDevice::try_write_now)), and returns
+/// its reply frame; otherwise gives the payload back for a worker thread. A panic in the
+/// device is caught and answered `EIO`, as on a worker thread.
+fn write_now(
+    conn: &Conn,
+    cookie: u64,
+    op: Op,
+    payload: Vec<u8>,
+    span: &tracing::Span,
+) -> Result<Vec<u8>, Vec<u8>> {
+    let Op::Write {
+        offset,
+        len,
+        fua: false,
+    } = op
+    else {
+        return Err(payload);
+    };
+    let _entered = span.enter();
+    let dev = &*conn.export.device;
+    match catch_unwind(AssertUnwindSafe(|| dev.try_write_now(offset, &payload))) {
+        Ok(None) => Err(payload),
+        Ok(Some(Ok(()))) => Ok(wire::simple_reply(0, cookie)),
+        Ok(Some(Err(e))) => Ok(volume_error_frame(
+            conn,
+            cookie,
+            Command::Write,
+            &e,
+            offset,
+            len,
+        )),
+        Err(p) => {
+            warn!(
+                "request panicked: {}; answering it with an error",
+                super::workers::panic_text(&p)
+            );
+            Ok(conn.error_frame(cookie, wire::EIO, "internal error", None))
         }
     }
 }

@@ -320,7 +320,7 @@ impl Shared {
     }
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+pub(super) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

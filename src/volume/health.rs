@@ -496,6 +496,12 @@ impl Disk for HealthDisk {
     fn backend(&self) -> &'static str {
         "health"
     }
+
+    fn completes_in_submit(&self) -> bool {
+        self.health
+            .disk(self.id)
+            .is_some_and(|d| d.completes_in_submit())
+    }
 }
 
 /// A disk that is not there (missing at open, or failed and not opened): every batch is

@@ -377,6 +377,12 @@ impl Journal {
         let _unused = self.space.wait_timeout(st, timeout);
     }
 
+    /// Whether a record write completes inside [`Journal::write`] without waiting for a
+    /// device (see [`Disk::completes_in_submit`](crate::disk::Disk::completes_in_submit)).
+    pub fn completes_in_submit(&self) -> bool {
+        self.disks.iter().all(|d| d.completes_in_submit())
+    }
+
     /// Writes a reserved record (`record` = header pages then payload pages) to every replica.
     /// The last replica takes `record` itself; the others get copies.
     pub fn write(&self, r: &Reservation, mut record: IoBuf) -> Result<(), JournalError> {

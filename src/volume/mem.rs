@@ -210,6 +210,12 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
+    /// Takes every write up to [`WRITE_NOW_MAX`](super::WRITE_NOW_MAX): an in-memory write
+    /// holds the device's lock only for a few map operations.
+    fn try_write_now(&self, offset: u64, data: &[u8]) -> Option<Result<(), VolumeError>> {
+        (data.len() as u64 <= super::WRITE_NOW_MAX).then(|| self.write(offset, data, false))
+    }
+
     fn flush(&self) -> Result<(), VolumeError> {
         let mut st = self.write_state();
         let dirty = std::mem::take(&mut st.dirty);

@@ -115,7 +115,19 @@ pub trait BlockDevice: Send + Sync + 'static {
     ) -> Result<(), VolumeError>;
     /// Allocation status of `[offset, offset+len)` as consecutive extents covering it.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError>;
+    /// Writes `data` at `offset` (without FUA) on the calling thread, if that needs no wait
+    /// for a lock, journal space, a device or a sync. `None`: it would have waited, nothing was
+    /// done, and the caller uses [`BlockDevice::write`]. The NBD server calls this on its async
+    /// threads, which must not block, to spare small writes the hand-off to a worker thread.
+    fn try_write_now(&self, _offset: u64, _data: &[u8]) -> Option<Result<(), VolumeError>> {
+        None
+    }
 }
+
+/// Largest write [`BlockDevice::try_write_now`] takes on the caller's thread: 64 KiB is
+/// sealed and copied to the journal replicas in tens of microseconds, a bound the async
+/// threads of the server can afford (see `docs/nbd.md`).
+pub const WRITE_NOW_MAX: u64 = 64 * 1024;
 
 /// Which master key version and epoch new writes use. Shared by the volumes of a pool.
 #[derive(Debug)]
@@ -724,6 +736,22 @@ impl Volume {
     {
         let len = ((header_pages(payload_blocks) + payload_blocks) * BLOCK_SIZE) as u64;
         let (guard, r) = self.reserve_locked(stripe, len)?;
+        self.append_reserved(stripe, guard, r, build)
+    }
+
+    /// The rest of [`Volume::append`], once the stripe is locked (`guard`) and the record's
+    /// space reserved (`r`): builds, writes and applies the record, and marks it complete
+    /// whatever happens.
+    fn append_reserved<F>(
+        &self,
+        stripe: StripeId,
+        guard: std::sync::RwLockWriteGuard<'_, ()>,
+        r: Reservation,
+        build: F,
+    ) -> Result<(), VolumeError>
+    where
+        F: FnOnce(&Reservation) -> Result<(IoBuf, RecordApply), VolumeError>,
+    {
         let result = match build(&r) {
             Ok((record, apply)) => self
                 .journal
@@ -903,18 +931,7 @@ impl Volume {
                 let lba0 = first.0 + done;
                 self.append(stripe, n as usize, |r| {
                     self.build_write_record(r, lba0, n as usize, |lba, page| {
-                        let block_start = lba.0 * BLOCK_SIZE_U64;
-                        // The part of this block that the write covers.
-                        let from = offset.max(block_start);
-                        let to = (offset + data.len() as u64).min(block_start + BLOCK_SIZE_U64);
-                        if to - from < BLOCK_SIZE_U64 {
-                            self.read_block_locked(lba, page)?;
-                        }
-                        page[(from - block_start) as usize..(to - block_start) as usize]
-                            .copy_from_slice(
-                                &data[(from - offset) as usize..(to - offset) as usize],
-                            );
-                        Ok(())
+                        self.fill_block(offset, data, lba, page)
                     })
                 })?;
                 done += n;
@@ -924,6 +941,74 @@ impl Volume {
                 .fetch_add(count, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Puts the plaintext that block `lba` will hold after writing `data` at `offset` into
+    /// `page` (stripe lock held): the part `data` covers, and the block's current content
+    /// around it when `data` covers only part of it.
+    fn fill_block(
+        &self,
+        offset: u64,
+        data: &[u8],
+        lba: Lba,
+        page: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        let block_start = lba.0 * BLOCK_SIZE_U64;
+        let from = offset.max(block_start);
+        let to = (offset + data.len() as u64).min(block_start + BLOCK_SIZE_U64);
+        if to - from < BLOCK_SIZE_U64 {
+            self.read_block_locked(lba, page)?;
+        }
+        page[(from - block_start) as usize..(to - block_start) as usize]
+            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+        Ok(())
+    }
+
+    /// [`BlockDevice::try_write_now`] for a range inside the volume. Taken only by a write of
+    /// whole blocks, at most [`WRITE_NOW_MAX`], inside one stripe and not all of it (a whole
+    /// stripe may go to its chunk slots instead), on a volume with no failed disk, whose
+    /// journal disks complete their writes inside the call (the page cache or memory, not a
+    /// device waited on); then only if the stripe's lock is free and the journal has room.
+    /// Otherwise nothing is done. What is done is exactly what [`Volume::write_blocks`] does.
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<(), VolumeError>> {
+        let len = data.len() as u64;
+        let stripe_bytes = self.layout.geometry.blocks_per_stripe() * BLOCK_SIZE_U64;
+        let stripe = StripeId(offset / stripe_bytes);
+        let eligible = len <= WRITE_NOW_MAX
+            && offset.is_multiple_of(BLOCK_SIZE_U64)
+            && len.is_multiple_of(BLOCK_SIZE_U64)
+            && (offset + len - 1) / stripe_bytes == stripe.0
+            && len < stripe_bytes
+            && !self.health.degraded()
+            && self.journal.completes_in_submit();
+        if !eligible {
+            return None;
+        }
+        let guard = self.locks.try_write(stripe)?;
+        let n = (len / BLOCK_SIZE_U64) as usize;
+        let record_len = ((header_pages(n) + n) * BLOCK_SIZE) as u64;
+        let r = match self.journal.reserve(record_len) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                drop(guard);
+                self.kick_destager();
+                return None;
+            }
+            Err(e) => return Some(Err(e.into())),
+        };
+        self.access.touch(stripe);
+        let lba0 = offset / BLOCK_SIZE_U64;
+        let result = self.append_reserved(stripe, guard, r, |r| {
+            self.build_write_record(r, lba0, n, |lba, page| {
+                self.fill_block(offset, data, lba, page)
+            })
+        });
+        if result.is_ok() {
+            self.stats
+                .blocks_written
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Some(result)
     }
 
     /// Builds the write record of `n` consecutive blocks from `lba0` inside [`Volume::append`]
@@ -1136,6 +1221,16 @@ impl BlockDevice for Volume {
             self.flush()?;
         }
         Ok(())
+    }
+
+    fn try_write_now(&self, offset: u64, data: &[u8]) -> Option<Result<(), VolumeError>> {
+        if let Err(e) = self.check_range(offset, data.len() as u64) {
+            return Some(Err(e));
+        }
+        if data.is_empty() {
+            return Some(Ok(()));
+        }
+        self.write_now(offset, data)
     }
 
     fn flush(&self) -> Result<(), VolumeError> {

@@ -45,6 +45,14 @@ impl LockTable {
             .write()
             .unwrap_or_else(|p| p.into_inner())
     }
+    /// The write lock of `s` if no one holds its slot now, without waiting.
+    pub fn try_write(&self, s: StripeId) -> Option<RwLockWriteGuard<'_, ()>> {
+        match self.slots[self.slot(s)].try_write() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
     /// Write locks for consecutive stripes `[first, first + n)`, `n <= LOCK_SLOTS`, taken in
     /// slot order.
     pub fn write_many(&self, first: StripeId, n: u64) -> Vec<RwLockWriteGuard<'_, ()>> {

@@ -136,4 +136,8 @@ impl Disk for SlowWrites {
         }
         self.inner.submit(ops)
     }
+    /// While a delay is set, writes wait: `Volume::try_write_now` must decline.
+    fn completes_in_submit(&self) -> bool {
+        self.delay_us.load(Ordering::SeqCst) == 0 && self.inner.completes_in_submit()
+    }
 }
