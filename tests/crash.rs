@@ -41,7 +41,7 @@ struct Rig {
     record: VolumeRecord,
     keys: Arc<KeyRing>,
     /// Every batch holding a write sleeps this many microseconds before it is passed on (see
-    /// [`common::SlowWrites`]); 0 at first, changed at any time.
+    /// [`common::Slow::writes`]); 0 at first, changed at any time.
     write_delay: Arc<AtomicU64>,
 }
 
@@ -101,10 +101,7 @@ impl Rig {
             .enumerate()
             .map(|(i, c)| {
                 let d = c.clone() as DiskRef;
-                let d = Arc::new(common::SlowWrites {
-                    inner: d,
-                    delay_us: self.write_delay.clone(),
-                }) as DiskRef;
+                let d = Arc::new(common::Slow::writes(d, self.write_delay.clone())) as DiskRef;
                 (DiskId(i as u32), d)
             })
             .collect();

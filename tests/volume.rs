@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shardvol::crypto::{KeyRing, MasterKey};
-use shardvol::disk::{Disk, DiskRef, FaultDisk, FaultHandle, IoOp, MemDisk, Pending, Trigger};
+use shardvol::disk::{DiskRef, FaultDisk, FaultHandle, MemDisk, Trigger};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -21,41 +21,12 @@ struct Rig {
     mems: Vec<Arc<MemDisk>>,
     faults: Vec<FaultHandle>,
     vol: Arc<Volume>,
-    /// Microseconds every batch holding a write waits (`common::SlowWrites`); 0 at first.
+    /// Microseconds every batch holding a write waits (`common::Slow::writes`); 0 at first.
     write_delay: Arc<AtomicU64>,
-    /// Microseconds every batch holding a read waits ([`SlowReads`]); 0 at first.
+    /// Microseconds every batch holding a read waits (`common::Slow::reads`); 0 at first.
     read_delay: Arc<AtomicU64>,
-    /// Batches waiting in [`SlowReads`] now.
+    /// Batches waiting for that now.
     reads_waiting: Arc<AtomicU64>,
-}
-
-/// A disk whose batches with a read wait `delay_us` first. It stands for a long read under a
-/// stripe lock (the destager's); writes, all that `try_write_now` sends, do not wait.
-struct SlowReads {
-    inner: DiskRef,
-    delay_us: Arc<AtomicU64>,
-    waiting: Arc<AtomicU64>,
-}
-
-impl Disk for SlowReads {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        let delay = self.delay_us.load(Ordering::SeqCst);
-        if delay > 0 && ops.iter().any(|op| matches!(op, IoOp::Read { .. })) {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_micros(delay));
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-        self.inner.submit(ops)
-    }
-    fn completes_in_submit(&self) -> bool {
-        self.inner.completes_in_submit()
-    }
 }
 
 fn rig(size: u64, chunk: u32) -> Rig {
@@ -93,15 +64,8 @@ fn rig(size: u64, chunk: u32) -> Rig {
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            let reads = SlowReads {
-                inner: Arc::new(f) as DiskRef,
-                delay_us: read_delay.clone(),
-                waiting: reads_waiting.clone(),
-            };
-            let slow = common::SlowWrites {
-                inner: Arc::new(reads) as DiskRef,
-                delay_us: write_delay.clone(),
-            };
+            let reads = common::Slow::reads(Arc::new(f), read_delay.clone(), reads_waiting.clone());
+            let slow = common::Slow::writes(Arc::new(reads), write_delay.clone());
             (DiskId(i as u32), Arc::new(slow) as DiskRef)
         })
         .collect();

@@ -114,15 +114,41 @@ pub fn kill(vol: Arc<Volume>) {
     drop(vol);
 }
 
-/// A disk whose batches holding a write sleep `delay_us` microseconds (0: none; it can change
-/// at any time) before they are passed on: concurrent writers then overlap inside the journal
-/// append, as they do on a loaded disk, instead of finishing one after another.
-pub struct SlowWrites {
-    pub inner: DiskRef,
-    pub delay_us: Arc<AtomicU64>,
+/// A disk whose batches holding a write (or, built with [`Slow::reads`], a read) sleep
+/// `delay_us` microseconds (0: none; it can change at any time) before they are passed on.
+/// Slow writes make concurrent writers overlap inside the journal append, as they do on a
+/// loaded disk, instead of finishing one after another; slow reads stand for a long read
+/// under a stripe lock (the destager's).
+pub struct Slow {
+    inner: DiskRef,
+    delay_us: Arc<AtomicU64>,
+    reads: bool,
+    /// Batches sleeping now.
+    waiting: Arc<AtomicU64>,
 }
 
-impl Disk for SlowWrites {
+impl Slow {
+    pub fn writes(inner: DiskRef, delay_us: Arc<AtomicU64>) -> Self {
+        let waiting = Arc::new(AtomicU64::new(0));
+        Self {
+            inner,
+            delay_us,
+            reads: false,
+            waiting,
+        }
+    }
+    /// Slow reads; `waiting` counts the batches sleeping.
+    pub fn reads(inner: DiskRef, delay_us: Arc<AtomicU64>, waiting: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            delay_us,
+            reads: true,
+            waiting,
+        }
+    }
+}
+
+impl Disk for Slow {
     fn name(&self) -> &str {
         self.inner.name()
     }
@@ -131,13 +157,22 @@ impl Disk for SlowWrites {
     }
     fn submit(&self, ops: Vec<IoOp>) -> Pending {
         let delay = self.delay_us.load(Ordering::SeqCst);
-        if delay > 0 && ops.iter().any(|op| matches!(op, IoOp::Write { .. })) {
+        let slowed = |op: &IoOp| match op {
+            IoOp::Read { .. } => self.reads,
+            IoOp::Write { .. } => !self.reads,
+            _ => false,
+        };
+        if delay > 0 && ops.iter().any(slowed) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_micros(delay));
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         self.inner.submit(ops)
     }
-    /// While a delay is set, writes wait: `Volume::try_write_now` must decline.
+    /// While a write delay is set, writes wait: `Volume::try_write_now` must decline. Slow
+    /// reads do not concern it (it only writes).
     fn completes_in_submit(&self) -> bool {
-        self.delay_us.load(Ordering::SeqCst) == 0 && self.inner.completes_in_submit()
+        (self.reads || self.delay_us.load(Ordering::SeqCst) == 0)
+            && self.inner.completes_in_submit()
     }
 }
