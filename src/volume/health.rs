@@ -13,7 +13,8 @@
 //! treated as failed, see [`Health::chunk_usable`]).
 //!
 //! Failure policy ([`FailurePolicy::default`], what a pool uses):
-//! - a disk that is gone (pulled, its backend stopped) is failed at once;
+//! - a disk that is gone (pulled, its backend stopped), or whose reads end before its size (a
+//!   file truncated under the pool), is failed at once;
 //! - any failed write, discard or sync is a failed disk: the disk now holds something other
 //!   than what the volume believes, and only a rebuild makes it trustworthy again;
 //! - [`READ_ERRORS_TO_FAIL`] failed reads in a row (no successful batch between) fail it: one
@@ -405,6 +406,11 @@ impl Health {
         let p = self.policy;
         if p.fail_on_write_error && matches!(e, DiskError::Gone { .. }) {
             self.fail(id, "the disk is gone");
+        } else if p.fail_on_write_error && ends_early(e) {
+            // The disk ends before the size it was opened with: a file truncated under the
+            // pool. Everything past its new end is lost, and the writes that extend it again
+            // would keep the reads around them failing without ever making a row of errors.
+            self.fail(id, &format!("it ends before its size: truncated? ({e})"));
         } else if p.fail_on_write_error && changes {
             self.fail(id, &format!("write failed: {e}"));
         } else {
@@ -448,6 +454,12 @@ impl Health {
             s.rebuilt_chunks.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether `e` is a read that met the end of the disk inside the disk's size (checked by
+/// every backend before the op runs), which only a disk that shrank can give.
+fn ends_early(e: &DiskError) -> bool {
+    matches!(e, DiskError::Io { op: "read", source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
 /// The disk a volume uses for an id: forwards to the registry's disk and reports each batch.
@@ -603,6 +615,38 @@ mod tests {
         }
         assert_eq!(health.state(DiskId(0)), DiskState::Ok);
         health.tag_failure(DiskId(0));
+        assert!(health.is_failed(DiskId(0)));
+    }
+
+    #[test]
+    fn a_disk_file_truncated_under_the_pool_fails_at_the_first_read_past_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d0.img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let opts = crate::disk::DiskOptions {
+            backend: crate::disk::Backend::Inline,
+            ..Default::default()
+        };
+        let disk = crate::disk::open_disk(&path, &opts).unwrap();
+        let health = Health::new(
+            [(DiskId(0), disk)],
+            FailurePolicy::default(),
+            Box::new(|_, _, _| {}),
+        );
+        let d = health.proxies().remove(&DiskId(0)).unwrap();
+        assert_eq!(
+            crate::disk::read_at(d.as_ref(), 0, 4096).unwrap()[..],
+            [7u8; 4096]
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+        // Inside the new end: still fine. Past it: the disk is failed at once.
+        crate::disk::read_at(d.as_ref(), 0, 4096).unwrap();
+        assert!(crate::disk::read_at(d.as_ref(), 512 << 10, 4096).is_err());
         assert!(health.is_failed(DiskId(0)));
     }
 
