@@ -218,6 +218,11 @@ pub fn header_pages(n: usize) -> usize {
     (RECORD_FIXED + n * META_SIZE).div_ceil(BLOCK_SIZE)
 }
 
+/// Bytes of journal taken by a record with `n` payload blocks: its header pages and payload.
+pub fn record_len(n: usize) -> u64 {
+    ((header_pages(n) + n) * BLOCK_SIZE) as u64
+}
+
 impl RecordHeader {
     pub fn pages(&self) -> usize {
         header_pages(self.entries.len())

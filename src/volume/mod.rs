@@ -45,6 +45,7 @@ use tracing::{info, warn};
 
 use self::format::{
     BlockMeta, MAX_RECORD_BLOCKS, RecordHeader, RecordKind, RegionLayout, blocks_of, header_pages,
+    record_len,
 };
 use self::health::Health;
 use self::journal::{Journal, Reservation};
@@ -734,8 +735,7 @@ impl Volume {
     where
         F: FnOnce(&Reservation) -> Result<(IoBuf, RecordApply), VolumeError>,
     {
-        let len = ((header_pages(payload_blocks) + payload_blocks) * BLOCK_SIZE) as u64;
-        let (guard, r) = self.reserve_locked(stripe, len)?;
+        let (guard, r) = self.reserve_locked(stripe, record_len(payload_blocks))?;
         self.append_reserved(stripe, guard, r, build)
     }
 
@@ -986,8 +986,7 @@ impl Volume {
         }
         let guard = self.locks.try_write(stripe)?;
         let n = (len / BLOCK_SIZE_U64) as usize;
-        let record_len = ((header_pages(n) + n) * BLOCK_SIZE) as u64;
-        let r = match self.journal.reserve(record_len) {
+        let r = match self.journal.reserve(record_len(n)) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 drop(guard);

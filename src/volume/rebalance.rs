@@ -39,7 +39,7 @@ use std::sync::{Arc, PoisonError};
 
 use serde::Serialize;
 
-use super::format::{MAX_RECORD_BLOCKS, RecordHeader, RecordKind, header_pages};
+use super::format::{MAX_RECORD_BLOCKS, RecordHeader, RecordKind, record_len};
 use super::state::LOCK_SLOTS;
 use super::{Volume, VolumeError};
 use crate::disk::IoBuf;
@@ -292,17 +292,15 @@ impl Volume {
             &self.alloc.live_bits(stripe),
             self.layout.geometry.blocks_per_stripe(),
         );
-        let pages: u64 = runs
-            .iter()
+        runs.iter()
             .map(|&(_, n, live)| {
                 if live {
-                    (header_pages(n as usize) as u64) + n
+                    record_len(n as usize)
                 } else {
-                    1
+                    BLOCK_SIZE as u64
                 }
             })
-            .sum();
-        pages * BLOCK_SIZE as u64
+            .sum()
     }
 
     /// Destages when the journal has less than twice `need` free (destage lock held).
