@@ -587,9 +587,13 @@ impl Volume {
                         if !usable[c] {
                             return true;
                         }
-                        let mut shard = data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].to_vec();
-                        shard.extend_from_slice(&metas[c][i * META_SIZE..(i + 1) * META_SIZE]);
-                        let ok = self.shard_ok(stripe, c, r, &shard);
+                        let ok = self.block_ok(
+                            stripe,
+                            c,
+                            r,
+                            &data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+                            &metas[c][i * META_SIZE..(i + 1) * META_SIZE],
+                        );
                         if !ok {
                             self.health.tag_failure(ids[c]);
                         }

@@ -246,7 +246,20 @@ impl Volume {
     /// Whether a data shard read from chunk `c` of a row is an intact copy: either a block
     /// that was never written (all zero) or one whose tag verifies for its position.
     pub(super) fn shard_ok(&self, stripe: StripeId, c: usize, row: u64, shard: &[u8]) -> bool {
-        let meta = BlockMeta::decode(&shard[BLOCK_SIZE..]);
+        let (block, meta) = shard.split_at(BLOCK_SIZE);
+        self.block_ok(stripe, c, row, block, meta)
+    }
+
+    /// [`Volume::shard_ok`] for a block and its metadata entry held apart.
+    pub(super) fn block_ok(
+        &self,
+        stripe: StripeId,
+        c: usize,
+        row: u64,
+        block: &[u8],
+        meta: &[u8],
+    ) -> bool {
+        let meta = BlockMeta::decode(meta);
         let lba = self.layout.geometry.lba_of(BlockPos {
             stripe,
             chunk: ChunkIndex(c as u16),
@@ -257,9 +270,9 @@ impl Volume {
             // was wiped (a truncated file reads as zeros) and must be rebuilt.
             let bps = self.layout.geometry.blocks_per_stripe();
             return self.alloc.stamp(stripe, lba.0 - stripe.0 * bps).generation == 0
-                && shard[..BLOCK_SIZE].iter().all(|b| *b == 0);
+                && block.iter().all(|b| *b == 0);
         }
-        self.verify_home(lba, &meta, &shard[..BLOCK_SIZE])
+        self.verify_home(lba, &meta, block)
     }
 
     /// Reads one row from every chunk and rebuilds the shards that are missing, fail their
