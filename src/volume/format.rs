@@ -160,8 +160,12 @@ pub enum RecordKind {
     Skip = 4,
 }
 
-/// Magic at the start of every journal record.
-pub const RECORD_MAGIC: [u8; 8] = *b"SVJRNL01";
+/// Magic at the start of every journal record this version writes: its seal covers the used
+/// bytes of the header ([`sealed_len`]), and the padding after them must be zero.
+pub const RECORD_MAGIC: [u8; 8] = *b"SVJRNL02";
+/// Magic of records written by earlier versions, whose seal covers the whole header pages.
+/// Replay still accepts them, so a journal left by a crash of an older build is not lost.
+pub const RECORD_MAGIC_V1: [u8; 8] = *b"SVJRNL01";
 /// Magic of a checkpoint slot.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"SVCKPT01";
 /// Fixed part of a record header; entries (64 bytes each) follow.
@@ -179,7 +183,7 @@ pub const MAX_RECORD_BLOCKS: usize = 256;
 ///
 /// | offset | size | field |
 /// |---|---|---|
-/// | 0 | 8 | magic `SVJRNL01` |
+/// | 0 | 8 | magic `SVJRNL02` (`SVJRNL01`: written by earlier versions, see below) |
 /// | 8 | 8 | sequence number (consecutive, from 1) |
 /// | 16 | 8 | volume id |
 /// | 24 | 4 | kind (1 write, 2 trim, 3 wrap, 4 skip) |
@@ -190,10 +194,15 @@ pub const MAX_RECORD_BLOCKS: usize = 256;
 /// | 52 | 4 | crc32c of the header pages with this field zero |
 /// | 56 | 4 | master key version of the seal |
 /// | 60 | 4 | reserved, 0 |
-/// | 64 | 32 | seal: keyed BLAKE3 (the volume's tag key) over the header pages with the seal and checksum fields zero |
+/// | 64 | 32 | seal: keyed BLAKE3 (the volume's tag key) over bytes `0..96 + 64·n` with the seal and checksum fields zero |
 /// | 96 | 64·n | the [`BlockMeta`] of each payload block, in payload order |
 ///
-/// The header occupies `header_pages(n)` pages, zero padded; the payload pages follow.
+/// The header occupies `header_pages(n)` pages, zero padded (a `SVJRNL02` record with a
+/// non-zero byte in the padding is refused); the payload pages follow. The seal covers the used
+/// bytes only, not the padding: a one-block record seals 160 bytes instead of a 4 KiB page,
+/// which was one of the two BLAKE3 passes of every small write. Records with the magic
+/// `SVJRNL01`, written by earlier versions, are sealed over the whole header pages and are
+/// still accepted by replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub seq: u64,
@@ -211,6 +220,21 @@ pub enum RecordProblem {
     BadMagic,
     BadChecksum,
     BadField(&'static str),
+}
+
+/// Bytes of a record header that its seal covers: all of its pages for a `SVJRNL01` record, the
+/// fixed part and the entries for any other. `header` starts with the record's first page.
+pub fn sealed_len(header: &[u8]) -> usize {
+    if header.len() < RECORD_FIXED || header[0..8] == RECORD_MAGIC_V1 {
+        return header.len();
+    }
+    let n = u32::from_le_bytes([header[28], header[29], header[30], header[31]]) as usize;
+    (RECORD_FIXED + n.min(MAX_RECORD_BLOCKS) * META_SIZE).min(header.len())
+}
+
+/// Whether `magic` is that of a journal record of this or an earlier version.
+fn record_magic(magic: &[u8]) -> bool {
+    magic == RECORD_MAGIC || magic == RECORD_MAGIC_V1
 }
 
 /// Pages taken by the header of a record with `n` payload blocks.
@@ -258,7 +282,7 @@ impl RecordHeader {
     /// Reads the fixed part of the first header page: how many pages the header takes.
     /// Returns `None` for anything that is not a record header.
     pub fn peek_pages(first_page: &[u8]) -> Option<usize> {
-        if first_page.len() < RECORD_FIXED || first_page[0..8] != RECORD_MAGIC {
+        if first_page.len() < RECORD_FIXED || !record_magic(&first_page[0..8]) {
             return None;
         }
         let n = u32::from_le_bytes(first_page[28..32].try_into().ok()?) as usize;
@@ -267,7 +291,7 @@ impl RecordHeader {
 
     /// Decodes and checks a whole header (all its pages).
     pub fn decode(b: &[u8]) -> Result<Self, RecordProblem> {
-        if b.len() < BLOCK_SIZE || b[0..8] != RECORD_MAGIC {
+        if b.len() < BLOCK_SIZE || !record_magic(&b[0..8]) {
             return Err(RecordProblem::BadMagic);
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
@@ -284,6 +308,11 @@ impl RecordHeader {
         copy[52..56].fill(0);
         if crc32c::crc32c(&copy) != stored {
             return Err(RecordProblem::BadChecksum);
+        }
+        // The seal of a current record does not cover the padding: it must be zero, so that no
+        // byte of an accepted header is left unsealed.
+        if b[sealed_len(b)..].iter().any(|x| *x != 0) {
+            return Err(RecordProblem::BadField("padding"));
         }
         let kind = match u32_at(24) {
             1 => RecordKind::Write,

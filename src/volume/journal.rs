@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::format::{Checkpoint, RecordHeader, RecordKind, RegionLayout, SEAL_TAG, SEAL_VERSION};
+use super::format::{
+    Checkpoint, RecordHeader, RecordKind, RegionLayout, SEAL_TAG, SEAL_VERSION, sealed_len,
+};
 use crate::disk::{DiskRef, IoBuf, IoOp};
 use crate::layout::{BLOCK_SIZE, BLOCK_SIZE_U64};
 
@@ -40,15 +42,16 @@ pub type SealMac = dyn Fn(u32, &[u8]) -> Option<[u8; 32]> + Send + Sync;
 
 impl HeaderKey {
     /// Seals `bytes` (a record header or a checkpoint page): writes the key version and the tag
-    /// of the bytes with the seal field (and, for records, the checksum field) zero.
-    fn seal(&self, bytes: &mut [u8], crc_field: Option<std::ops::Range<usize>>) {
+    /// of `bytes[..sealed]` with the seal field (and, for records, the checksum field) zero,
+    /// then the checksum of all of `bytes`, if it has one.
+    fn seal(&self, bytes: &mut [u8], sealed: usize, crc_field: Option<std::ops::Range<usize>>) {
         let version = (self.version)();
         bytes[SEAL_VERSION].copy_from_slice(&version.to_le_bytes());
         bytes[SEAL_TAG].fill(0);
         if let Some(c) = crc_field.clone() {
             bytes[c].fill(0);
         }
-        let tag = (self.mac)(version, bytes).unwrap_or([0; 32]);
+        let tag = (self.mac)(version, &bytes[..sealed]).unwrap_or([0; 32]);
         bytes[SEAL_TAG].copy_from_slice(&tag);
         if let Some(c) = crc_field {
             let crc = crc32c::crc32c(bytes);
@@ -56,12 +59,17 @@ impl HeaderKey {
         }
     }
 
-    /// Whether the seal of `bytes` is right.
-    fn check(&self, bytes: &[u8], crc_field: Option<std::ops::Range<usize>>) -> bool {
-        if bytes.len() < SEAL_TAG.end {
+    /// Whether the seal of `bytes[..sealed]` is right.
+    fn check(
+        &self,
+        bytes: &[u8],
+        sealed: usize,
+        crc_field: Option<std::ops::Range<usize>>,
+    ) -> bool {
+        if sealed < SEAL_TAG.end || sealed > bytes.len() {
             return false;
         }
-        let mut copy = bytes.to_vec();
+        let mut copy = bytes[..sealed].to_vec();
         copy[SEAL_TAG].fill(0);
         if let Some(c) = crc_field {
             copy[c].fill(0);
@@ -70,14 +78,26 @@ impl HeaderKey {
         (self.mac)(version, &copy).is_some_and(|tag| tag[..] == bytes[SEAL_TAG])
     }
 
+    /// Seals a record header (all its pages): the seal covers [`sealed_len`] bytes.
     fn seal_record(&self, header: &mut [u8]) {
-        self.seal(header, Some(RECORD_CRC));
+        let sealed = sealed_len(header);
+        self.seal(header, sealed, Some(RECORD_CRC));
+    }
+
+    /// Whether the seal of a record header (all its pages) is right.
+    fn check_record(&self, header: &[u8]) -> bool {
+        self.check(header, sealed_len(header), Some(RECORD_CRC))
     }
 
     fn seal_checkpoint(&self, cp: &Checkpoint) -> Vec<u8> {
         let mut b = cp.encode();
-        self.seal(&mut b, None);
+        let sealed = b.len();
+        self.seal(&mut b, sealed, None);
         b
+    }
+
+    fn check_checkpoint(&self, page: &[u8]) -> bool {
+        self.check(page, page.len(), None)
     }
 }
 
@@ -202,7 +222,7 @@ impl Journal {
                 all_clear &= page.iter().all(|b| *b == 0);
                 if let Some(cp) = Checkpoint::decode(&page)
                     && cp.volume == volume
-                    && key.check(&page, None)
+                    && key.check_checkpoint(&page)
                     && best.is_none_or(|(b, _)| cp.seq > b.seq)
                 {
                     best = Some((cp, slot));
@@ -895,7 +915,7 @@ fn read_record_from(
         read(d, pos, pages * BLOCK_SIZE).ok()?
     };
     let header = RecordHeader::decode(&head).ok()?;
-    if header.seq != expect || header.volume != volume || !key.check(&head, Some(RECORD_CRC)) {
+    if header.seq != expect || header.volume != volume || !key.check_record(&head) {
         return None;
     }
     let len = header.record_len();
@@ -912,4 +932,98 @@ fn read_record_from(
         return None;
     }
     Some((header, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::format::{
+        BlockMeta, META_SIZE, RECORD_FIXED, RECORD_MAGIC, RECORD_MAGIC_V1, RecordProblem,
+    };
+
+    fn key() -> HeaderKey {
+        HeaderKey {
+            version: Box::new(|| 7),
+            mac: Box::new(|v, b| (v == 7).then(|| *blake3::keyed_hash(&[9; 32], b).as_bytes())),
+        }
+    }
+
+    fn header(n: u64) -> Vec<u8> {
+        RecordHeader {
+            seq: 5,
+            volume: 1,
+            kind: RecordKind::Write,
+            trim_lba: 0,
+            trim_count: 0,
+            payload_crc: 0x1234_5678,
+            entries: (0..n)
+                .map(|i| BlockMeta {
+                    generation: 5,
+                    lba: 100 + i,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+        .encode()
+    }
+
+    /// Recomputes the header checksum after a change, as a disk forging a record would.
+    fn fix_crc(h: &mut [u8]) {
+        h[RECORD_CRC].fill(0);
+        let crc = crc32c::crc32c(h);
+        h[RECORD_CRC].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn a_record_seal_covers_its_used_bytes_and_the_padding_must_be_zero() {
+        let k = key();
+        let mut h = header(3);
+        k.seal_record(&mut h);
+        assert!(k.check_record(&h));
+        assert!(RecordHeader::decode(&h).is_ok());
+        let used = RECORD_FIXED + 3 * META_SIZE;
+        assert_eq!(sealed_len(&h), used);
+        for pos in (0..used).filter(|p| !RECORD_CRC.contains(p)) {
+            let mut c = h.clone();
+            c[pos] ^= 0x04;
+            fix_crc(&mut c);
+            assert!(!k.check_record(&c), "a change at byte {pos} keeps the seal");
+        }
+        // The padding is not sealed, so a header with anything there is refused whole.
+        let mut c = h.clone();
+        c[used + 10] = 1;
+        fix_crc(&mut c);
+        assert_eq!(
+            RecordHeader::decode(&c),
+            Err(RecordProblem::BadField("padding"))
+        );
+    }
+
+    #[test]
+    fn records_of_the_earlier_format_sealed_over_whole_pages_are_still_accepted() {
+        let k = key();
+        let mut old = header(3);
+        old[0..8].copy_from_slice(&RECORD_MAGIC_V1);
+        let len = old.len();
+        k.seal(&mut old, len, Some(RECORD_CRC));
+        assert_eq!(sealed_len(&old), len);
+        assert!(k.check_record(&old));
+        assert_eq!(RecordHeader::decode(&old).map(|h| h.seq), Ok(5));
+        // An earlier record's padding is sealed: changing it breaks the seal.
+        let mut c = old.clone();
+        c[len - 1] = 1;
+        fix_crc(&mut c);
+        assert!(!k.check_record(&c));
+        // The old seal under the current magic does not check, nor does a current seal (over
+        // the used bytes only) under the old magic.
+        let mut relabeled = old.clone();
+        relabeled[0..8].copy_from_slice(&RECORD_MAGIC);
+        fix_crc(&mut relabeled);
+        assert!(!k.check_record(&relabeled));
+        let mut cur = header(3);
+        k.seal_record(&mut cur);
+        cur[0..8].copy_from_slice(&RECORD_MAGIC_V1);
+        fix_crc(&mut cur);
+        assert!(!k.check_record(&cur));
+    }
 }
