@@ -453,13 +453,18 @@ impl Volume {
             }
         }
         // Only the touched rows are verified, coded and written: a row that no new block
-        // touches keeps its data and parity on the disks, which agree already. The buffers
-        // span `rmin..=rmax`; each data chunk reads the touched rows, in one I/O per group of
-        // runs (see `read_spans`).
-        let rows: BTreeSet<u64> = new.keys().map(|(_, r)| *r).collect();
+        // touches keeps its data and parity on the disks, which agree already. The buffers hold
+        // the touched rows only, packed in row order (`pos[&r]` is row r's place in them): the
+        // code is position-local, so packed rows code exactly as they would in place, and a
+        // stripe with 8 blocks over 64 rows handles 8 rows, not the 50 between its first and
+        // last. Each data chunk reads the touched rows in one I/O per group of runs
+        // (`read_spans`).
+        let row_set: BTreeSet<u64> = new.keys().map(|(_, r)| *r).collect();
+        let rows: Vec<u64> = row_set.iter().copied().collect();
+        let pos: BTreeMap<u64, usize> = rows.iter().enumerate().map(|(i, r)| (*r, i)).collect();
+        let nr = rows.len();
         let (rmin, rmax) = (*rows.first().unwrap_or(&0), *rows.last().unwrap_or(&0));
-        let nrows = (rmax - rmin + 1) as usize;
-        let runs = row_runs(&rows);
+        let runs = row_runs(&row_set);
         let spans = read_spans(&runs);
         // A data chunk needs its old rows read only where a touched row keeps its old block.
         let keeps_old: Vec<bool> = (0..k)
@@ -473,9 +478,11 @@ impl Volume {
             let (p, at) = self.layout.meta_location(stripe, r);
             (p - page_a) as usize + at
         };
+        let block = |i: usize| i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE;
+        let entry = |i: usize| i * META_SIZE..(i + 1) * META_SIZE;
 
         // Read phase: current rows of the data chunks and metadata pages of every chunk.
-        let mut data: Vec<Vec<u8>> = vec![vec![0u8; nrows * BLOCK_SIZE]; k];
+        let mut data: Vec<Vec<u8>> = vec![vec![0u8; nr * BLOCK_SIZE]; k];
         let mut pages: Vec<Vec<u8>> = vec![vec![0u8; pages_len]; width];
         if !full && !empty_home {
             let pending: Vec<_> = disks
@@ -500,13 +507,19 @@ impl Volume {
                 match p.wait() {
                     Ok(ops) => {
                         for (i, op) in ops.into_iter().enumerate() {
-                            if let IoOp::Read { buf, .. } = op {
-                                if i == 0 {
-                                    pages[c].copy_from_slice(&buf)
-                                } else {
-                                    let at = (spans[i - 1].0 - rmin) as usize * BLOCK_SIZE;
-                                    data[c][at..at + buf.len()].copy_from_slice(&buf)
+                            let IoOp::Read { buf, .. } = op else { continue };
+                            if i == 0 {
+                                pages[c].copy_from_slice(&buf);
+                                continue;
+                            }
+                            // The span [a, b) also holds the untouched rows between runs.
+                            let (a, b) = spans[i - 1];
+                            let first = rows.partition_point(|r| *r < a);
+                            for (j, r) in rows.iter().enumerate().skip(first) {
+                                if *r >= b {
+                                    break;
                                 }
+                                data[c][block(j)].copy_from_slice(&buf[block((r - a) as usize)]);
                             }
                         }
                     }
@@ -528,11 +541,9 @@ impl Volume {
         }
         let mut metas: Vec<Vec<u8>> = (0..k)
             .map(|c| {
-                let mut m = vec![0u8; nrows * META_SIZE];
-                for r in rmin..=rmax {
-                    let i = (r - rmin) as usize;
-                    m[i * META_SIZE..(i + 1) * META_SIZE]
-                        .copy_from_slice(&pages[c][meta_at(r)..meta_at(r) + META_SIZE]);
+                let mut m = vec![0u8; nr * META_SIZE];
+                for (i, &r) in rows.iter().enumerate() {
+                    m[entry(i)].copy_from_slice(&pages[c][meta_at(r)..meta_at(r) + META_SIZE]);
                 }
                 m
             })
@@ -563,15 +574,15 @@ impl Volume {
         };
         for (n, ((c, r), e)) in journaled.iter().enumerate() {
             let Some(pages) = &journal_pages else { break };
-            let i = (r - rmin) as usize;
-            data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(pages.get(n));
-            metas[*c][i * META_SIZE..(i + 1) * META_SIZE].copy_from_slice(&e.meta.encode());
+            let i = pos[r];
+            data[*c][block(i)].copy_from_slice(pages.get(n));
+            metas[*c][entry(i)].copy_from_slice(&e.meta.encode());
         }
         for ((c, r), n) in &new {
             if matches!(n, New::Zero) {
-                let i = (r - rmin) as usize;
-                data[*c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
-                metas[*c][i * META_SIZE..(i + 1) * META_SIZE].fill(0);
+                let i = pos[r];
+                data[*c][block(i)].fill(0);
+                metas[*c][entry(i)].fill(0);
             }
         }
 
@@ -579,21 +590,15 @@ impl Volume {
         // never computed over rotten data.
         let mut repaired: BTreeSet<(usize, u64)> = BTreeSet::new();
         if !full && !empty_home {
-            for &r in &rows {
-                let i = (r - rmin) as usize;
+            for (i, &r) in rows.iter().enumerate() {
                 let bad: Vec<usize> = (0..k)
                     .filter(|c| !new.contains_key(&(*c, r)))
                     .filter(|&c| {
                         if !usable[c] {
                             return true;
                         }
-                        let ok = self.block_ok(
-                            stripe,
-                            c,
-                            r,
-                            &data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
-                            &metas[c][i * META_SIZE..(i + 1) * META_SIZE],
-                        );
+                        let ok =
+                            self.block_ok(stripe, c, r, &data[c][block(i)], &metas[c][entry(i)]);
                         if !ok {
                             self.health.tag_failure(ids[c]);
                         }
@@ -608,10 +613,8 @@ impl Volume {
                     .map_err(VolumeError::Io)?;
                 let mut fixed = 0;
                 for c in bad {
-                    data[c][i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
-                        .copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
-                    metas[c][i * META_SIZE..(i + 1) * META_SIZE]
-                        .copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
+                    data[c][block(i)].copy_from_slice(&row.shards[c][..BLOCK_SIZE]);
+                    metas[c][entry(i)].copy_from_slice(&row.shards[c][BLOCK_SIZE..]);
                     if usable[c] {
                         repaired.insert((c, r));
                         self.health.repaired(ids[c], 1);
@@ -624,27 +627,19 @@ impl Volume {
             }
         }
 
-        // Parity over the touched rows' data and metadata (position-local, so each run of
-        // rows alone suffices).
+        // Parity over the touched rows' data and metadata, all packed rows in one call.
         let m = width - k;
-        let mut pdata = vec![vec![0u8; nrows * BLOCK_SIZE]; m];
-        let mut pmeta = vec![vec![0u8; nrows * META_SIZE]; m];
-        for &(a, b) in &runs {
-            let (a, b) = ((a - rmin) as usize, (b - rmin) as usize);
-            for (bufs, par, unit) in [
-                (&data, &mut pdata, BLOCK_SIZE),
-                (&metas, &mut pmeta, META_SIZE),
-            ] {
-                let d: Vec<&[u8]> = bufs.iter().map(|v| &v[a * unit..b * unit]).collect();
-                let mut p: Vec<&mut [u8]> =
-                    par.iter_mut().map(|v| &mut v[a * unit..b * unit]).collect();
-                self.codec
-                    .encode(&d, &mut p)
-                    .map_err(|e| VolumeError::Io(e.to_string()))?;
-            }
+        let mut pdata = vec![vec![0u8; nr * BLOCK_SIZE]; m];
+        let mut pmeta = vec![vec![0u8; nr * META_SIZE]; m];
+        for (bufs, par) in [(&data, &mut pdata), (&metas, &mut pmeta)] {
+            let d: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+            let mut p: Vec<&mut [u8]> = par.iter_mut().map(Vec::as_mut_slice).collect();
+            self.codec
+                .encode(&d, &mut p)
+                .map_err(|e| VolumeError::Io(e.to_string()))?;
         }
 
-        // Write phase.
+        // Write phase: one write per run of consecutive rows of one kind.
         let mut pending = Vec::with_capacity(width);
         for (c, d) in disks.iter().enumerate() {
             if !usable[c] {
@@ -653,47 +648,37 @@ impl Volume {
             let mut ops = Vec::new();
             let meta_rows: &[u8] = if c < k { &metas[c] } else { &pmeta[c - k] };
             let page = &mut pages[c];
-            for &r in &rows {
-                let i = (r - rmin) as usize;
-                page[meta_at(r)..meta_at(r) + META_SIZE]
-                    .copy_from_slice(&meta_rows[i * META_SIZE..(i + 1) * META_SIZE]);
+            for (i, &r) in rows.iter().enumerate() {
+                page[meta_at(r)..meta_at(r) + META_SIZE].copy_from_slice(&meta_rows[entry(i)]);
             }
-            if c < k {
-                // Runs of rows with new or repaired data; trimmed rows become holes.
-                let mut r = rmin;
-                while r <= rmax {
-                    let kind = |r: u64| match new.get(&(c, r)) {
-                        Some(New::Journal(_)) => 1,
-                        Some(New::Zero) => 2,
-                        None if repaired.contains(&(c, r)) => 1,
-                        None => 0,
-                    };
-                    let kd = kind(r);
-                    let start = r;
-                    while r <= rmax && kind(r) == kd {
-                        r += 1;
-                    }
-                    let (a, b) = ((start - rmin) as usize, (r - rmin) as usize);
-                    let offset = self.layout.block_offset(stripe, start);
-                    match kd {
-                        1 => ops.push(IoOp::Write {
-                            offset,
-                            buf: IoBuf::from_slice(&data[c][a * BLOCK_SIZE..b * BLOCK_SIZE]),
-                        }),
-                        2 => ops.push(IoOp::Discard {
-                            offset,
-                            len: ((b - a) * BLOCK_SIZE) as u64,
-                        }),
-                        _ => {}
-                    }
+            // Rows with new or repaired data are written, trimmed rows become holes; parity
+            // rows are all written.
+            let kind = |r: u64| match new.get(&(c, r)) {
+                _ if c >= k => 1,
+                Some(New::Journal(_)) => 1,
+                Some(New::Zero) => 2,
+                None if repaired.contains(&(c, r)) => 1,
+                None => 0,
+            };
+            let bufs: &[u8] = if c < k { &data[c] } else { &pdata[c - k] };
+            let mut i = 0;
+            while i < nr {
+                let (start, kd) = (i, kind(rows[i]));
+                i += 1;
+                while i < nr && rows[i] == rows[i - 1] + 1 && kind(rows[i]) == kd {
+                    i += 1;
                 }
-            } else {
-                for &(a, b) in &runs {
-                    let (i, j) = ((a - rmin) as usize, (b - rmin) as usize);
-                    ops.push(IoOp::Write {
-                        offset: self.layout.block_offset(stripe, a),
-                        buf: IoBuf::from_slice(&pdata[c - k][i * BLOCK_SIZE..j * BLOCK_SIZE]),
-                    });
+                let offset = self.layout.block_offset(stripe, rows[start]);
+                match kd {
+                    1 => ops.push(IoOp::Write {
+                        offset,
+                        buf: IoBuf::from_slice(&bufs[start * BLOCK_SIZE..i * BLOCK_SIZE]),
+                    }),
+                    2 => ops.push(IoOp::Discard {
+                        offset,
+                        len: ((i - start) * BLOCK_SIZE) as u64,
+                    }),
+                    _ => {}
                 }
             }
             if c < k && ops.is_empty() {
