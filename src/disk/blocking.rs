@@ -7,9 +7,19 @@
 //! `WriteZero` for writes), never a silent success. Sync is `fdatasync`. Discard is
 //! `fallocate(PUNCH_HOLE | KEEP_SIZE)`; on `EOPNOTSUPP` the disk writes zeros instead, and
 //! remembers that for the rest of its life (logged once per disk at info level). The op holds
-//! its buffer by `&mut`, so nothing here needs `unsafe`.
+//! its buffer by `&mut`; the one `unsafe` call is `sync_file_range`, which nix does not wrap.
+//!
+//! A buffered write of at least [`EARLY_WRITEBACK_BYTES`] starts the writeback of its range at
+//! once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: the kernel queues the dirty pages to the
+//! device and returns; nothing waits for them and nothing is promised durable). Such writes are
+//! journal records of large client writes, which the next destage round syncs anyway. Without
+//! it the page cache holds them until that sync, and the device sits idle between rounds, then
+//! gets every replica at once. Measured (`docs/benchmarks.md`): sequential 1 MiB writes at qd8
+//! on a filled volume 376 against 341 writes/s (four alternating pairs). A failure of the call
+//! is ignored: it is advice, and the `Sync` that follows reports any real write error.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
@@ -19,6 +29,13 @@ use nix::sys::uio::{pread, pwrite};
 use super::file::{DiskOptions, OpenedFile};
 use super::{DiskError, IoBuf, IoOp, ZERO_BUF};
 
+/// Buffered writes at least this large start their writeback at once (see the module docs).
+/// 256 KiB: a journal record of a client write of a whole 256 KiB stripe (4+2, 64 KiB chunks)
+/// or more, and never a small write's record (at most 64 KiB + its header), whose pages the
+/// page cache should keep gathering: starting writeback of every 8 KiB record would cost a
+/// device request each.
+pub const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
+
 /// An open file and what is needed to run ops on it from any thread.
 pub(crate) struct FileIo {
     pub name: String,
@@ -27,6 +44,8 @@ pub(crate) struct FileIo {
     punch: AtomicBool,
     zeros: IoBuf,
     max_transfer: u64,
+    /// Opened without `O_DIRECT`: large writes start their writeback early.
+    buffered: bool,
 }
 
 impl FileIo {
@@ -37,6 +56,7 @@ impl FileIo {
             punch: AtomicBool::new(true),
             zeros: IoBuf::zeroed(opts.max_transfer().min(ZERO_BUF as u64) as usize),
             max_transfer: opts.max_transfer(),
+            buffered: !opts.direct,
         }
     }
 
@@ -51,7 +71,11 @@ impl FileIo {
             IoOp::Write { offset, buf } => {
                 self.transfer(*offset, buf.len(), "write", |done, chunk, pos| {
                     pwrite(&self.file, &buf[done..done + chunk], pos)
-                })
+                })?;
+                if self.buffered && buf.len() >= EARLY_WRITEBACK_BYTES {
+                    self.start_writeback(*offset, buf.len());
+                }
+                Ok(())
             }
             IoOp::Sync => self
                 .file
@@ -59,6 +83,24 @@ impl FileIo {
                 .map_err(|e| DiskError::io(&self.name, "sync", 0, e)),
             IoOp::Discard { offset, len } => self.discard(*offset, *len),
         }
+    }
+
+    /// Asks the kernel to start writing `[offset, offset + len)` back to the device, without
+    /// waiting for it (see the module docs). Errors are ignored.
+    fn start_writeback(&self, offset: u64, len: usize) {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor stays open
+        // for the call since `self.file` is borrowed, and no memory is passed.
+        let _advice = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
 
     /// Loop `f(done, chunk, position)` until `len` bytes are transferred.
