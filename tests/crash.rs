@@ -655,3 +655,66 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
         "whole-stripe writes skipped the journal: {fresh_writes}"
     );
 }
+
+/// A round that checkpoints before its end (after sequential writes the journal's tail belongs
+/// to the first stripes it destages) must leave every flushed block readable whatever instant
+/// the power is cut at: between its parts, inside one, or during a part's checkpoint.
+#[test]
+fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
+    let mut rng = StdRng::seed_from_u64(0xea41);
+    let stripe = STRIPE_BLOCKS * BS;
+    let (mut early, mut cut_mid_round) = (0u64, 0u64);
+    for cycle in 0..40 {
+        let rig = Rig::new(rng.random());
+        BUDGET.with(|b| *b.borrow_mut() = Some(rig.budget.clone()));
+        let vol = rig.open();
+        vol.halt();
+        let stripes = vol.size() as usize / stripe;
+        let mut model = Model::new(vol.size() as usize / BS);
+        // Every stripe holds data (whole-stripe writes, destaged), so the writes below go
+        // through the journal.
+        let first: Vec<usize> = (0..stripes * STRIPE_BLOCKS).collect();
+        write_blocks_flush_destage(&vol, &mut model, &mut rng, &first);
+        // Sequential half-stripe writes over the whole volume, several times, so that the
+        // journal's oldest records belong to the first stripes; some flushed, the rest not.
+        let passes = rng.random_range(1..3);
+        for _ in 0..passes {
+            for s in 0..stripes * 2 {
+                let data = fill(&mut rng, stripe / 2);
+                model.write(s * stripe / 2, &data);
+                vol.write((s * stripe / 2) as u64, &data, false).unwrap();
+            }
+        }
+        vol.flush().unwrap();
+        model.flushed();
+        for _ in 0..rng.random_range(0..8) {
+            let b = rng.random_range(0..stripes * STRIPE_BLOCKS);
+            let data = fill(&mut rng, BS);
+            model.write(b * BS, &data);
+            vol.write((b * BS) as u64, &data, false).unwrap();
+        }
+        let before = vol.stats.early_checkpoints.load(Ordering::Relaxed);
+        if cycle % 4 == 0 {
+            // Power on through the round: it must checkpoint early.
+            vol.destage().unwrap();
+            assert!(
+                vol.stats.early_checkpoints.load(Ordering::Relaxed) > before,
+                "a round after sequential writes ({} journal bytes) took no early checkpoint",
+                vol.journal_used()
+            );
+        } else {
+            rig.arm_power_cut(&mut rng, 400);
+            if vol.destage().is_err() {
+                cut_mid_round += 1;
+            }
+        }
+        early += vol.stats.early_checkpoints.load(Ordering::Relaxed) - before;
+        let (vol, _) = rig.crash_and_reopen(vol, &mut rng, None);
+        check_all(&vol, &mut model, true);
+        rig.check_with_two_disks_pulled(&vol, &mut model, &mut rng);
+        vol.close().unwrap();
+    }
+    println!("early checkpoints: {early}, rounds cut by the power: {cut_mid_round}");
+    assert!(early > 10, "rounds took {early} early checkpoints");
+    assert!(cut_mid_round > 5, "only {cut_mid_round} rounds were cut");
+}

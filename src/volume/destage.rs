@@ -48,6 +48,13 @@ const DESTAGE_WORKERS: usize = 8;
 /// pass is shorter than the last, so three leave few stripes for the syncing pass.
 const DEFER_PASSES: usize = 3;
 
+/// Share of the journal that the records before a part boundary of a round must free, at
+/// least, for the round to checkpoint there ([`Volume::round_parts`]). An eighth: after
+/// sequential writes fill the 512 MiB journal, writers get 64 MiB back about every eighth of
+/// the round instead of all of it at the end, for seven more disk syncs and checkpoints per
+/// such round (a few milliseconds each).
+const ROUND_PART_FRACTION: f64 = 0.125;
+
 /// Body of the destager thread. Exits when the volume is closed or dropped.
 pub(super) fn run(weak: Weak<Volume>) {
     loop {
@@ -136,18 +143,157 @@ impl Volume {
     pub(super) fn destage_round(&self) -> Result<bool, VolumeError> {
         let started = std::time::Instant::now();
         let target = self.journal.flush()?;
-        let stripes: Vec<u64> = self.dirty().stripes.keys().copied().collect();
-        if stripes.is_empty() && target <= self.journal.checkpoint_seq() && !self.fresh_pending() {
+        let order = self.round_order();
+        if order.is_empty() && target <= self.journal.checkpoint_seq() && !self.fresh_pending() {
             return Ok(false);
         }
         let bps = self.layout.geometry.blocks_per_stripe();
+        let parts = self.round_parts(&order, target);
+        let mut stripes = 0;
+        let mut blocks = 0;
+        // Oldest record of the stripes that stay in the journal, over the whole round.
+        let mut kept: Option<u64> = None;
+        let mut written_ms = 0;
+        let count = parts.len();
+        for (i, (todo, part_checkpoint)) in parts.into_iter().enumerate() {
+            let last = i + 1 == count;
+            let (done, mut home_updates, part_kept) = self.destage_stripes(todo, target, bps)?;
+            kept = match (kept, part_kept) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            written_ms = started.elapsed().as_millis() as u64;
+            // Journal-less full-stripe writes completed so far are committed with the round's
+            // last part.
+            let fresh = if last { self.take_fresh() } else { Vec::new() };
+            let written_now: Vec<u64> = done
+                .iter()
+                .map(|(s, _)| *s)
+                .chain(fresh.iter().copied())
+                .collect();
+            let committed = self.sync_disks(&written_now).and_then(|()| {
+                let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
+                for s in fresh.iter().filter(|s| !destaged.contains(s)) {
+                    home_updates.push(self.home_state(*s));
+                }
+                if !home_updates.is_empty() {
+                    self.store
+                        .home_commit(self.record.id, &home_updates)
+                        .map_err(|e| VolumeError::Io(e.to_string()))?;
+                }
+                Ok(())
+            });
+            if let Err(e) = committed {
+                self.restore_fresh(fresh);
+                return Err(e);
+            }
+            // Synced, and the allocation committed: every record up to the part's checkpoint
+            // is at home, except those of stripes kept in the journal.
+            let checkpoint = part_checkpoint.unwrap_or(target);
+            let checkpoint = match kept {
+                // Records from the oldest kept one on must stay replayable.
+                Some(oldest) if oldest <= checkpoint => self.journal.last_live_before(oldest),
+                _ => checkpoint,
+            };
+            self.journal.checkpoint(checkpoint)?;
+            if !last {
+                self.stats.early_checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            stripes += done.len();
+            blocks += done
+                .iter()
+                .map(|(_, snap)| snap.blocks.len())
+                .sum::<usize>();
+            self.drop_destaged(done);
+            self.journal.release();
+        }
+        self.stats
+            .stripes_destaged
+            .fetch_add(stripes as u64, Ordering::Relaxed);
+        debug!(
+            volume = %self.record.name,
+            stripes,
+            blocks,
+            parts = count,
+            checkpoint = target,
+            written_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "destaged"
+        );
+        Ok(stripes > 0)
+    }
+
+    /// The dirty stripes, in the order a round destages them: by their oldest record, so that
+    /// the journal's tail is destaged first and a round can free space before it ends (see
+    /// [`Volume::round_parts`]). A stripe with trims comes first: its index keeps only the
+    /// newest trim record's number, so its oldest record is not known.
+    fn round_order(&self) -> Vec<(u64, u64)> {
+        let mut order: Vec<(u64, u64)> = self
+            .dirty()
+            .stripes
+            .iter()
+            .map(|(s, sd)| {
+                let oldest = if sd.trims.is_some() {
+                    0
+                } else {
+                    sd.blocks.values().map(|e| e.seq).min().unwrap_or(0)
+                };
+                (oldest, *s)
+            })
+            .collect();
+        order.sort_unstable();
+        order
+    }
+
+    /// Splits a round's stripes (in [`Volume::round_order`]) into parts, each with the
+    /// checkpoint it allows once it and the parts before it are at home (`None` for the last
+    /// part, which checkpoints at the round's `target`). A part ends where the records older
+    /// than every remaining stripe's oldest one hold at least [`ROUND_PART_FRACTION`] of the
+    /// journal more than at the previous part's end: after sequential writes the journal's
+    /// tail belongs to a few stripes, and writers get its space back long before the round
+    /// ends. After random writes nearly every stripe has a record near the tail, no part
+    /// boundary frees enough, and the round stays one part, as before.
+    fn round_parts(&self, order: &[(u64, u64)], target: u64) -> Vec<(Vec<u64>, Option<u64>)> {
+        let live = self.journal.live_records();
+        let step = (self.journal.capacity() as f64 * ROUND_PART_FRACTION) as u64;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let (mut p, mut freed, mut freed_at_cut) = (0, 0u64, 0u64);
+        for (i, &(oldest, _)) in order.iter().enumerate() {
+            // Records older than this stripe's oldest (and than every later stripe's) are
+            // destaged once the stripes before it are.
+            while p < live.len() && live[p].0 < oldest && live[p].0 <= target {
+                freed += live[p].1;
+                p += 1;
+            }
+            if i > start && p > 0 && freed - freed_at_cut >= step.max(1) {
+                let stripes = order[start..i].iter().map(|(_, s)| *s).collect();
+                parts.push((stripes, Some(live[p - 1].0)));
+                start = i;
+                freed_at_cut = freed;
+            }
+        }
+        parts.push((order[start..].iter().map(|(_, s)| *s).collect(), None));
+        parts
+    }
+
+    /// Destages `todo` (stripe ids) with the destage workers, in passes that defer the stripes
+    /// newer than the journal's durable point (see [`DEFER_PASSES`]). Returns the stripes
+    /// destaged with their snapshots, their new home states, and the oldest record of the
+    /// stripes kept in the journal.
+    #[allow(clippy::type_complexity)]
+    fn destage_stripes(
+        &self,
+        mut todo: Vec<u64>,
+        target: u64,
+        bps: u64,
+    ) -> Result<(Vec<(u64, StripeDirty)>, Vec<HomeUpdate>, Option<u64>), VolumeError> {
         let done: Mutex<Vec<(u64, StripeDirty)>> = Mutex::new(Vec::new());
         let home_updates: Mutex<Vec<HomeUpdate>> = Mutex::new(Vec::new());
         // Oldest record of the stripes that stay in the journal.
         let kept: Mutex<Option<u64>> = Mutex::new(None);
         // Stripes written to since `target` was made durable are deferred to a later pass, which
         // starts with one journal flush for all of them (see `DEFER_PASSES`).
-        let mut todo = stripes;
         for pass in 0..=DEFER_PASSES {
             if todo.is_empty() {
                 break;
@@ -209,43 +355,16 @@ impl Volume {
             }
             todo = deferred.into_inner().unwrap_or_else(|p| p.into_inner());
         }
-        let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
-        let written = started.elapsed();
-        let mut home_updates = home_updates.into_inner().unwrap_or_else(|p| p.into_inner());
-        // Journal-less full-stripe writes completed so far are committed with this round.
-        let fresh = self.take_fresh();
-        let written_now: Vec<u64> = done
-            .iter()
-            .map(|(s, _)| *s)
-            .chain(fresh.iter().copied())
-            .collect();
-        let committed = self.sync_disks(&written_now).and_then(|()| {
-            let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
-            for s in fresh.iter().filter(|s| !destaged.contains(s)) {
-                home_updates.push(self.home_state(*s));
-            }
-            if !home_updates.is_empty() {
-                self.store
-                    .home_commit(self.record.id, &home_updates)
-                    .map_err(|e| VolumeError::Io(e.to_string()))?;
-            }
-            Ok(())
-        });
-        if let Err(e) = committed {
-            self.restore_fresh(fresh);
-            return Err(e);
-        }
-        // Synced, and the allocation committed.
-        let synced = started.elapsed();
-        let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
-        let checkpoint = match kept {
-            // Records from the oldest kept one on must stay replayable.
-            Some(oldest) if oldest <= target => self.journal.last_live_before(oldest),
-            _ => target,
-        };
-        self.journal.checkpoint(checkpoint)?;
-        let n = done.len();
-        let blocks: usize = done.iter().map(|(_, snap)| snap.blocks.len()).sum();
+        Ok((
+            done.into_inner().unwrap_or_else(|p| p.into_inner()),
+            home_updates.into_inner().unwrap_or_else(|p| p.into_inner()),
+            kept.into_inner().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+
+    /// Drops the index entries that `done` destaged, unless a newer write replaced them
+    /// meanwhile (after the checkpoint that covers them).
+    fn drop_destaged(&self, done: Vec<(u64, StripeDirty)>) {
         for (s, snap) in done {
             let _g = self.locks.write(StripeId(s));
             let mut dirty = self.dirty();
@@ -266,21 +385,6 @@ impl Volume {
                 dirty.stripes.remove(&s);
             }
         }
-        self.journal.release();
-        self.stats
-            .stripes_destaged
-            .fetch_add(n as u64, Ordering::Relaxed);
-        debug!(
-            volume = %self.record.name,
-            stripes = n,
-            blocks,
-            checkpoint = target,
-            written_ms = written.as_millis() as u64,
-            synced_ms = synced.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "destaged"
-        );
-        Ok(n > 0)
     }
 
     /// Syncs every disk that is not failed, after `written` (stripe ids) were written. A sync

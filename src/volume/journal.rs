@@ -759,6 +759,15 @@ impl Journal {
         self.space.notify_all();
     }
 
+    /// The records still in use, oldest first: (sequence number, bytes of journal they hold).
+    pub fn live_records(&self) -> Vec<(u64, u64)> {
+        self.lock()
+            .live
+            .iter()
+            .map(|(s, len, _)| (*s, *len))
+            .collect()
+    }
+
     /// Every record with a sequence number up to this one is durable.
     pub fn durable_through(&self) -> u64 {
         self.lock().durable_through

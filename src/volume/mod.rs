@@ -165,6 +165,9 @@ pub struct Stats {
     pub blocks_repaired: AtomicU64,
     pub stripes_destaged: AtomicU64,
     pub full_stripe_destages: AtomicU64,
+    /// Checkpoints a destage round took before its end, freeing the journal's tail early
+    /// (`destage.rs`, `Volume::round_parts`).
+    pub early_checkpoints: AtomicU64,
     /// Whole stripes written in place without the journal (empty stripes, `fresh.rs`).
     pub fresh_stripe_writes: AtomicU64,
     pub destage_errors: AtomicU64,
