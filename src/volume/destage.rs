@@ -13,6 +13,13 @@
 //!    `target`, drop the destaged index entries (unless a newer write replaced them), free
 //!    the journal space.
 //!
+//! Stripes go in the order of their oldest record ([`Volume::round_order`]). Where the
+//! records older than every remaining stripe's oldest free an eighth of the journal, the round
+//! does step 3 for the stripes destaged so far and checkpoints at the newest of those records
+//! ([`Volume::round_parts`]): after sequential writes, writers get the journal's tail back
+//! while the round goes on. The checkpoint of a part never passes a record of a stripe not
+//! destaged yet, nor one of a stripe kept in the journal.
+//!
 //! Only durable records are destaged, so a crash in step 2 or 3 is repaired by replaying the
 //! journal from the previous checkpoint: the same rows are rewritten with the same data and
 //! parity (idempotent). That is why a torn stripe update can never outlive a crash.
