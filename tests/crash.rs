@@ -126,6 +126,15 @@ impl Rig {
         Volume::open(self.parts()).expect("volume reopens after a crash")
     }
 
+    /// A new rig (seeded from `rng`) whose power-cut budget this thread's checks read, and its
+    /// volume, open.
+    fn started(rng: &mut StdRng) -> (Rig, Arc<Volume>) {
+        let rig = Rig::new(rng.random());
+        BUDGET.with(|b| *b.borrow_mut() = Some(rig.budget.clone()));
+        let vol = rig.open();
+        (rig, vol)
+    }
+
     /// With probability 0.7, arms a power cut after a random number of I/Os below `max_ops`
     /// (the cut happens only if that many are issued); otherwise leaves the power on.
     fn arm_power_cut(&self, rng: &mut StdRng, max_ops: i64) {
@@ -556,9 +565,7 @@ fn concurrent_writers_survive_crashes() {
 #[test]
 fn a_flush_covers_writes_that_were_in_flight_during_an_earlier_flush() {
     let mut rng = StdRng::seed_from_u64(0xf105);
-    let rig = Rig::new(rng.random());
-    BUDGET.with(|b| *b.borrow_mut() = Some(rig.budget.clone()));
-    let vol = rig.open();
+    let (rig, vol) = Rig::started(&mut rng);
     let data = fill(&mut rng, BS);
     rig.write_delay.store(30_000, Ordering::SeqCst);
     std::thread::scope(|s| {
@@ -591,9 +598,7 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
     let stripe = STRIPE_BLOCKS * BS;
     let (mut fresh_writes, mut mixed) = (0u64, 0u64);
     for cycle in 0..24 {
-        let rig = Rig::new(rng.random());
-        BUDGET.with(|b| *b.borrow_mut() = Some(rig.budget.clone()));
-        let vol = rig.open();
+        let (rig, vol) = Rig::started(&mut rng);
         let stripes = vol.size() as usize / stripe;
         let mut model = Model::new(vol.size() as usize / BS);
         // A few journaled blocks first, destaged, so some stripes are not empty.
@@ -665,9 +670,7 @@ fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
     let stripe = STRIPE_BLOCKS * BS;
     let (mut early, mut cut_mid_round) = (0u64, 0u64);
     for cycle in 0..40 {
-        let rig = Rig::new(rng.random());
-        BUDGET.with(|b| *b.borrow_mut() = Some(rig.budget.clone()));
-        let vol = rig.open();
+        let (rig, vol) = Rig::started(&mut rng);
         vol.halt();
         let stripes = vol.size() as usize / stripe;
         let mut model = Model::new(vol.size() as usize / BS);
