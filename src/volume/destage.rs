@@ -570,12 +570,16 @@ impl Volume {
         // stripe with 8 blocks over 64 rows handles 8 rows, not the 50 between its first and
         // last. Each data chunk reads the touched rows in one I/O per group of runs
         // (`read_spans`).
-        let row_set: BTreeSet<u64> = new.keys().map(|(_, r)| *r).collect();
-        let rows: Vec<u64> = row_set.iter().copied().collect();
+        let rows: Vec<u64> = new
+            .keys()
+            .map(|(_, r)| *r)
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .collect();
         let pos: BTreeMap<u64, usize> = rows.iter().enumerate().map(|(i, r)| (*r, i)).collect();
         let nr = rows.len();
         let (rmin, rmax) = (*rows.first().unwrap_or(&0), *rows.last().unwrap_or(&0));
-        let runs = row_runs(&row_set);
+        let runs = row_runs(&rows);
         let spans = read_spans(&runs);
         // A data chunk needs its old rows read only where a touched row keeps its old block.
         let keeps_old: Vec<bool> = (0..k)
@@ -864,8 +868,8 @@ fn read_spans(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Maximal runs `[a, b)` of consecutive rows in `rows`, in order.
-fn row_runs(rows: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+/// Maximal runs `[a, b)` of consecutive rows in `rows` (ascending, distinct), in order.
+fn row_runs(rows: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &r in rows {
         match out.last_mut() {
