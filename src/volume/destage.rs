@@ -108,6 +108,40 @@ enum Destaged {
     Kept(u64),
 }
 
+/// One destaged part of a round, to commit ([`Volume::commit_part`]).
+struct Part {
+    /// The stripes destaged, with the snapshots written.
+    done: Vec<(u64, StripeDirty)>,
+    /// Their new home states.
+    home_updates: Vec<HomeUpdate>,
+    /// Where the journal may be checkpointed once they are synced and committed.
+    checkpoint: u64,
+    /// The round's last part (which also commits the journal-less stripe writes).
+    last: bool,
+}
+
+/// What the commits of a round's parts made permanent.
+#[derive(Default)]
+struct Committed {
+    stripes: usize,
+    blocks: usize,
+}
+
+impl Committed {
+    fn add(&mut self, other: Committed) {
+        self.stripes += other.stripes;
+        self.blocks += other.blocks;
+    }
+}
+
+/// Waits for a part's commit thread; a panic there is carried on in the caller.
+fn join_commit(
+    h: std::thread::ScopedJoinHandle<'_, Result<Committed, VolumeError>>,
+) -> Result<Committed, VolumeError> {
+    h.join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// New content of one block of a stripe: a journaled block or zeros (trimmed).
 #[derive(Clone, Copy)]
 enum New {
@@ -147,6 +181,12 @@ impl Volume {
     }
 
     /// [`Volume::destage_once`] with the destage lock already held.
+    ///
+    /// The parts of a round are pipelined: while one part's commit (disk syncs, store commit,
+    /// checkpoint) runs on a thread of its own, the destage workers write the next part. The
+    /// commits still run one at a time and in order (a part's commit starts once the previous
+    /// one has ended), so checkpoints only move forward, each covering stripes already synced
+    /// and committed. The last part is committed by the round's thread.
     pub(super) fn destage_round(&self) -> Result<bool, VolumeError> {
         let started = std::time::Instant::now();
         let target = self.journal.flush()?;
@@ -156,78 +196,114 @@ impl Volume {
         }
         let bps = self.layout.geometry.blocks_per_stripe();
         let parts = self.round_parts(&order, target);
-        let mut stripes = 0;
-        let mut blocks = 0;
+        let count = parts.len();
         // Oldest record of the stripes that stay in the journal, over the whole round.
         let mut kept: Option<u64> = None;
         let mut written_ms = 0;
-        let count = parts.len();
-        for (i, (todo, part_checkpoint)) in parts.into_iter().enumerate() {
-            let last = i + 1 == count;
-            let (done, mut home_updates, part_kept) = self.destage_stripes(todo, target, bps)?;
-            kept = match (kept, part_kept) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            written_ms = started.elapsed().as_millis() as u64;
-            // Journal-less full-stripe writes completed so far are committed with the round's
-            // last part.
-            let fresh = if last { self.take_fresh() } else { Vec::new() };
-            let written_now: Vec<u64> = done
-                .iter()
-                .map(|(s, _)| *s)
-                .chain(fresh.iter().copied())
-                .collect();
-            let committed = self.sync_disks(&written_now).and_then(|()| {
-                let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
-                for s in fresh.iter().filter(|s| !destaged.contains(s)) {
-                    home_updates.push(self.home_state(*s));
+        let mut totals = Committed::default();
+        std::thread::scope(|scope| -> Result<(), VolumeError> {
+            let mut committing: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
+            for (i, (todo, part_checkpoint)) in parts.into_iter().enumerate() {
+                let last = i + 1 == count;
+                let destaged = self.destage_stripes(todo, target, bps);
+                written_ms = started.elapsed().as_millis() as u64;
+                // The previous part's commit ends first, whatever happened to this part.
+                if let Some(h) = committing.take() {
+                    totals.add(join_commit(h)?);
                 }
-                if !home_updates.is_empty() {
-                    self.store
-                        .home_commit(self.record.id, &home_updates)
-                        .map_err(|e| VolumeError::Io(e.to_string()))?;
+                let (done, home_updates, part_kept) = destaged?;
+                kept = match (kept, part_kept) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                // Once synced and committed, every record up to the part's checkpoint is at
+                // home, except those of stripes kept in the journal.
+                let checkpoint = part_checkpoint.unwrap_or(target);
+                let checkpoint = match kept {
+                    // Records from the oldest kept one on must stay replayable.
+                    Some(oldest) if oldest <= checkpoint => self.journal.last_live_before(oldest),
+                    _ => checkpoint,
+                };
+                let part = Part {
+                    done,
+                    home_updates,
+                    checkpoint,
+                    last,
+                };
+                if last {
+                    totals.add(self.commit_part(part)?);
+                } else {
+                    let h = std::thread::Builder::new()
+                        .name(format!("commit-{}", self.record.name))
+                        .spawn_scoped(scope, move || self.commit_part(part))
+                        .map_err(|e| VolumeError::Io(format!("starting a commit thread: {e}")))?;
+                    committing = Some(h);
                 }
-                Ok(())
-            });
-            if let Err(e) = committed {
-                self.restore_fresh(fresh);
-                return Err(e);
             }
-            // Synced, and the allocation committed: every record up to the part's checkpoint
-            // is at home, except those of stripes kept in the journal.
-            let checkpoint = part_checkpoint.unwrap_or(target);
-            let checkpoint = match kept {
-                // Records from the oldest kept one on must stay replayable.
-                Some(oldest) if oldest <= checkpoint => self.journal.last_live_before(oldest),
-                _ => checkpoint,
-            };
-            self.journal.checkpoint(checkpoint)?;
-            if !last {
-                self.stats.early_checkpoints.fetch_add(1, Ordering::Relaxed);
-            }
-            stripes += done.len();
-            blocks += done
-                .iter()
-                .map(|(_, snap)| snap.blocks.len())
-                .sum::<usize>();
-            self.drop_destaged(done);
-            self.journal.release();
-        }
+            Ok(())
+        })?;
         self.stats
             .stripes_destaged
-            .fetch_add(stripes as u64, Ordering::Relaxed);
+            .fetch_add(totals.stripes as u64, Ordering::Relaxed);
         debug!(
             volume = %self.record.name,
-            stripes,
-            blocks,
+            stripes = totals.stripes,
+            blocks = totals.blocks,
             parts = count,
             checkpoint = target,
             written_ms,
             total_ms = started.elapsed().as_millis() as u64,
             "destaged"
         );
-        Ok(stripes > 0)
+        Ok(totals.stripes > 0)
+    }
+
+    /// Makes one part of a round permanent: syncs the disks, commits the allocation and stamps
+    /// of its stripes (and, with the round's last part, of the journal-less stripe writes done
+    /// so far), checkpoints the journal, drops the destaged index entries and frees their
+    /// journal space.
+    fn commit_part(&self, part: Part) -> Result<Committed, VolumeError> {
+        let Part {
+            done,
+            mut home_updates,
+            checkpoint,
+            last,
+        } = part;
+        // Journal-less full-stripe writes completed so far are committed with the round's
+        // last part.
+        let fresh = if last { self.take_fresh() } else { Vec::new() };
+        let written_now: Vec<u64> = done
+            .iter()
+            .map(|(s, _)| *s)
+            .chain(fresh.iter().copied())
+            .collect();
+        let committed = self.sync_disks(&written_now).and_then(|()| {
+            let destaged: BTreeSet<u64> = home_updates.iter().map(|(s, _)| *s).collect();
+            for s in fresh.iter().filter(|s| !destaged.contains(s)) {
+                home_updates.push(self.home_state(*s));
+            }
+            if !home_updates.is_empty() {
+                self.store
+                    .home_commit(self.record.id, &home_updates)
+                    .map_err(|e| VolumeError::Io(e.to_string()))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = committed {
+            self.restore_fresh(fresh);
+            return Err(e);
+        }
+        self.journal.checkpoint(checkpoint)?;
+        if !last {
+            self.stats.early_checkpoints.fetch_add(1, Ordering::Relaxed);
+        }
+        let out = Committed {
+            stripes: done.len(),
+            blocks: done.iter().map(|(_, snap)| snap.blocks.len()).sum(),
+        };
+        self.drop_destaged(done);
+        self.journal.release();
+        Ok(out)
     }
 
     /// The dirty stripes, in the order a round destages them: by their oldest record, so that
