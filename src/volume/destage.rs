@@ -18,7 +18,9 @@
 //! does step 3 for the stripes destaged so far and checkpoints at the newest of those records
 //! ([`Volume::round_parts`]): after sequential writes, writers get the journal's tail back
 //! while the round goes on. The checkpoint of a part never passes a record of a stripe not
-//! destaged yet, nor one of a stripe kept in the journal.
+//! destaged yet, nor one of a stripe kept in the journal. Step 3 of a part runs on a thread
+//! of its own while the workers destage the next part (one such commit at a time, in order;
+//! see [`Volume::destage_round`]).
 //!
 //! Only durable records are destaged, so a crash in step 2 or 3 is repaired by replaying the
 //! journal from the previous checkpoint: the same rows are rewritten with the same data and
@@ -197,6 +199,7 @@ impl Volume {
         let bps = self.layout.geometry.blocks_per_stripe();
         let parts = self.round_parts(&order, target);
         let count = parts.len();
+        let part_sizes: Vec<usize> = parts.iter().map(|(todo, _)| todo.len()).collect();
         // Oldest record of the stripes that stay in the journal, over the whole round.
         let mut kept: Option<u64> = None;
         let mut written_ms = 0;
@@ -249,7 +252,7 @@ impl Volume {
             volume = %self.record.name,
             stripes = totals.stripes,
             blocks = totals.blocks,
-            parts = count,
+            parts = ?part_sizes,
             checkpoint = target,
             written_ms,
             total_ms = started.elapsed().as_millis() as u64,
@@ -334,8 +337,8 @@ impl Volume {
     /// than every remaining stripe's oldest one hold at least [`ROUND_PART_FRACTION`] of the
     /// journal more than at the previous part's end: after sequential writes the journal's
     /// tail belongs to a few stripes, and writers get its space back long before the round
-    /// ends. After random writes nearly every stripe has a record near the tail, no part
-    /// boundary frees enough, and the round stays one part, as before.
+    /// ends. Random writes give parts too (6–7 parts of 400–1 000 stripes in a round of
+    /// about 4 000 under 4 KiB writes at qd32 on 1 GiB).
     fn round_parts(&self, order: &[(u64, u64)], target: u64) -> Vec<(Vec<u64>, Option<u64>)> {
         let live = self.journal.live_records();
         let step = (self.journal.capacity() as f64 * ROUND_PART_FRACTION) as u64;
