@@ -33,7 +33,18 @@ const STRIPE_BLOCKS: usize = 16;
 
 struct Rig {
     _dir: tempfile::TempDir,
+    /// Names the store in errors; the store itself lives on `store_disk`.
     store_path: std::path::PathBuf,
+    /// The metadata store's disk (see [`common::DiskStore`]): behind the same power cut as the
+    /// volume's disks, crashed with them.
+    store_disk: Arc<MemDisk>,
+    store_len: Arc<AtomicU64>,
+    /// Each store commit sleeps this many microseconds before its sync; 0 at first.
+    store_delay: Arc<AtomicU64>,
+    /// Each disk sync sleeps a random time below this many microseconds; 0 at first.
+    sync_delay: Arc<AtomicU64>,
+    /// The store sync that brings this to zero cuts the power (see [`Rig::cut_at_store_sync`]).
+    store_syncs_left: Arc<AtomicI64>,
     mems: Vec<Arc<MemDisk>>,
     /// Each disk: the power-cut budget below, a pull switch (degraded reads) above.
     cuts: Vec<Arc<FaultDisk>>,
@@ -80,9 +91,19 @@ impl Rig {
             .collect();
         let keys = Arc::new(KeyRing::new([9; 16]));
         keys.insert(1, MasterKey::from_bytes([seed as u8; 32]));
+        let store_disk = Arc::new(MemDisk::new("store", 64 << 20));
+        let store_len = Arc::new(AtomicU64::new(common::DiskStore::load(
+            &*store_disk,
+            &store_path,
+        )));
         let rig = Self {
             _dir: dir,
             store_path,
+            store_disk,
+            store_len,
+            store_delay: Arc::new(AtomicU64::new(0)),
+            sync_delay: Arc::new(AtomicU64::new(0)),
+            store_syncs_left: Arc::new(AtomicI64::new(UNLIMITED)),
             mems,
             cuts,
             budget,
@@ -102,6 +123,7 @@ impl Rig {
             .map(|(i, c)| {
                 let d = c.clone() as DiskRef;
                 let d = Arc::new(common::Slow::writes(d, self.write_delay.clone())) as DiskRef;
+                let d = Arc::new(common::Slow::syncs(d, self.sync_delay.clone())) as DiskRef;
                 (DiskId(i as u32), d)
             })
             .collect();
@@ -111,7 +133,14 @@ impl Rig {
                 domain: format!("d{i}"),
             })
             .collect();
-        let store = Arc::new(MetaStore::open(&self.store_path).unwrap());
+        let backend = common::DiskStore::new(
+            Arc::new(PowerCut::new(self.store_disk.clone(), self.budget.clone())),
+            self.store_len.clone(),
+            self.store_delay.clone(),
+            self.store_syncs_left.clone(),
+            self.budget.clone(),
+        );
+        let store = Arc::new(MetaStore::open_on(&self.store_path, backend).unwrap());
         VolumeParts {
             record: self.record.clone(),
             disks,
@@ -146,6 +175,12 @@ impl Rig {
         self.budget.store(budget, Ordering::SeqCst);
     }
 
+    /// Arms a power cut at the `n`-th sync of the metadata store from now (1: the next), after
+    /// its delay: the cut lands inside a store commit, while the volume's other threads go on.
+    fn cut_at_store_sync(&self, n: i64) {
+        self.store_syncs_left.store(n, Ordering::SeqCst);
+    }
+
     /// Cuts the power: nothing more reaches the disks, the volume stops as in a crash, and
     /// every unsynced write is kept, dropped or torn as `mode` says (`None`: all, none or a
     /// third each, at random). Then the power comes back and the volume is reopened (journal
@@ -171,7 +206,11 @@ impl Rig {
             counts[1] += r.dropped;
             counts[2] += r.torn;
         }
+        // The store's unsynced writes meet the same fate (not counted: the counts are the
+        // volume's disks').
+        self.store_disk.crash(rng, mode);
         self.budget.store(UNLIMITED, Ordering::SeqCst);
+        self.store_syncs_left.store(UNLIMITED, Ordering::SeqCst);
         (self.open(), counts)
     }
 }
@@ -661,6 +700,45 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
     );
 }
 
+/// The rig's metadata store ([`common::DiskStore`]) under power cuts: a commit that returned
+/// survives any crash, and one cut inside its sync is either whole or absent afterwards, so
+/// the store opens and reads like a file's after a real power failure.
+#[test]
+fn the_rigs_metadata_store_keeps_committed_transactions_through_crashes() {
+    let mut rng = StdRng::seed_from_u64(0x5707e);
+    let (mut whole, mut absent) = (0, 0);
+    for cycle in 0..30 {
+        let rig = Rig::new(rng.random());
+        let store = rig.parts().store;
+        store.lifecycle_put("first", b"one").unwrap();
+        rig.cut_at_store_sync(1);
+        assert!(store.lifecycle_put("second", b"two").is_err());
+        drop(store);
+        let mode = match cycle % 3 {
+            0 => CrashMode::DropAll,
+            1 => CrashMode::KeepAll,
+            _ => CrashMode::THIRDS,
+        };
+        rig.store_disk.crash(&mut rng, mode);
+        rig.budget.store(UNLIMITED, Ordering::SeqCst);
+        rig.store_syncs_left.store(UNLIMITED, Ordering::SeqCst);
+        let store = rig.parts().store;
+        assert_eq!(
+            store.lifecycle_get("first").unwrap().as_deref(),
+            Some(&b"one"[..])
+        );
+        match store.lifecycle_get("second").unwrap().as_deref() {
+            Some(b"two") => whole += 1,
+            None => absent += 1,
+            Some(other) => panic!("a half-made commit reads back as {other:?}"),
+        }
+        // The store takes commits again.
+        store.lifecycle_put("third", b"three").unwrap();
+    }
+    println!("commits cut in their sync: {whole} kept whole, {absent} absent");
+    assert!(absent > 0, "no crash lost the commit cut in its sync");
+}
+
 /// A round that checkpoints before its end (after sequential writes the journal's tail belongs
 /// to the first stripes it destages) must leave every flushed block readable whatever instant
 /// the power is cut at: between its parts, inside one, or during a part's checkpoint.
@@ -668,15 +746,19 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
 fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
     let mut rng = StdRng::seed_from_u64(0xea41);
     let stripe = STRIPE_BLOCKS * BS;
-    let (mut early, mut cut_mid_round) = (0u64, 0u64);
-    for cycle in 0..40 {
+    let (mut early, mut cut_mid_round, mut cut_in_store) = (0u64, 0u64, 0u64);
+    for cycle in 0..60 {
         let (rig, vol) = Rig::started(&mut rng);
         vol.halt();
         let stripes = vol.size() as usize / stripe;
         let mut model = Model::new(vol.size() as usize / BS);
-        // Every stripe holds data (whole-stripe writes, destaged), so the writes below go
-        // through the journal.
-        let first: Vec<usize> = (0..stripes * STRIPE_BLOCKS).collect();
+        // About half the stripes hold data (written block by block, destaged); the others hold
+        // nothing at home, so a round that destages into them must commit their allocation
+        // to the store before a later checkpoint drops their records from the journal.
+        let first: Vec<usize> = (0..stripes)
+            .filter(|_| rng.random_bool(0.5))
+            .flat_map(|s| s * STRIPE_BLOCKS..(s + 1) * STRIPE_BLOCKS)
+            .collect();
         write_blocks_flush_destage(&vol, &mut model, &mut rng, &first);
         // Sequential half-stripe writes over the whole volume, several times, so that the
         // journal's oldest records belong to the first stripes; some flushed, the rest not.
@@ -706,9 +788,23 @@ fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
                 vol.journal_used()
             );
         } else {
-            rig.arm_power_cut(&mut rng, 400);
+            // Slow disk syncs and store commits make a part's commit overlap the next part's
+            // destaging and, were the commits not kept in order, the next part's commit.
+            rig.store_delay
+                .store(rng.random_range(0..4000), Ordering::Relaxed);
+            rig.sync_delay
+                .store(rng.random_range(1..4000), Ordering::Relaxed);
+            if cycle % 2 == 1 {
+                // Inside one of the round's store commits.
+                rig.cut_at_store_sync(rng.random_range(1..4));
+            } else {
+                rig.arm_power_cut(&mut rng, 400);
+            }
             if vol.destage().is_err() {
                 cut_mid_round += 1;
+            }
+            if rig.store_syncs_left.load(Ordering::SeqCst) <= 0 {
+                cut_in_store += 1;
             }
         }
         early += vol.stats.early_checkpoints.load(Ordering::Relaxed) - before;
@@ -717,7 +813,14 @@ fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
         rig.check_with_two_disks_pulled(&vol, &mut model, &mut rng);
         vol.close().unwrap();
     }
-    println!("early checkpoints: {early}, rounds cut by the power: {cut_mid_round}");
+    println!(
+        "early checkpoints: {early}, rounds cut by the power: {cut_mid_round}, \
+         of them inside a store commit: {cut_in_store}"
+    );
     assert!(early > 10, "rounds took {early} early checkpoints");
     assert!(cut_mid_round > 5, "only {cut_mid_round} rounds were cut");
+    assert!(
+        cut_in_store > 10,
+        "only {cut_in_store} cuts inside a store commit"
+    );
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use redb::backends::FileBackend;
 use redb::{
-    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, TableError,
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageBackend,
+    TableDefinition, TableError,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -195,6 +196,21 @@ impl MetaStore {
             Err(e) => return Err(store_err(path, "cannot open", e)),
         }
         let db = Self::builder().open(path).map_err(|e| open_err(path, e))?;
+        Self::checked(db, path)
+    }
+
+    /// Opens an existing store kept on any redb storage backend rather than a file: crash tests
+    /// use one whose writes a simulated power cut can lose. `label` names the store in errors.
+    /// Like [`MetaStore::open`], it refuses anything that is not a shardvol store.
+    pub fn open_on(label: &Path, backend: impl StorageBackend) -> Result<Self, MetaError> {
+        let db = Self::builder()
+            .create_with_backend(backend)
+            .map_err(|e| open_err(label, e))?;
+        Self::checked(db, label)
+    }
+
+    /// The store on `db`, once its format-version entry says it is a store this build reads.
+    fn checked(db: Database, path: &Path) -> Result<Self, MetaError> {
         let store = MetaStore {
             db,
             path: path.to_path_buf(),

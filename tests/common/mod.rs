@@ -6,7 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use shardvol::disk::{Disk, DiskRef, IoOp, MemDisk, Pending, PowerCut, UNLIMITED_OPS};
+use shardvol::disk::{
+    Disk, DiskRef, IoOp, MemDisk, Pending, PowerCut, UNLIMITED_OPS, discard, read_at, sync,
+    write_at,
+};
 
 use shardvol::layout::Geometry;
 use shardvol::meta::{MetaStore, VolumeRecord};
@@ -106,6 +109,128 @@ pub fn cut_disks(n: usize, size: u64) -> (Vec<Arc<MemDisk>>, Vec<DiskRef>, Arc<A
     (mems, disks, budget)
 }
 
+/// A redb storage backend on a shardvol disk. Crash tests keep the metadata store on a
+/// [`MemDisk`] behind the rig's [`PowerCut`]: a power cut then stops the store at the same
+/// instant as the disks, and a crash keeps, drops or tears the store's unsynced writes as it
+/// does theirs, so the order in which the volume commits to the store and writes its disks is
+/// tested, not only what each one holds. Every read, write and sync is one op of the disk (and
+/// of the power-cut budget). `sync_delay_us` microseconds are slept before each sync (0: none;
+/// it can change at any time): a slow store commit overlaps more of the volume's other I/O.
+/// The sync that brings `syncs_left` to zero cuts the power itself (it sets `budget` to zero
+/// and fails), after its delay: a cut inside a store commit, whatever the disks did meanwhile.
+pub struct DiskStore {
+    disk: DiskRef,
+    /// The store's length: the disk has a fixed size, the store grows inside it.
+    len: Arc<AtomicU64>,
+    sync_delay_us: Arc<AtomicU64>,
+    syncs_left: Arc<AtomicI64>,
+    budget: Arc<AtomicI64>,
+}
+
+impl DiskStore {
+    pub fn new(
+        disk: DiskRef,
+        len: Arc<AtomicU64>,
+        sync_delay_us: Arc<AtomicU64>,
+        syncs_left: Arc<AtomicI64>,
+        budget: Arc<AtomicI64>,
+    ) -> Self {
+        Self {
+            disk,
+            len,
+            sync_delay_us,
+            syncs_left,
+            budget,
+        }
+    }
+
+    /// Copies the store file at `path` to the start of `disk` and syncs it; returns its length.
+    pub fn load(disk: &dyn Disk, path: &Path) -> u64 {
+        let mut bytes = std::fs::read(path).unwrap();
+        let len = bytes.len() as u64;
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
+        write_at(disk, 0, &bytes).unwrap();
+        sync(disk).unwrap();
+        len
+    }
+
+    /// The whole sectors around `len` bytes at `offset`: (their first byte, their content).
+    fn sectors(&self, offset: u64, len: usize) -> std::io::Result<(u64, Vec<u8>)> {
+        let start = offset / 512 * 512;
+        let end = (offset + len as u64).next_multiple_of(512);
+        let buf = read_at(&*self.disk, start, (end - start) as usize).map_err(store_io)?;
+        Ok((start, buf.to_vec()))
+    }
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("disk", &self.disk.name())
+            .field("len", &self.len.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+fn store_io(e: shardvol::disk::DiskError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl redb::StorageBackend for DiskStore {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.len.load(Ordering::SeqCst))
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        if offset + out.len() as u64 > self.len.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the store",
+            ));
+        }
+        let (start, buf) = self.sectors(offset, out.len())?;
+        let at = (offset - start) as usize;
+        out.copy_from_slice(&buf[at..at + out.len()]);
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let old = self.len.load(Ordering::SeqCst);
+        if len > self.disk.size() {
+            return Err(std::io::Error::other("the store outgrew its disk"));
+        }
+        if len > old {
+            // New positions read as zeros, whatever an earlier, longer store left there.
+            let a = old.next_multiple_of(512).min(len);
+            if a > old {
+                redb::StorageBackend::write(self, old, &vec![0; (a - old) as usize])?;
+            }
+            let b = len.next_multiple_of(512).min(self.disk.size());
+            if b > a {
+                discard(&*self.disk, a, b - a).map_err(store_io)?;
+            }
+        }
+        self.len.store(len, Ordering::SeqCst);
+        Ok(())
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let delay = self.sync_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
+        if self.syncs_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.budget.store(0, Ordering::SeqCst);
+            return Err(std::io::Error::other("power cut during a store sync"));
+        }
+        sync(&*self.disk).map_err(store_io)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        // The disk takes whole sectors: an unaligned write rewrites the sectors it touches.
+        let (start, mut buf) = self.sectors(offset, data.len())?;
+        let at = (offset - start) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        write_at(&*self.disk, start, &buf).map_err(store_io)
+    }
+}
+
 /// Stops a volume as a crash would (no destaging, no checkpoint) and drops it; the caller must
 /// hold the only reference.
 pub fn kill(vol: Arc<Volume>) {
@@ -122,7 +247,7 @@ pub fn kill(vol: Arc<Volume>) {
 pub struct Slow {
     inner: DiskRef,
     delay_us: Arc<AtomicU64>,
-    reads: bool,
+    kind: Slowed,
     /// Batches sleeping now.
     waiting: Arc<AtomicU64>,
 }
@@ -133,7 +258,7 @@ impl Slow {
         Self {
             inner,
             delay_us,
-            reads: false,
+            kind: Slowed::Writes,
             waiting,
         }
     }
@@ -142,10 +267,38 @@ impl Slow {
         Self {
             inner,
             delay_us,
-            reads: true,
+            kind: Slowed::Reads,
             waiting,
         }
     }
+    /// Slow syncs: each batch holding one sleeps a pseudo-random time below `max_delay_us`, so
+    /// that of two syncs started one after the other the later one may end first.
+    pub fn syncs(inner: DiskRef, max_delay_us: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            delay_us: max_delay_us,
+            kind: Slowed::Syncs,
+            waiting: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Which batches a [`Slow`] disk delays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slowed {
+    Reads,
+    Writes,
+    Syncs,
+}
+
+/// A pseudo-random number below `max` (`max` > 0), different on each call.
+fn jitter(max: u64) -> u64 {
+    static STATE: AtomicU64 = AtomicU64::new(0x2545_F491_4F6C_DD1D);
+    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    x % max
 }
 
 impl Disk for Slow {
@@ -156,12 +309,16 @@ impl Disk for Slow {
         self.inner.size()
     }
     fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        let delay = self.delay_us.load(Ordering::SeqCst);
+        let mut delay = self.delay_us.load(Ordering::SeqCst);
         let slowed = |op: &IoOp| match op {
-            IoOp::Read { .. } => self.reads,
-            IoOp::Write { .. } => !self.reads,
-            _ => false,
+            IoOp::Read { .. } => self.kind == Slowed::Reads,
+            IoOp::Write { .. } => self.kind == Slowed::Writes,
+            IoOp::Sync => self.kind == Slowed::Syncs,
+            IoOp::Discard { .. } => false,
         };
+        if self.kind == Slowed::Syncs && delay > 0 {
+            delay = jitter(delay);
+        }
         if delay > 0 && ops.iter().any(slowed) {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_micros(delay));
@@ -170,9 +327,9 @@ impl Disk for Slow {
         self.inner.submit(ops)
     }
     /// While a write delay is set, writes wait: `Volume::try_write_now` must decline. Slow
-    /// reads do not concern it (it only writes).
+    /// reads and syncs do not concern it (it only writes).
     fn completes_in_submit(&self) -> bool {
-        (self.reads || self.delay_us.load(Ordering::SeqCst) == 0)
+        (self.kind != Slowed::Writes || self.delay_us.load(Ordering::SeqCst) == 0)
             && self.inner.completes_in_submit()
     }
 }
