@@ -22,7 +22,7 @@ use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{CrashMode, DiskRef, FaultDisk, MemDisk, PowerCut, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, Geometry};
-use shardvol::meta::{MetaStore, VolumeRecord};
+use shardvol::meta::VolumeRecord;
 use shardvol::volume::{BlockDevice, Volume, VolumeError, VolumeParts, WriteKey};
 
 mod common;
@@ -33,18 +33,11 @@ const STRIPE_BLOCKS: usize = 16;
 
 struct Rig {
     _dir: tempfile::TempDir,
-    /// Names the store in errors; the store itself lives on `store_disk`.
-    store_path: std::path::PathBuf,
-    /// The metadata store's disk (see [`common::DiskStore`]): behind the same power cut as the
-    /// volume's disks, crashed with them.
-    store_disk: Arc<MemDisk>,
-    store_len: Arc<AtomicU64>,
-    /// Each store commit sleeps this many microseconds before its sync; 0 at first.
-    store_delay: Arc<AtomicU64>,
+    /// The metadata store, on a memory disk behind the same power cut as the volume's disks,
+    /// crashed with them.
+    store: common::CutStore,
     /// Each disk sync sleeps a random time below this many microseconds; 0 at first.
     sync_delay: Arc<AtomicU64>,
-    /// The store sync that brings this to zero cuts the power (see [`Rig::cut_at_store_sync`]).
-    store_syncs_left: Arc<AtomicI64>,
     mems: Vec<Arc<MemDisk>>,
     /// Each disk: the power-cut budget below, a pull switch (degraded reads) above.
     cuts: Vec<Arc<FaultDisk>>,
@@ -91,19 +84,10 @@ impl Rig {
             .collect();
         let keys = Arc::new(KeyRing::new([9; 16]));
         keys.insert(1, MasterKey::from_bytes([seed as u8; 32]));
-        let store_disk = Arc::new(MemDisk::new("store", 64 << 20));
-        let store_len = Arc::new(AtomicU64::new(common::DiskStore::load(
-            &*store_disk,
-            &store_path,
-        )));
         let rig = Self {
             _dir: dir,
-            store_path,
-            store_disk,
-            store_len,
-            store_delay: Arc::new(AtomicU64::new(0)),
+            store: common::CutStore::load(&store_path),
             sync_delay: Arc::new(AtomicU64::new(0)),
-            store_syncs_left: Arc::new(AtomicI64::new(UNLIMITED)),
             mems,
             cuts,
             budget,
@@ -133,14 +117,7 @@ impl Rig {
                 domain: format!("d{i}"),
             })
             .collect();
-        let backend = common::DiskStore::new(
-            Arc::new(PowerCut::new(self.store_disk.clone(), self.budget.clone())),
-            self.store_len.clone(),
-            self.store_delay.clone(),
-            self.store_syncs_left.clone(),
-            self.budget.clone(),
-        );
-        let store = Arc::new(MetaStore::open_on(&self.store_path, backend).unwrap());
+        let store = self.store.open(&self.budget);
         VolumeParts {
             record: self.record.clone(),
             disks,
@@ -175,12 +152,6 @@ impl Rig {
         self.budget.store(budget, Ordering::SeqCst);
     }
 
-    /// Arms a power cut at the `n`-th sync of the metadata store from now (1: the next), after
-    /// its delay: the cut lands inside a store commit, while the volume's other threads go on.
-    fn cut_at_store_sync(&self, n: i64) {
-        self.store_syncs_left.store(n, Ordering::SeqCst);
-    }
-
     /// Cuts the power: nothing more reaches the disks, the volume stops as in a crash, and
     /// every unsynced write is kept, dropped or torn as `mode` says (`None`: all, none or a
     /// third each, at random). Then the power comes back and the volume is reopened (journal
@@ -208,9 +179,8 @@ impl Rig {
         }
         // The store's unsynced writes meet the same fate (not counted: the counts are the
         // volume's disks').
-        self.store_disk.crash(rng, mode);
+        self.store.crash(rng, mode);
         self.budget.store(UNLIMITED, Ordering::SeqCst);
-        self.store_syncs_left.store(UNLIMITED, Ordering::SeqCst);
         (self.open(), counts)
     }
 }
@@ -711,7 +681,7 @@ fn the_rigs_metadata_store_keeps_committed_transactions_through_crashes() {
         let rig = Rig::new(rng.random());
         let store = rig.parts().store;
         store.lifecycle_put("first", b"one").unwrap();
-        rig.cut_at_store_sync(1);
+        rig.store.cut_at_sync(1);
         assert!(store.lifecycle_put("second", b"two").is_err());
         drop(store);
         let mode = match cycle % 3 {
@@ -719,9 +689,8 @@ fn the_rigs_metadata_store_keeps_committed_transactions_through_crashes() {
             1 => CrashMode::KeepAll,
             _ => CrashMode::THIRDS,
         };
-        rig.store_disk.crash(&mut rng, mode);
+        rig.store.crash(&mut rng, mode);
         rig.budget.store(UNLIMITED, Ordering::SeqCst);
-        rig.store_syncs_left.store(UNLIMITED, Ordering::SeqCst);
         let store = rig.parts().store;
         assert_eq!(
             store.lifecycle_get("first").unwrap().as_deref(),
@@ -790,20 +759,21 @@ fn power_cuts_inside_a_round_that_checkpoints_early_lose_nothing_flushed() {
         } else {
             // Slow disk syncs and store commits make a part's commit overlap the next part's
             // destaging and, were the commits not kept in order, the next part's commit.
-            rig.store_delay
+            rig.store
+                .delay_us
                 .store(rng.random_range(0..4000), Ordering::Relaxed);
             rig.sync_delay
                 .store(rng.random_range(1..4000), Ordering::Relaxed);
             if cycle % 2 == 1 {
                 // Inside one of the round's store commits.
-                rig.cut_at_store_sync(rng.random_range(1..4));
+                rig.store.cut_at_sync(rng.random_range(1..4));
             } else {
                 rig.arm_power_cut(&mut rng, 400);
             }
             if vol.destage().is_err() {
                 cut_mid_round += 1;
             }
-            if rig.store_syncs_left.load(Ordering::SeqCst) <= 0 {
+            if rig.store.cut_at_sync_fired() {
                 cut_in_store += 1;
             }
         }

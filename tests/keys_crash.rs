@@ -18,7 +18,6 @@ use shardvol::crypto::{KeyRing, MasterKey};
 use shardvol::disk::{CrashMode, UNLIMITED_OPS};
 use shardvol::layout::placement::PlacementDisk;
 use shardvol::layout::{DiskId, StripeId};
-use shardvol::meta::MetaStore;
 use shardvol::volume::{BlockDevice, Volume, VolumeParts, WriteKey};
 
 mod common;
@@ -66,7 +65,8 @@ impl Rig {
                 .collect(),
             keys,
             write_key: Arc::new(WriteKey::new(write.0, write.1)),
-            store: Arc::new(MetaStore::open(&self.store_path).unwrap()),
+            // On a memory disk behind the same power cut as the disks.
+            store: self.cut_store.open(&self.budget),
         }
     }
 
@@ -158,6 +158,7 @@ fn power_cut_at_every_op_of_a_rekey_round_loses_nothing() {
             for m in &rig.mems {
                 m.crash(&mut rng, mode);
             }
+            rig.cut_store.crash(&mut rng, mode);
             rig.budget.store(UNLIMITED, Ordering::SeqCst);
             let what = format!("cut at op {n} of {ops} ({mode:?})");
             let vol = rig.open(&[1, 2], (2, 1));

@@ -60,10 +60,13 @@ pub fn stored_record(
 }
 
 /// A volume of `size` bytes (4+2, `chunk`-byte chunks, a 4 MiB + 8 KiB journal) recorded as id 1
-/// in a fresh store, and `n` memory disks behind power cuts large enough for it.
+/// in a fresh store, and `n` memory disks behind power cuts large enough for it. The store is
+/// both a file (`store_path`) and a copy of it on a memory disk behind the same power cut
+/// (`cut_store`); a test uses one or the other.
 pub struct MemRig {
     pub dir: tempfile::TempDir,
     pub store_path: std::path::PathBuf,
+    pub cut_store: CutStore,
     pub record: VolumeRecord,
     pub mems: Vec<Arc<MemDisk>>,
     pub disks: Vec<DiskRef>,
@@ -84,9 +87,11 @@ impl MemRig {
             (4 << 20) + 8192,
         );
         let (mems, disks, budget) = cut_disks(n, record.region_offset + record.region_size);
+        let cut_store = CutStore::load(&store_path);
         Self {
             dir,
             store_path,
+            cut_store,
             record,
             mems,
             disks,
@@ -228,6 +233,64 @@ impl redb::StorageBackend for DiskStore {
         let at = (offset - start) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
         write_at(&*self.disk, start, &buf).map_err(store_io)
+    }
+}
+
+/// A metadata store kept on a [`MemDisk`] (see [`DiskStore`]), for rigs that cut the power:
+/// loaded from a store file once, then opened, cut and crashed together with the rig's disks.
+pub struct CutStore {
+    label: std::path::PathBuf,
+    pub disk: Arc<MemDisk>,
+    len: Arc<AtomicU64>,
+    /// Each sync sleeps this many microseconds first; 0 at first.
+    pub delay_us: Arc<AtomicU64>,
+    /// The sync that brings this to zero cuts the power (see [`CutStore::cut_at_sync`]).
+    pub syncs_left: Arc<AtomicI64>,
+}
+
+impl CutStore {
+    /// The store file at `path`, copied onto a new memory disk (the file is not used again).
+    pub fn load(path: &Path) -> Self {
+        let disk = Arc::new(MemDisk::new("store", 64 << 20));
+        let len = DiskStore::load(&*disk, path);
+        Self {
+            label: path.to_path_buf(),
+            disk,
+            len: Arc::new(AtomicU64::new(len)),
+            delay_us: Arc::new(AtomicU64::new(0)),
+            syncs_left: Arc::new(AtomicI64::new(UNLIMITED_OPS)),
+        }
+    }
+
+    /// Opens the store behind `budget`, the power cut of the rig's disks.
+    pub fn open(&self, budget: &Arc<AtomicI64>) -> Arc<MetaStore> {
+        let backend = DiskStore::new(
+            Arc::new(PowerCut::new(self.disk.clone(), budget.clone())),
+            self.len.clone(),
+            self.delay_us.clone(),
+            self.syncs_left.clone(),
+            budget.clone(),
+        );
+        Arc::new(MetaStore::open_on(&self.label, backend).unwrap())
+    }
+
+    /// Arms a power cut at the `n`-th sync of the store from now (1: the next), after its
+    /// delay: the cut lands inside a store commit, while the volume's other threads go on.
+    pub fn cut_at_sync(&self, n: i64) {
+        self.syncs_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether an armed cut at a sync has happened.
+    pub fn cut_at_sync_fired(&self) -> bool {
+        self.syncs_left.load(Ordering::SeqCst) <= 0
+    }
+
+    /// The power failure, for the store (the store must be closed: every handle dropped):
+    /// its unsynced writes kept, dropped or torn as `mode` says; a cut armed at a sync is
+    /// disarmed.
+    pub fn crash<R: rand::Rng + ?Sized>(&self, rng: &mut R, mode: shardvol::disk::CrashMode) {
+        self.disk.crash(rng, mode);
+        self.syncs_left.store(UNLIMITED_OPS, Ordering::SeqCst);
     }
 }
 
