@@ -670,7 +670,7 @@ fn journal_less_stripe_writes_read_old_or_new_after_a_crash_and_leave_no_write_h
     );
 }
 
-/// The rig's metadata store ([`common::DiskStore`]) under power cuts: a commit that returned
+/// The rig's metadata store ([`common::CutStore`]) under power cuts: a commit that returned
 /// survives any crash, and one cut inside its sync is either whole or absent afterwards, so
 /// the store opens and reads like a file's after a real power failure.
 #[test]

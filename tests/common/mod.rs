@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use shardvol::disk::{
-    Disk, DiskRef, IoOp, MemDisk, Pending, PowerCut, UNLIMITED_OPS, discard, read_at, sync,
+    Disk, DiskRef, IoBuf, IoOp, MemDisk, Pending, PowerCut, UNLIMITED_OPS, discard, read_at, sync,
     write_at,
 };
 
@@ -123,7 +123,7 @@ pub fn cut_disks(n: usize, size: u64) -> (Vec<Arc<MemDisk>>, Vec<DiskRef>, Arc<A
 /// it can change at any time): a slow store commit overlaps more of the volume's other I/O.
 /// The sync that brings `syncs_left` to zero cuts the power itself (it sets `budget` to zero
 /// and fails), after its delay: a cut inside a store commit, whatever the disks did meanwhile.
-pub struct DiskStore {
+struct DiskStore {
     disk: DiskRef,
     /// The store's length: the disk has a fixed size, the store grows inside it.
     len: Arc<AtomicU64>,
@@ -133,38 +133,12 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    pub fn new(
-        disk: DiskRef,
-        len: Arc<AtomicU64>,
-        sync_delay_us: Arc<AtomicU64>,
-        syncs_left: Arc<AtomicI64>,
-        budget: Arc<AtomicI64>,
-    ) -> Self {
-        Self {
-            disk,
-            len,
-            sync_delay_us,
-            syncs_left,
-            budget,
-        }
-    }
-
-    /// Copies the store file at `path` to the start of `disk` and syncs it; returns its length.
-    pub fn load(disk: &dyn Disk, path: &Path) -> u64 {
-        let mut bytes = std::fs::read(path).unwrap();
-        let len = bytes.len() as u64;
-        bytes.resize(bytes.len().next_multiple_of(512), 0);
-        write_at(disk, 0, &bytes).unwrap();
-        sync(disk).unwrap();
-        len
-    }
-
     /// The whole sectors around `len` bytes at `offset`: (their first byte, their content).
-    fn sectors(&self, offset: u64, len: usize) -> std::io::Result<(u64, Vec<u8>)> {
+    fn sectors(&self, offset: u64, len: usize) -> std::io::Result<(u64, IoBuf)> {
         let start = offset / 512 * 512;
         let end = (offset + len as u64).next_multiple_of(512);
         let buf = read_at(&*self.disk, start, (end - start) as usize).map_err(store_io)?;
-        Ok((start, buf.to_vec()))
+        Ok((start, buf))
     }
 }
 
@@ -228,6 +202,9 @@ impl redb::StorageBackend for DiskStore {
         sync(&*self.disk).map_err(store_io)
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset.is_multiple_of(512) && data.len().is_multiple_of(512) {
+            return write_at(&*self.disk, offset, data).map_err(store_io);
+        }
         // The disk takes whole sectors: an unaligned write rewrites the sectors it touches.
         let (start, mut buf) = self.sectors(offset, data.len())?;
         let at = (offset - start) as usize;
@@ -252,7 +229,11 @@ impl CutStore {
     /// The store file at `path`, copied onto a new memory disk (the file is not used again).
     pub fn load(path: &Path) -> Self {
         let disk = Arc::new(MemDisk::new("store", 64 << 20));
-        let len = DiskStore::load(&*disk, path);
+        let mut bytes = std::fs::read(path).unwrap();
+        let len = bytes.len() as u64;
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
+        write_at(&*disk, 0, &bytes).unwrap();
+        sync(&*disk).unwrap();
         Self {
             label: path.to_path_buf(),
             disk,
@@ -264,13 +245,13 @@ impl CutStore {
 
     /// Opens the store behind `budget`, the power cut of the rig's disks.
     pub fn open(&self, budget: &Arc<AtomicI64>) -> Arc<MetaStore> {
-        let backend = DiskStore::new(
-            Arc::new(PowerCut::new(self.disk.clone(), budget.clone())),
-            self.len.clone(),
-            self.delay_us.clone(),
-            self.syncs_left.clone(),
-            budget.clone(),
-        );
+        let backend = DiskStore {
+            disk: Arc::new(PowerCut::new(self.disk.clone(), budget.clone())),
+            len: self.len.clone(),
+            sync_delay_us: self.delay_us.clone(),
+            syncs_left: self.syncs_left.clone(),
+            budget: budget.clone(),
+        };
         Arc::new(MetaStore::open_on(&self.label, backend).unwrap())
     }
 
@@ -372,17 +353,19 @@ impl Disk for Slow {
         self.inner.size()
     }
     fn submit(&self, ops: Vec<IoOp>) -> Pending {
-        let mut delay = self.delay_us.load(Ordering::SeqCst);
         let slowed = |op: &IoOp| match op {
             IoOp::Read { .. } => self.kind == Slowed::Reads,
             IoOp::Write { .. } => self.kind == Slowed::Writes,
             IoOp::Sync => self.kind == Slowed::Syncs,
             IoOp::Discard { .. } => false,
         };
-        if self.kind == Slowed::Syncs && delay > 0 {
-            delay = jitter(delay);
-        }
-        if delay > 0 && ops.iter().any(slowed) {
+        let delay = match self.delay_us.load(Ordering::SeqCst) {
+            0 => 0,
+            _ if !ops.iter().any(slowed) => 0,
+            max if self.kind == Slowed::Syncs => jitter(max),
+            d => d,
+        };
+        if delay > 0 {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_micros(delay));
             self.waiting.fetch_sub(1, Ordering::SeqCst);
